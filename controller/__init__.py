@@ -1,0 +1,1 @@
+"""Lull's control plane: the idleness policy core, and later the controller and gateway."""

@@ -1,0 +1,101 @@
+"""A planner's tentative view: the cluster state plus the decisions made so far in
+one plan. The planner decides step by step on this view (each move frees or takes
+room the next decision sees) without touching the state, which stays the record of
+what the mechanism has actually done.
+"""
+
+from __future__ import annotations
+
+from controller.policy.state import ClusterState, SessionRecord
+from controller.policy.types import WAITING, Location, Move, MoveReason, Phase, Tier
+
+
+class Overlay:
+    def __init__(self, state: ClusterState, now: float) -> None:
+        self._state = state
+        self._now = now
+        self._used = dict(state.used)
+        self._placed: dict[str, tuple[Location, int]] = {}  # session -> (where, footprint)
+        self._arrived: dict[Location, dict[str, None]] = {}  # ordered sets
+        self._released: set[str] = set()
+        self._admitted: set[str] = set()
+        self._idleness: dict[str, float] = {}
+        self._version: dict[Location, int] = {}
+        self.changes = 0  # bumped by every tentative decision
+        self.moves: list[Move] = []
+        # For the planner's derived views of a location (its demotion order), valid
+        # while ``version(where)`` is unchanged. Failed attempts to make room change
+        # nothing, so a burst of gated requests reuses one sort per replica.
+        self.memo: dict[Location, tuple[int, list[str]]] = {}
+
+    def record(self, session_id: str) -> SessionRecord:
+        return self._state.sessions[session_id]
+
+    def location(self, session_id: str) -> Location:
+        placed = self._placed.get(session_id)
+        return placed[0] if placed else self._state.sessions[session_id].location
+
+    def footprint(self, session_id: str) -> int:
+        placed = self._placed.get(session_id)
+        return placed[1] if placed else self._state.sessions[session_id].footprint
+
+    def free(self, where: Location) -> int:
+        if where.tier is Tier.WAITING:
+            return 10**18
+        return self._state.capacity[where] - self._used[where]
+
+    def idleness(self, session_id: str) -> float:
+        iota = self._idleness.get(session_id)
+        if iota is None:
+            iota = self._state.sessions[session_id].idleness(self._now)
+            self._idleness[session_id] = iota
+        return iota
+
+    def pinned(self, session_id: str) -> bool:
+        """Running an LLM call, or admitted to run one in this plan."""
+        record = self._state.sessions[session_id]
+        return record.phase is Phase.LLM or session_id in self._admitted
+
+    def released(self, session_id: str) -> bool:
+        return session_id in self._released
+
+    def residents(self, where: Location) -> list[str]:
+        members = [
+            s
+            for s in self._state.residents[where]
+            if s not in self._placed and s not in self._released
+        ]
+        members.extend(s for s in self._arrived.get(where, ()) if self._placed[s][0] == where)
+        return members
+
+    def version(self, where: Location) -> int:
+        return self._version.get(where, 0)
+
+    def _touch(self, *places: Location) -> None:
+        self.changes += 1
+        for where in places:
+            self._version[where] = self._version.get(where, 0) + 1
+
+    def move(self, session_id: str, dst: Location, tokens: int, reason: MoveReason) -> None:
+        src = self.location(session_id)
+        footprint = 0 if dst == WAITING else tokens
+        self._used[src] -= self.footprint(session_id)
+        self._used[dst] += footprint
+        self._placed[session_id] = (dst, footprint)
+        self._arrived.setdefault(dst, {})[session_id] = None
+        self._touch(src, dst)
+        self.moves.append(Move(session_id, src, dst, tokens, reason))
+
+    def admit(self, session_id: str, replica: str, tokens: int) -> None:
+        where = Location(Tier.GPU, replica)
+        self._used[where] += tokens - self.footprint(session_id)
+        self._placed[session_id] = (where, tokens)
+        self._arrived.setdefault(where, {})[session_id] = None
+        self._admitted.add(session_id)
+        self._touch(where)
+
+    def release(self, session_id: str) -> None:
+        where = self.location(session_id)
+        self._used[where] -= self.footprint(session_id)
+        self._released.add(session_id)
+        self._touch(where)

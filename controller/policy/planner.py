@@ -1,0 +1,285 @@
+"""The tier planner: ``plan(state, now) -> Plan``. Pure: it reads the state and the
+clock it is given and returns decisions; it never mutates anything.
+
+The ranking is MORI's: sessions ordered by idleness ι, the least idle in HBM, the
+next in the node's DRAM, then the shared tier, then nowhere. Tier boundaries are
+not thresholds; they fall where each tier's capacity runs out. The planner keeps
+that order lazily: a session moves only when it is in the wrong tier and capacity
+forces it (sticky), which is when
+
+- a tier is over capacity (a capacity cut; a replica shrank): its movable
+  residents go down, those in a tool call before those waiting for the LLM,
+  most idle first. A session in an LLM call is pinned until its step ends; the
+  call's end is an event and the next plan moves it;
+- a session wants HBM (a request arrived, or its tool call returned and the
+  client said so): it is promoted at once if it fits, or else displaces GPU
+  residents that are in a tool call and more idle than itself, most idle first;
+  only if the whole room can be made does anything move. Otherwise it is gated.
+
+Demotion cascades: a session demoted into a full tier pushes that tier's more
+idle residents one tier further down, or, if none is more idle, goes further down
+itself. So every tier's residents stay less idle than the next tier's, at the
+boundary where it was forced.
+
+Promotion order: returning sessions whose KV still exists (GPU, DRAM, shared),
+then returning sessions whose KV was dropped, each lowest ι first; then new
+sessions, smallest context first; then prefetches (no request yet). Later groups
+may backfill capacity an earlier one could not use (a large request does not
+block small ones; a 5 s backstop tick retries it).
+
+Cost: a plan touches only the sessions that asked for attention and the tiers
+that are over capacity; idleness is computed on demand for the residents of the
+tiers it inspects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controller.policy.overlay import Overlay
+from controller.policy.state import ClusterState, SessionRecord
+from controller.policy.types import (
+    WAITING,
+    Admit,
+    Gate,
+    Location,
+    MoveReason,
+    Phase,
+    Plan,
+    Release,
+    Tier,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerConfig:
+    displacement: bool = True
+    """Let a session that wants HBM displace more idle GPU residents."""
+    displace_margin: float = 0.0
+    """A victim must be more idle than the requester by more than this (hysteresis)."""
+    displacement_candidates: int = 8
+    """How many replicas (most free HBM first) to try displacing on for one request."""
+    prefetch: bool = True
+    """Promote a session when the client reports its tool call finished."""
+    shared_tier: bool = True
+    """Use the cluster-wide shared tier; without it, DRAM overflow drops KV."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.displace_margin < 1.0:
+            raise ValueError(f"displace_margin must be in [0, 1), got {self.displace_margin}")
+        if self.displacement_candidates < 1:
+            raise ValueError(
+                f"displacement_candidates must be >= 1, got {self.displacement_candidates}"
+            )
+
+
+class TierPlanner:
+    def __init__(self, config: PlannerConfig | None = None) -> None:
+        self.config = config or PlannerConfig()
+
+    def plan(self, state: ClusterState, now: float) -> Plan:
+        view = Overlay(state, now)
+        releases = self._releases(state, view)
+        self._fix_overflow(state, view)
+        admits, gates = self._promote(state, view)
+        return Plan(
+            releases=tuple(releases),
+            moves=tuple(view.moves),
+            admits=tuple(admits),
+            gates=tuple(gates),
+        )
+
+    # -- steps ----------------------------------------------------------------
+
+    def _releases(self, state: ClusterState, view: Overlay) -> list[Release]:
+        releases = []
+        for session_id in state.attention:
+            record = state.sessions[session_id]
+            if record.closing and record.phase is not Phase.LLM:
+                releases.append(Release(session_id, record.location))
+                view.release(session_id)
+        return releases
+
+    def _fix_overflow(self, state: ClusterState, view: Overlay) -> None:
+        for where in sorted(state.capacity, key=lambda loc: (loc.tier, loc.replica or "")):
+            if view.free(where) >= 0:
+                continue
+            for session_id in self._demotion_order(view, where):
+                if view.free(where) >= 0:
+                    break
+                self._push_down(view, session_id, Tier(where.tier + 1), MoveReason.OVERFLOW)
+
+    def _promote(self, state: ClusterState, view: Overlay) -> tuple[list[Admit], list[Gate]]:
+        admits: list[Admit] = []
+        gates: list[Gate] = []
+        wanting = [
+            state.sessions[s]
+            for s in state.attention
+            if not view.released(s) and state.sessions[s].waiting_for_gpu
+        ]
+        wanting.sort(key=lambda record: self._promotion_key(view, record))
+        # Inside a group, requests come in ascending idleness (or, for new sessions,
+        # equal idleness and ascending size), so each later one may displace only a
+        # subset of what an earlier one could. Once a need failed and nothing has
+        # moved since, every later need at least as large fails too: skip it.
+        futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
+        for record in wanting:
+            if record.closing:
+                continue
+            if record.request is None and not self.config.prefetch:
+                continue
+            scope = (self._promotion_key(view, record)[0], self._scope(view, record))
+            need = self._need(record)
+            failed = futile.get(scope)
+            growing = scope[1].tier is Tier.GPU  # its need counts what it holds: not comparable
+            if failed and not growing and failed[0] == view.changes and need >= failed[1]:
+                replica = None
+            else:
+                replica = self._place_on_gpu(state, view, record)
+                if replica is None:
+                    futile[scope] = (view.changes, min(need, failed[1]) if failed else need)
+            if record.request is None:
+                continue
+            if replica is None:
+                gates.append(Gate(record.session_id, "waiting for GPU capacity"))
+            else:
+                view.admit(record.session_id, replica, record.request.need_tokens)
+                admits.append(Admit(record.session_id, replica, record.request.need_tokens))
+        return admits, gates
+
+    # -- promotion -------------------------------------------------------------
+
+    def _promotion_key(self, view: Overlay, record: SessionRecord) -> tuple:
+        iota = view.idleness(record.session_id)
+        if record.request is None:
+            return (3, iota)
+        if record.history.is_new:
+            return (2, record.request.need_tokens)
+        if record.location.tier is Tier.WAITING:
+            return (1, iota)
+        return (0, iota)
+
+    @staticmethod
+    def _need(record: SessionRecord) -> int:
+        return record.request.need_tokens if record.request else record.context_tokens
+
+    @staticmethod
+    def _scope(view: Overlay, record: SessionRecord) -> Location:
+        """Where the session may go: its own replica's HBM (from DRAM), any (from
+        the shared tier or nowhere), or where it is (growing in place)."""
+        here = view.location(record.session_id)
+        return here if here.tier is not Tier.SHARED else WAITING
+
+    def _place_on_gpu(self, state: ClusterState, view: Overlay, record: SessionRecord) -> str | None:
+        """Reserve HBM for the session; return its replica, or None if it must wait."""
+        session_id = record.session_id
+        need = self._need(record)
+        here = view.location(session_id)
+        if here.tier is Tier.GPU:
+            growth = need - view.footprint(session_id)
+            return here.replica if self._room(view, here, growth, session_id) else None
+        if here.tier is Tier.DRAM:
+            candidates = [Location(Tier.GPU, here.replica)]
+        else:
+            candidates = self._best_fit(state, view, need)
+        for target in candidates:
+            if self._room(view, target, need, session_id):
+                view.move(session_id, target, need, MoveReason.PROMOTE)
+                return target.replica
+        return None
+
+    def _best_fit(self, state: ClusterState, view: Overlay, need: int) -> list[Location]:
+        """GPU tiers to try: those where the need fits, tightest first (best fit),
+        then the rest by most free room, where displacement has the best chance."""
+        gpus = [Location(Tier.GPU, r) for r in state.replicas]
+        fitting = sorted(
+            (g for g in gpus if view.free(g) >= need), key=lambda g: (view.free(g), g.replica)
+        )
+        if fitting or not self.config.displacement:
+            return fitting[:1]
+        roomiest = sorted(
+            (g for g in gpus if state.capacity[g] >= need),
+            key=lambda g: (-view.free(g), g.replica),
+        )
+        # Looking for victims costs an idleness sort per replica; the roomiest few
+        # are where displacement is cheapest, so a burst stays O(attention).
+        return roomiest[: self.config.displacement_candidates]
+
+    def _room(self, view: Overlay, target: Location, amount: int, requester: str) -> bool:
+        """Make ``amount`` tokens free in a GPU tier, displacing if allowed."""
+        if amount <= view.free(target):
+            return True
+        if not self.config.displacement:
+            return False
+        threshold = view.idleness(requester) + self.config.displace_margin
+        return self._make_room(view, target, amount, threshold, MoveReason.DISPLACED, only_tool=True)
+
+    def _make_room(
+        self,
+        view: Overlay,
+        target: Location,
+        amount: int,
+        more_idle_than: float,
+        reason: MoveReason,
+        *,
+        only_tool: bool = False,
+    ) -> bool:
+        """Free ``amount`` tokens in ``target`` by pushing residents more idle than
+        ``more_idle_than`` one tier down, most idle first. All or nothing: if the
+        room cannot be made in full, nothing moves."""
+        room = view.free(target)
+        victims = []
+        for session_id in self._demotion_order(view, target):
+            if room >= amount or view.idleness(session_id) <= more_idle_than:
+                break
+            if only_tool and view.record(session_id).waiting_for_gpu:
+                break  # the order puts these last
+            victims.append(session_id)
+            room += view.footprint(session_id)
+        if room < amount:
+            return False
+        for session_id in victims:
+            self._push_down(view, session_id, Tier(target.tier + 1), reason)
+        return True
+
+    # -- demotion --------------------------------------------------------------
+
+    def _demotion_order(self, view: Overlay, where: Location) -> list[str]:
+        """Movable residents, in the order they should leave: sessions in a tool
+        call first, then those waiting for HBM; most idle first inside each."""
+        cached = view.memo.get(where)
+        if cached is None or cached[0] != view.version(where):
+            order = []
+            for session_id in view.residents(where):
+                if view.pinned(session_id):
+                    continue
+                wanting = view.record(session_id).waiting_for_gpu
+                order.append((wanting, -view.idleness(session_id), session_id))
+            order.sort()
+            cached = (view.version(where), [session_id for _, _, session_id in order])
+            view.memo[where] = cached
+        return cached[1]
+
+    def _push_down(self, view: Overlay, session_id: str, tier: Tier, reason: MoveReason) -> None:
+        """Put the session in the highest tier from ``tier`` down that can take it,
+        pushing that tier's more idle residents one tier further down."""
+        record = view.record(session_id)
+        size = record.context_tokens
+        replica = view.location(session_id).replica
+        iota = view.idleness(session_id)
+        for level in range(tier, Tier.WAITING + 1):
+            level = Tier(level)
+            if level is Tier.DRAM and replica is None:
+                continue
+            if level is Tier.SHARED and not self.config.shared_tier:
+                continue
+            if level is Tier.WAITING:
+                target = WAITING
+            else:
+                target = Location(level, replica if level.per_replica else None)
+            if level is not Tier.WAITING and not self._make_room(
+                view, target, size, iota, MoveReason.CASCADE
+            ):
+                continue
+            view.move(session_id, target, size, reason)
+            return

@@ -1,0 +1,1 @@
+"""Lull's workload side: real-trace loading and scaling, replay and simulation."""

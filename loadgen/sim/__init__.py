@@ -1,0 +1,11 @@
+"""Lull's cluster simulator: replays agent traces against the same pure policy code
+the live controller runs, with engine and link times taken from a first-principles
+cost model.
+
+- ``hardware``: model shapes and GPU specs (public figures, cited), in named registries.
+- ``cost_model``: a ``Profile`` (one GPU kind x one model x tensor parallelism) and a
+  ``CostModel`` that turns it into engine step, prefill, recompute and transfer times.
+
+The cost model carries no per-policy constants: every policy in a comparison is timed
+by the same formulas, and ``CostModel.describe()`` prints them into every report.
+"""

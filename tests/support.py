@@ -1,0 +1,73 @@
+"""Shared test helpers: one FakeClock, and a driver that runs the policy core the
+way the controller does (event, then plan, then apply) with integrity checked
+after every step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from controller.policy import ClusterState, Plan, PlannerConfig, ReplicaSpec, TierPlanner
+
+
+@dataclass
+class FakeClock:
+    now: float = 0.0
+
+    def advance(self, seconds: float) -> float:
+        assert seconds >= 0, "a clock never runs backwards"
+        self.now += seconds
+        return self.now
+
+
+@dataclass
+class PolicyDriver:
+    state: ClusterState
+    planner: TierPlanner = field(default_factory=TierPlanner)
+    clock: FakeClock = field(default_factory=FakeClock)
+    plans: list[Plan] = field(default_factory=list)
+
+    @classmethod
+    def make(
+        cls,
+        replicas: dict[str, tuple[int, int]],
+        shared: int = 0,
+        config: PlannerConfig | None = None,
+    ) -> PolicyDriver:
+        specs = [ReplicaSpec(name, gpu, dram) for name, (gpu, dram) in replicas.items()]
+        return cls(ClusterState(specs, shared), TierPlanner(config))
+
+    def step(self) -> Plan:
+        plan = self.planner.plan(self.state, self.clock.now)
+        self.state.apply(plan, self.clock.now)
+        self.state.check_integrity()
+        self.plans.append(plan)
+        return plan
+
+    def run_call(self, session_id: str, prompt: int, max_out: int, seconds: float, out: int) -> Plan:
+        """A request that is admitted at once and finishes after ``seconds``."""
+        self.state.request_arrived(session_id, self.clock.now, prompt, max_out)
+        plan = self.step()
+        assert any(a.session_id == session_id for a in plan.admits), plan
+        self.clock.advance(seconds)
+        self.state.call_finished(session_id, self.clock.now, prompt + out)
+        self.step()
+        return plan
+
+    def sessions_with_idleness(self, iotas: dict[str, float], tokens: int, span: float = 100.0) -> None:
+        """Open sessions and run one call each, all starting now, so that ``span``
+        seconds later each is in a tool call with the given idleness. The GPU must
+        hold them all while their calls run; cut capacity afterwards if needed."""
+        start = self.clock.now
+        for session_id in iotas:
+            self.state.open_session(session_id, start)
+            self.state.request_arrived(session_id, start, tokens - 1, 1)
+        admitted = {a.session_id for a in self.step().admits}
+        assert admitted == set(iotas), f"not all admitted: {set(iotas) - admitted}"
+        for session_id, iota in sorted(iotas.items(), key=lambda item: -item[1]):
+            self.clock.now = start + span * (1 - iota)
+            self.state.call_finished(session_id, self.clock.now, tokens)
+            self.step()
+        self.clock.now = start + span
+
+    def tier_of(self, session_id: str) -> str:
+        return str(self.state.get(session_id).location)
