@@ -18,6 +18,7 @@ from rich_argparse import RichHelpFormatter
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "loadgen.traces_cli",
     "controller.policy.bench_plan",
+    "loadgen.sim_cli",
 )
 
 

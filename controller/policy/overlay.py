@@ -88,8 +88,12 @@ class Overlay:
 
     def admit(self, session_id: str, replica: str, tokens: int) -> None:
         where = Location(Tier.GPU, replica)
-        self._used[where] += tokens - self.footprint(session_id)
-        self._placed[session_id] = (where, tokens)
+        # A compacted context needs less than it holds; the room it gives back is
+        # not offered to later decisions of this plan, because a plan records its
+        # moves before its admits. The next plan sees it.
+        held = max(tokens, self.footprint(session_id))
+        self._used[where] += held - self.footprint(session_id)
+        self._placed[session_id] = (where, held)
         self._arrived.setdefault(where, {})[session_id] = None
         self._admitted.add(session_id)
         self._touch(where)

@@ -117,19 +117,28 @@ class TierPlanner:
             for s in state.attention
             if not view.released(s) and state.sessions[s].waiting_for_gpu
         ]
-        wanting.sort(key=lambda record: self._promotion_key(view, record))
+        keyed = sorted(
+            ((self._promotion_key(view, record), index, record) for index, record in enumerate(wanting)),
+            key=lambda item: item[:2],
+        )
         # Inside a group, requests come in ascending idleness (or, for new sessions,
         # equal idleness and ascending size), so each later one may displace only a
         # subset of what an earlier one could. Once a need failed and nothing has
         # moved since, every later need at least as large fails too: skip it.
         futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
-        for record in wanting:
+        for key, _, record in keyed:
             if record.closing:
                 continue
             if record.request is None and not self.config.prefetch:
                 continue
-            scope = (self._promotion_key(view, record)[0], self._scope(view, record))
+            scope = (key[0], self._scope(view, record))
             need = self._need(record)
+            if need > state.largest_gpu():
+                # Accepted when a larger replica existed; it is gone. The caller
+                # fails the request or waits for capacity to come back.
+                if record.request is not None:
+                    gates.append(Gate(record.session_id, _too_large(need, state.largest_gpu())))
+                continue
             failed = futile.get(scope)
             growing = scope[1].tier is Tier.GPU  # its need counts what it holds: not comparable
             if failed and not growing and failed[0] == view.changes and need >= failed[1]:
@@ -283,3 +292,7 @@ class TierPlanner:
                 continue
             view.move(session_id, target, size, reason)
             return
+
+
+def _too_large(need: int, largest: int) -> str:
+    return f"needs {need} KV tokens; the largest replica holds {largest}"

@@ -45,6 +45,7 @@ class ReplicaSpec:
 
 @dataclass(slots=True)
 class PendingRequest:
+    prompt_tokens: int
     need_tokens: int  # prompt + max output: the HBM the call reserves
     arrived_at: float
 
@@ -172,7 +173,7 @@ class ClusterState:
                 f"replica holds {self.largest_gpu()}: shorten the prompt or max_tokens"
             )
         record.history.request_arrived(now)
-        record.request = PendingRequest(need, now)
+        record.request = PendingRequest(prompt_tokens, need, now)
         record.expecting = False
         self.attention[session_id] = None
 
@@ -237,6 +238,9 @@ class ClusterState:
         if growth > self.free(where):
             raise StaleDecision(f"{where} has {self.free(where)} free, needs {growth} more")
         self._relocate(record, where, admit.tokens)
+        # The engine's KV is now the prompt: longer than the last context as the
+        # conversation grows, shorter when the client compacted it.
+        record.context_tokens = record.request.prompt_tokens
         record.history.call_started(now)
         self.attention.pop(admit.session_id, None)
 

@@ -1,0 +1,162 @@
+"""Baselines without an idleness ranking: prefix caching with LRU eviction.
+
+No gating: a request goes straight to its replica's engine queue (sticky routing:
+a session stays on the replica of its first call, chosen as the one with the fewest
+sessions) and runs, FCFS, as soon as its new KV blocks fit in HBM after evicting
+least-recently-used *idle* sessions' KV. Running calls are never preempted. The
+queue is head-of-line blocking, as vLLM's waiting queue is without preemption.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from loadgen.sim.cost_model import Link
+from loadgen.sim.policies import POLICIES, Cluster, SimPolicy
+from loadgen.sim.workload import CallSpec
+
+
+@dataclass
+class _Replica:
+    name: str
+    hbm_cap: int
+    dram_cap: int
+    hbm_used: int = 0  # idle cached KV + running reservations
+    dram_used: int = 0
+    idle: OrderedDict[str, int] = field(default_factory=OrderedDict)  # LRU first
+    dram: OrderedDict[str, int] = field(default_factory=OrderedDict)  # LRU first
+    running: dict[str, int] = field(default_factory=dict)  # reservation per session
+    queue: deque[tuple[str, CallSpec]] = field(default_factory=deque)
+    sessions: int = 0
+
+
+class LruPolicy(SimPolicy):
+    """Base of the LRU baselines; ``offload`` adds a write-through DRAM tier."""
+
+    offload = False
+    unlimited = False
+
+    def __init__(self, cluster: Cluster) -> None:
+        super().__init__(cluster)
+        big = 10**15
+        self.replicas = {
+            r: _Replica(r, big if self.unlimited else cluster.gpu_tokens,
+                        cluster.dram_tokens if self.offload else 0)
+            for r in cluster.replicas
+        }
+        self.home: dict[str, _Replica] = {}
+
+    def open(self, sid: str, now: float) -> None:
+        replica = min(self.replicas.values(), key=lambda r: (r.sessions, r.name))
+        replica.sessions += 1
+        self.home[sid] = replica
+
+    def request(self, sid: str, now: float, call: CallSpec) -> None:
+        replica = self.home[sid]
+        replica.queue.append((sid, call))
+        self._drain(replica, now)
+
+    def finished(self, sid: str, now: float, context_tokens: int) -> None:
+        replica = self.home[sid]
+        replica.hbm_used -= replica.running.pop(sid)
+        replica.hbm_used += context_tokens
+        replica.idle[sid] = context_tokens  # most recently used: at the end
+        if self.offload:
+            self._write_through(replica, sid, context_tokens)
+        self._drain(replica, now)
+
+    def close(self, sid: str, now: float) -> None:
+        replica = self.home.pop(sid)
+        replica.sessions -= 1
+        replica.hbm_used -= replica.idle.pop(sid, 0)
+        replica.dram_used -= replica.dram.pop(sid, 0)
+        self._drain(replica, now)
+
+    def occupancy(self) -> tuple[int, int, int]:
+        return (sum(r.hbm_used for r in self.replicas.values()),
+                sum(r.dram_used for r in self.replicas.values()), 0)
+
+    def _drain(self, replica: _Replica, now: float) -> None:
+        while replica.queue:
+            sid, call = replica.queue[0]
+            cached = replica.idle.get(sid, 0)
+            # The session's own cached KV becomes part of its reservation.
+            grow = call.need_tokens - cached
+            if not self._make_room(replica, grow, keep=sid):
+                return
+            replica.queue.popleft()
+            replica.idle.pop(sid, None)
+            replica.hbm_used += grow
+            replica.running[sid] = call.need_tokens
+            transfer = 0.0
+            stored = replica.dram.get(sid, 0)
+            if stored > cached:  # load the part HBM lost back from DRAM
+                replica.dram.move_to_end(sid)
+                transfer = self.cluster.cost.kv_transfer_time(stored - cached, Link.PCIE)
+                self.cluster.counters.bytes_hbm_dram += self.cluster.kv_bytes(stored - cached)
+                cached = stored
+            self.cluster.launch(sid, replica.name, cached, transfer, now)
+
+    def _make_room(self, replica: _Replica, tokens: int, keep: str) -> bool:
+        """Evict LRU idle sessions' KV (not ``keep``'s) until ``tokens`` fit; all or
+        nothing. vLLM frees a finished request's blocks tail first, so eviction eats
+        the tail of the least recently used session and its prefix stays cached: the
+        last victim keeps the prefix that was not needed."""
+        free = replica.hbm_cap - replica.hbm_used
+        if tokens <= free:
+            return True
+        if free + sum(held for sid, held in replica.idle.items() if sid != keep) < tokens:
+            return False
+        for sid in list(replica.idle):
+            if free >= tokens:
+                break
+            if sid == keep:
+                continue
+            take = min(replica.idle[sid], tokens - free)
+            replica.idle[sid] -= take
+            replica.hbm_used -= take
+            free += take
+            if replica.idle[sid] == 0:
+                del replica.idle[sid]
+        return True
+
+    def _write_through(self, replica: _Replica, sid: str, tokens: int) -> None:
+        """Store the call's KV in DRAM (only the part not stored yet crosses PCIe),
+        evicting LRU sessions there; KV larger than the tier is not stored."""
+        stored = replica.dram.pop(sid, 0)
+        replica.dram_used -= stored
+        if tokens > replica.dram_cap:
+            return
+        while replica.dram_used + tokens > replica.dram_cap:
+            _, held = replica.dram.popitem(last=False)
+            replica.dram_used -= held
+        replica.dram[sid] = tokens
+        replica.dram_used += tokens
+        self.cluster.counters.bytes_hbm_dram += self.cluster.kv_bytes(max(0, tokens - stored))
+
+
+@POLICIES.register("vllm-lru")
+class VllmLru(LruPolicy):
+    """vLLM with automatic prefix caching (V1 KV cache manager): finished requests'
+    blocks stay cached in HBM and are evicted least recently used when new blocks are
+    needed; no offload, no gating (requests queue in the engine). Modelled per
+    session rather than per block."""
+
+
+@POLICIES.register("lru-offload")
+class LruOffload(LruPolicy):
+    """vLLM + LMCache (LMCache docs, "CPU offloading"): every finished call's KV is
+    written through to host DRAM; LRU eviction in HBM (free, the KV is in DRAM) and in
+    DRAM (drop); a request whose KV left HBM loads it back over PCIe before its
+    prefill. No gating. This is MORI's strongest baseline."""
+
+    offload = True
+
+
+@POLICIES.register("infinite-hbm")
+class InfiniteHbm(LruPolicy):
+    """An upper bound, not a system: HBM without a capacity limit, so every session's
+    KV stays resident, nothing is recomputed and nothing waits for memory."""
+
+    unlimited = True
