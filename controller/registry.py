@@ -4,7 +4,7 @@ and configs select them by name (STYLE item 9) instead of if/elif chains."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -14,21 +14,25 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        def decorator(entry: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self._entries[name] = entry
-            return entry
-
-        return decorator
+    @overload
+    def register(self, name: str) -> Callable[[T], T]: ...
+    @overload
+    def register(self, name: str, entry: T) -> T: ...
+    def register(self, name: str, entry: T | None = None) -> T | Callable[[T], T]:
+        """``REG.register("x", obj)`` or, as a decorator, ``@REG.register("x")``."""
+        if entry is None:
+            return lambda obj: self.register(name, obj)
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = entry
+        return entry
 
     def get(self, name: str) -> T:
         try:
             return self._entries[name]
         except KeyError:
             choices = ", ".join(sorted(self._entries)) or "none registered"
-            raise ValueError(f"unknown {self.kind} {name!r}; choose one of: {choices}") from None
+            raise ValueError(f"unknown {self.kind} {name!r}; valid choices: {choices}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -38,3 +42,6 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -7,55 +7,11 @@ live CPU engine. Nothing here depends on the policy being simulated.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar, overload
 
-T = TypeVar("T")
+from controller.registry import Registry
 
 GiB = 2**30
-
-
-class Registry(Generic[T]):
-    """Objects selected by name (STYLE item 9); an unknown name is a ``ValueError``
-    that lists the valid choices, so a typo in a config or CLI flag names its fix."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self._items: dict[str, T] = {}
-
-    @overload
-    def register(self, name: str) -> Callable[[T], T]: ...
-    @overload
-    def register(self, name: str, item: T) -> T: ...
-    def register(self, name: str, item: T | None = None) -> T | Callable[[T], T]:
-        """``REG.register("x", obj)`` or, as a decorator, ``@REG.register("x")``."""
-        if item is None:
-            return lambda obj: self.register(name, obj)
-        if name in self._items:
-            raise ValueError(f"{self.kind} {name!r} is already registered")
-        self._items[name] = item
-        return item
-
-    def get(self, name: str) -> T:
-        try:
-            return self._items[name]
-        except KeyError:
-            raise ValueError(
-                f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}"
-            ) from None
-
-    def names(self) -> list[str]:
-        return sorted(self._items)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def _require(condition: bool, message: str) -> None:
