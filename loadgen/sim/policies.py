@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from controller.policy import ClusterState, Plan, PlannerConfig, ReplicaSpec, Tier, TierPlanner
+from controller.policy import ClusterState, PlannerConfig, ReplicaSpec, Tier, TierPlanner
 from controller.policy.types import Move
 from controller.registry import Registry
 from loadgen.sim.cost_model import CostModel, Link
@@ -139,16 +139,7 @@ class CorePolicy(SimPolicy):
         # what the call waits on (a PCIe load, a network fetch, or a recompute).
         before = {sid: (self.state.sessions[sid].location, self.state.sessions[sid].context_tokens)
                   for sid in admitted}
-        # ``state.apply`` records moves before admits, but the planner's overlay may
-        # have used room that an in-place admit *frees* (a compacted context: the new
-        # request needs less than the session holds) for a later promotion. Record
-        # those shrinking admits first so the plan applies without StaleDecision.
-        sessions = self.state.sessions
-        shrinking = tuple(a for a in plan.admits if a.tokens < sessions[a.session_id].footprint
-                          and sessions[a.session_id].location.tier is Tier.GPU)
-        rest = tuple(a for a in plan.admits if a not in shrinking)
-        self.state.apply(Plan(releases=plan.releases, admits=shrinking), now)
-        self.state.apply(Plan(moves=plan.moves, admits=rest), now)
+        self.state.apply(plan, now)
         for move in plan.moves:
             self._count(move)
         cost = self.cluster.cost
