@@ -126,6 +126,7 @@ class TierPlanner:
         # subset of what an earlier one could. Once a need failed and nothing has
         # moved since, every later need at least as large fails too: skip it.
         futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
+        largest = state.largest_gpu()
         for key, _, record in keyed:
             if record.closing:
                 continue
@@ -133,15 +134,17 @@ class TierPlanner:
                 continue
             scope = (key[0], self._scope(view, record))
             need = self._need(record)
-            if need > state.largest_gpu():
+            if need > largest:
                 # Accepted when a larger replica existed; it is gone. The caller
                 # fails the request or waits for capacity to come back.
                 if record.request is not None:
-                    gates.append(Gate(record.session_id, _too_large(need, state.largest_gpu())))
+                    gates.append(Gate(record.session_id, _too_large(need, largest)))
                 continue
             failed = futile.get(scope)
+            if failed and failed[0] != view.changes:
+                failed = None  # something moved since: that failure proves nothing now
             growing = scope[1].tier is Tier.GPU  # its need counts what it holds: not comparable
-            if failed and not growing and failed[0] == view.changes and need >= failed[1]:
+            if failed and not growing and need >= failed[1]:
                 replica = None
             else:
                 replica = self._place_on_gpu(state, view, record)
