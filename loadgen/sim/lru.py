@@ -94,7 +94,7 @@ class LruPolicy(SimPolicy):
             if stored > cached:  # load the part HBM lost back from DRAM
                 replica.dram.move_to_end(sid)
                 transfer = self.cluster.cost.kv_transfer_time(stored - cached, Link.PCIE)
-                self.cluster.counters.bytes_hbm_dram += self.cluster.kv_bytes(stored - cached)
+                self.cluster.counters.bytes_hbm_dram += self.cluster.cost.kv_bytes(stored - cached)
                 cached = stored
             self.cluster.launch(sid, replica.name, cached, transfer, now)
 
@@ -133,7 +133,7 @@ class LruPolicy(SimPolicy):
             replica.dram_used -= held
         replica.dram[sid] = tokens
         replica.dram_used += tokens
-        self.cluster.counters.bytes_hbm_dram += self.cluster.kv_bytes(max(0, tokens - stored))
+        self.cluster.counters.bytes_hbm_dram += self.cluster.cost.kv_bytes(max(0, tokens - stored))
 
 
 @POLICIES.register("vllm-lru")

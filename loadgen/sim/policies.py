@@ -50,9 +50,6 @@ class Cluster:
     launch: Launch
     counters: Counters = field(default_factory=Counters)
 
-    def kv_bytes(self, tokens: int) -> int:
-        return tokens * self.cost.model.kv_bytes_per_token
-
 
 class SimPolicy:
     """Base class of a simulated policy. Subclasses register with ``POLICIES``."""
@@ -157,7 +154,7 @@ class CorePolicy(SimPolicy):
         tiers = {move.src.tier, move.dst.tier}
         if Tier.WAITING in tiers:
             return  # a drop moves nothing; a promotion from nowhere is a recompute
-        nbytes = self.cluster.kv_bytes(move.tokens)
+        nbytes = self.cluster.cost.kv_bytes(move.tokens)
         counters = self.cluster.counters
         if Tier.GPU in tiers:
             counters.bytes_hbm_dram += nbytes  # GPU<->shared also crosses PCIe via DRAM
