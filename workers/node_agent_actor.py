@@ -1,0 +1,43 @@
+"""The node agent as a Ray actor: one per node, named `lull-node-agent-<node_id>`.
+
+A thin shell: it builds the node's DRAM tier, connects the shared tier, starts
+the gRPC server, and expires leases of prepared moves that nobody completed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ray
+
+from workers.dram_store import DramStore
+from workers.node_agent import NodeAgent
+from workers.node_agent_service import serve
+from workers.shared_tier import SharedTier
+
+log = logging.getLogger(__name__)
+LEASE_SWEEP_S = 1.0
+
+
+@ray.remote(num_cpus=0)
+class NodeAgentActor:
+    def __init__(self, node_id: str, dram_dir: str, dram_capacity_bytes: int, *, redis_url: str | None = None,
+                 shared_capacity_bytes: int = 0, port: int = 0):
+        shared = SharedTier(redis_url, shared_capacity_bytes) if redis_url else None
+        self.agent = NodeAgent(node_id, DramStore(dram_dir, dram_capacity_bytes), shared, dram_dir=dram_dir)
+        self.server, self.port, self.servicer = serve(self.agent, port)
+        self._sweeper = threading.Thread(target=self._sweep_leases, daemon=True, name="lease-sweeper")
+        self._sweeper.start()
+
+    def address(self) -> str:
+        return f"{ray.util.get_node_ip_address()}:{self.port}"
+
+    def _sweep_leases(self) -> None:
+        while True:
+            time.sleep(LEASE_SWEEP_S)
+            try:
+                self.servicer.sweep()
+            except Exception:  # a sweep must never kill the agent
+                log.exception("lease sweep failed")

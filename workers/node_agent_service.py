@@ -1,0 +1,156 @@
+"""The node agent on the wire: the gRPC NodeAgentService over `NodeAgent`, and its Ray actor.
+
+Input checks live here: a malformed request gets INVALID_ARGUMENT with a
+message and never reaches the agent's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+from controller.policy.types import Tier
+from proto import node_agent_pb2 as pb
+from proto import node_agent_pb2_grpc as pb_grpc
+from proto import tiers_pb2
+from workers.node_agent import MoveKind, NodeAgent, Refused
+from workers.shared_tier import TierError
+
+log = logging.getLogger(__name__)
+
+TIER_TO_PB = {Tier.GPU: tiers_pb2.TIER_GPU, Tier.DRAM: tiers_pb2.TIER_DRAM,
+              Tier.SHARED: tiers_pb2.TIER_SHARED, Tier.WAITING: tiers_pb2.TIER_WAITING}
+TIER_FROM_PB = {v: k for k, v in TIER_TO_PB.items()}
+KIND_FROM_PB = {pb.MOVE_KIND_DEMOTE: MoveKind.DEMOTE, pb.MOVE_KIND_PROMOTE: MoveKind.PROMOTE,
+                pb.MOVE_KIND_DROP: MoveKind.DROP}
+STATE_TO_PB = {"committed": pb.MOVE_STATE_COMMITTED, "aborted": pb.MOVE_STATE_ABORTED,
+               "unknown": pb.MOVE_STATE_UNKNOWN}
+MAX_LEASE_S = 600.0
+
+
+class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
+    def __init__(self, agent: NodeAgent, clock=time.monotonic):
+        self.agent, self.clock = agent, clock
+        self._lock = threading.Lock()  # the agent is a plain class: one call at a time
+
+    def sweep(self) -> list[str]:
+        """Abort prepared moves whose lease ran out; returns their ids."""
+        with self._lock:
+            return self.agent.expire(self.clock())
+
+    def ReportOccupancy(self, request, context):
+        with self._lock:
+            self.agent.expire(self.clock())
+            self.agent.report_seq += 1
+            report = pb.OccupancyReport(node_id=self.agent.node_id, agent_instance_id=self.agent.instance_id,
+                                        report_seq=self.agent.report_seq,
+                                        prepared_move_ids=sorted(self.agent.moves))
+            dram = self.agent.dram
+            report.tiers.append(pb.TierOccupancy(
+                where=tiers_pb2.KvLocation(tier=tiers_pb2.TIER_DRAM, node_id=self.agent.node_id),
+                capacity_bytes=dram.capacity_bytes, used_bytes=dram.used_bytes()))
+            shared_sessions = self._shared_occupancy(report)
+            if request.capacities_only:
+                return report
+            local = set()
+            for place in self.agent.places():
+                local.add(place.session_id)
+                report.sessions.append(pb.SessionKv(
+                    session_id=place.session_id,
+                    location=tiers_pb2.KvLocation(tier=TIER_TO_PB[place.tier], replica_id=place.replica_id,
+                                                  node_id=self.agent.node_id),
+                    kv_bytes=place.kv_bytes, kv_tokens=place.kv_tokens, pinned_by_move_id=place.pinned_by_move_id))
+            for session_id, nbytes in shared_sessions.items():
+                if session_id not in local:
+                    report.sessions.append(pb.SessionKv(
+                        session_id=session_id, location=tiers_pb2.KvLocation(tier=tiers_pb2.TIER_SHARED),
+                        kv_bytes=nbytes))
+            return report
+
+    def _shared_occupancy(self, report) -> dict[str, int]:
+        shared = self.agent.shared
+        if shared is None:
+            return {}
+        try:
+            sessions = shared.sessions()
+            report.tiers.append(pb.TierOccupancy(where=tiers_pb2.KvLocation(tier=tiers_pb2.TIER_SHARED),
+                                                 capacity_bytes=shared.capacity_bytes, used_bytes=shared.used_bytes()))
+            return sessions
+        except TierError:
+            return {}
+
+    def PrepareMove(self, request, context):
+        problem = _check_prepare(request)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        with self._lock:
+            try:
+                move = self.agent.prepare(
+                    request.move_id, request.session_id, KIND_FROM_PB[request.kind],
+                    TIER_FROM_PB[request.src.tier], TIER_FROM_PB[request.dst.tier],
+                    request.src.replica_id or request.dst.replica_id, request.lease_s, self.clock())
+            except Refused as r:
+                return pb.PrepareMoveResponse(move_id=request.move_id, refused=pb.Refusal(
+                    reason=pb.RefusalReason.Value(r.reason), message=str(r), available_bytes=r.available_bytes))
+            return pb.PrepareMoveResponse(move_id=move.move_id, reserved=pb.Reservation(
+                reserved_bytes=move.reserved_bytes, lease_s=max(0.0, move.deadline - self.clock())))
+
+    def CompleteMove(self, request, context):
+        if not request.move_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "move_id is required")
+        with self._lock:
+            state, tier = self.agent.complete(request.move_id, self.clock())
+        return pb.CompleteMoveResponse(state=STATE_TO_PB[state],
+                                       location=tiers_pb2.KvLocation(tier=TIER_TO_PB[tier], node_id=self.agent.node_id))
+
+    def AbortMove(self, request, context):
+        if not request.move_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "move_id is required")
+        with self._lock:
+            state = self.agent.abort(request.move_id, request.reason or "aborted by caller")
+        return pb.AbortMoveResponse(state=STATE_TO_PB[state])
+
+    def Health(self, request, context):
+        with self._lock:
+            reachable = self.agent.shared_reachable()
+            status = pb.HEALTH_STATUS_SERVING if reachable or self.agent.shared is None else pb.HEALTH_STATUS_DEGRADED
+            return pb.HealthResponse(status=status, node_id=self.agent.node_id,
+                                     agent_instance_id=self.agent.instance_id, shared_tier_reachable=reachable,
+                                     prepared_moves=len(self.agent.moves))
+
+
+def _check_prepare(request) -> str:
+    if not request.move_id or not request.session_id:
+        return "move_id and session_id are required"
+    if request.kind not in KIND_FROM_PB:
+        return f"kind must be DEMOTE, PROMOTE or DROP, got {request.kind}"
+    if request.src.tier not in TIER_FROM_PB or request.dst.tier not in TIER_FROM_PB:
+        return "src.tier and dst.tier must be set"
+    if request.src.tier == request.dst.tier:
+        return "src and dst tiers must differ"
+    if not 0 < request.lease_s <= MAX_LEASE_S:
+        return f"lease_s must be in (0, {MAX_LEASE_S:g}], got {request.lease_s}"
+    if request.kv_bytes > 1 << 50:
+        return f"kv_bytes {request.kv_bytes} is not a plausible size"
+    if request.src.tier == tiers_pb2.TIER_WAITING:
+        return "nothing to move from TIER_WAITING: KV there was dropped"
+    if request.kind == pb.MOVE_KIND_DROP and request.dst.tier != tiers_pb2.TIER_WAITING:
+        return "a DROP must have dst TIER_WAITING"
+    return ""
+
+
+def serve(agent: NodeAgent, port: int = 0, host: str = "0.0.0.0") -> tuple[grpc.Server, int, NodeAgentServicer]:
+    """Start the agent's gRPC server; returns it, the bound port (pick one with port=0) and the servicer."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = NodeAgentServicer(agent)
+    pb_grpc.add_NodeAgentServiceServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"node agent cannot bind {host}:{port}; is another agent running on this node?")
+    server.start()
+    log.info("node agent %s serving gRPC on port %d", agent.node_id, bound)
+    return server, bound, servicer
