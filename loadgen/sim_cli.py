@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
             record["workload"] = workload.notes
             records.append(record)
             progress.remove_task(task)
+            if show:  # a line per run too, for logs where the bar does not render
+                progress.console.print(f"simulated {name} x{n} programs/replica: {args.duration:g} s "
+                                       f"in {record['wall_s']:g} s wall ({len(records)}/{len(runs)})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(records, indent=1))
     console.print(markdown_table(records), markup=False, highlight=False)

@@ -61,7 +61,7 @@ class DramSession:
 
 
 class DramStore:
-    """The node's DRAM tier. Safe to open from several processes at once."""
+    """The node's DRAM tier. Safe to open from several processes at once; one object is not thread-safe."""
 
     def __init__(self, root: Path | str, capacity_bytes: int):
         if capacity_bytes <= 0:
@@ -69,7 +69,10 @@ class DramStore:
         self.root = Path(root)
         self.capacity_bytes = int(capacity_bytes)
         (self.root / "blocks").mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.root / "index.sqlite3", timeout=30.0, isolation_level=None)
+        # One connection per DramStore; callers serialise their threads (the agent's servicer holds
+        # a lock), so the connection may move between threads.
+        self._db = sqlite3.connect(self.root / "index.sqlite3", timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=OFF")  # tmpfs: nothing survives a reboot anyway
         self._db.executescript(_SCHEMA)
@@ -145,32 +148,34 @@ class DramStore:
         if label not in LABELS:
             raise ValueError(f"unknown tier label {label!r}; valid: {', '.join(LABELS)}")
         new = {h: blocks[h] for h in dict.fromkeys(block_hashes) if h in blocks}
-        written = self._write_files(new)
-        stored, unlinked = False, []
+        written = self._write_files(new)  # outside the lock: the slow part, harmless if unused
+        stored = False
         try:
             with self._transaction():
-                unlinked = self._put_locked(session_id, tenant, replica, label, tokens, block_hashes, new)
+                self._put_locked(session_id, tenant, replica, label, tokens, block_hashes, new)
             stored = True
         except _NoRoom:
             pass
         finally:
             with self._transaction():  # under the lock, so a concurrent writer's commit is seen
                 self._unlink([h for h in written if not self._has_block(h)])
-        self._unlink(unlinked)
         return stored
 
-    def _put_locked(self, session_id, tenant, replica, label, tokens, block_hashes, new) -> list[str]:
+    def _put_locked(self, session_id, tenant, replica, label, tokens, block_hashes, new) -> None:
         absent = [h for h in new if not self._has_block(h)]
-        missing = [h for h in block_hashes if h not in new and not self._has_block(h)]
-        if missing:
-            raise ValueError(f"{len(missing)} blocks of session {session_id} are neither stored nor given")
+        if any(h not in new and not self._has_block(h) for h in block_hashes):
+            # Evicted by another process since the caller looked: the chain cannot be stored whole.
+            raise _NoRoom
         need = sum(len(new[h]) for h in absent)
-        unlinked: list[str] = []
         free = self.capacity_bytes - self.used_bytes()
+        unlinked: list[str] = []
         if need > free:
             unlinked = self._evict_locked(need - free, keep=session_id, also_keep=set(block_hashes))
             if need > self.capacity_bytes - self.used_bytes():
                 raise _NoRoom  # rolls the evictions back too: evicting for nothing helps no one
+        # Files are only unlinked under this lock, so one written (or found) earlier may have
+        # been removed by an eviction since: rewrite it now that nobody else can.
+        self._write_files({h: new[h] for h in absent})
         self._db.executemany("INSERT INTO blocks VALUES (?, ?)", [(h, len(new[h])) for h in absent])
         self._add_used(need)
         unlinked += self._forget_session_locked(session_id, keep=set(block_hashes))
@@ -182,7 +187,7 @@ class DramStore:
             "INSERT INTO session_blocks VALUES (?, ?, ?)",
             [(session_id, pos, h) for pos, h in enumerate(block_hashes)],
         )
-        return unlinked
+        self._unlink(unlinked)
 
     def set_label(self, session_id: str, label: str) -> bool:
         if label not in LABELS:
@@ -194,14 +199,17 @@ class DramStore:
 
     def drop_session(self, session_id: str) -> int:
         """Remove a session; returns the bytes freed. Idempotent."""
-        before = self.used_bytes()
         with self._transaction():
-            unlinked = self._forget_session_locked(session_id, keep=set())
-        self._unlink(unlinked)
-        return before - self.used_bytes()
+            before = self.used_bytes()
+            self._unlink(self._forget_session_locked(session_id, keep=set()))
+            return before - self.used_bytes()
 
     def check_integrity(self) -> None:
         """used == sum of block sizes <= capacity; every block has an owner and a file."""
+        with self._transaction():  # files change only under this lock: a stable view
+            self._check_integrity_locked()
+
+    def _check_integrity_locked(self) -> None:
         total = self._db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM blocks").fetchone()[0]
         assert total == self.used_bytes(), f"accounting drift: blocks sum {total} != used {self.used_bytes()}"
         assert total <= self.capacity_bytes, f"DRAM tier over capacity: {total} > {self.capacity_bytes}"

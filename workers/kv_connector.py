@@ -109,7 +109,8 @@ class LullConnector(KVConnectorBase_V1):
         self._to_free: set[str] = set()
         self._load_errors: set[int] = set()
         self._control_offset = 0
-        self._stats = {"load_requests": 0, "loaded_tokens": 0, "saved_blocks": 0, "save_refused": 0, "released": 0}
+        self._stats = {"load_requests": 0, "loaded_tokens": 0, "loaded_bytes": 0, "load_seconds": 0.0,
+                       "saved_blocks": 0, "saved_bytes": 0, "save_seconds": 0.0, "save_refused": 0, "released": 0}
 
     # ================= scheduler side =================
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
@@ -185,6 +186,7 @@ class LullConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, LullConnectorMetadata)
         for load in meta.loads:
+            started = time.perf_counter()
             found = self.store.read_blocks(load.hashes)
             for block_id, h in zip(load.block_ids, load.hashes):
                 if h in found:
@@ -192,7 +194,9 @@ class LullConnector(KVConnectorBase_V1):
                 else:  # dropped since the scheduler looked: vLLM recomputes it
                     self._load_errors.add(block_id)
             self._stats["load_requests"] += 1
-            self._stats["loaded_tokens"] += sum(self.block_size for h in load.hashes if h in found)
+            self._stats["loaded_tokens"] += self.block_size * len(found)
+            self._stats["loaded_bytes"] += sum(map(len, found.values()))
+            self._stats["load_seconds"] += time.perf_counter() - started
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous, done before the forward starts
@@ -204,11 +208,13 @@ class LullConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, LullConnectorMetadata)
         for save in meta.saves:
+            started = time.perf_counter()
             blocks = {h: self._layout.read_block(b) for b, h in zip(save.block_ids, save.hashes)}
             label = "busy" if save.tier == GPU_TIER else "idle"
-            if self.store.put_session(save.session, tenant=save.tenant, replica=self.replica_id, label=label,
-                                      tokens=save.tokens, block_hashes=list(save.chain), blocks=blocks):
+            if self._store_session(save, label, blocks):
                 self._stats["saved_blocks"] += len(blocks)
+                self._stats["saved_bytes"] += sum(map(len, blocks.values()))
+                self._stats["save_seconds"] += time.perf_counter() - started
             else:
                 self._stats["save_refused"] += 1
                 log.warning("DRAM tier full: session %s not written through (%d blocks)", save.session, len(blocks))
@@ -216,6 +222,15 @@ class LullConnector(KVConnectorBase_V1):
                 self._held[save.req_id] = save.session
             else:
                 self._to_free.add(save.req_id)
+
+    def _store_session(self, save: BlockCopy, label: str, blocks: dict[str, bytes]) -> bool:
+        """Write through; a failure costs a future recompute, never the engine."""
+        try:
+            return self.store.put_session(save.session, tenant=save.tenant, replica=self.replica_id, label=label,
+                                          tokens=save.tokens, block_hashes=list(save.chain), blocks=blocks)
+        except Exception:
+            log.exception("DRAM tier write-through of session %s failed", save.session)
+            return False
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         meta = self._get_connector_metadata() if self.has_connector_metadata() else None

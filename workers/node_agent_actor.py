@@ -11,6 +11,9 @@ import threading
 import time
 
 import ray
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+
+from controller.telemetry.metrics import make_metrics
 
 from workers.dram_store import DramStore
 from workers.node_agent import NodeAgent
@@ -24,15 +27,22 @@ LEASE_SWEEP_S = 1.0
 @ray.remote(num_cpus=0)
 class NodeAgentActor:
     def __init__(self, node_id: str, dram_dir: str, dram_capacity_bytes: int, *, redis_url: str | None = None,
-                 shared_capacity_bytes: int = 0, port: int = 0):
+                 shared_capacity_bytes: int = 0, port: int = 0, metrics_port: int | None = None):
         shared = SharedTier(redis_url, shared_capacity_bytes) if redis_url else None
         self.agent = NodeAgent(node_id, DramStore(dram_dir, dram_capacity_bytes), shared, dram_dir=dram_dir)
-        self.server, self.port, self.servicer = serve(self.agent, port)
+        self.registry = CollectorRegistry()
+        self.server, self.port, self.servicer = serve(self.agent, port, metrics=make_metrics(self.registry))
+        if metrics_port is not None:
+            start_http_server(metrics_port, registry=self.registry)
         self._sweeper = threading.Thread(target=self._sweep_leases, daemon=True, name="lease-sweeper")
         self._sweeper.start()
 
     def address(self) -> str:
         return f"{ray.util.get_node_ip_address()}:{self.port}"
+
+    def metrics_text(self) -> str:
+        """This agent's `lull:*` metrics (moves, tier occupancy), Prometheus text format."""
+        return generate_latest(self.registry).decode()
 
     def _sweep_leases(self) -> None:
         while True:

@@ -33,9 +33,11 @@ MAX_LEASE_S = 600.0
 
 
 class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
-    def __init__(self, agent: NodeAgent, clock=time.monotonic):
+    def __init__(self, agent: NodeAgent, clock=time.monotonic, metrics: dict | None = None):
         self.agent, self.clock = agent, clock
+        self.metrics = metrics or {}  # from controller.telemetry.metrics.make_metrics
         self._lock = threading.Lock()  # the agent is a plain class: one call at a time
+        self._prepared_at: dict[str, float] = {}
 
     def sweep(self) -> list[str]:
         """Abort prepared moves whose lease ran out; returns their ids."""
@@ -54,6 +56,7 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
                 where=tiers_pb2.KvLocation(tier=tiers_pb2.TIER_DRAM, node_id=self.agent.node_id),
                 capacity_bytes=dram.capacity_bytes, used_bytes=dram.used_bytes()))
             shared_sessions = self._shared_occupancy(report)
+            self._gauge_tiers(report)
             if request.capacities_only:
                 return report
             local = set()
@@ -96,6 +99,7 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
             except Refused as r:
                 return pb.PrepareMoveResponse(move_id=request.move_id, refused=pb.Refusal(
                     reason=pb.RefusalReason.Value(r.reason), message=str(r), available_bytes=r.available_bytes))
+            self._prepared_at.setdefault(move.move_id, self.clock())
             return pb.PrepareMoveResponse(move_id=move.move_id, reserved=pb.Reservation(
                 reserved_bytes=move.reserved_bytes, lease_s=max(0.0, move.deadline - self.clock())))
 
@@ -103,7 +107,10 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
         if not request.move_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "move_id is required")
         with self._lock:
+            move = self.agent.moves.get(request.move_id)
             state, tier = self.agent.complete(request.move_id, self.clock())
+            if move is not None and state == "committed":
+                self._count_move(move, failed=False)
         return pb.CompleteMoveResponse(state=STATE_TO_PB[state],
                                        location=tiers_pb2.KvLocation(tier=TIER_TO_PB[tier], node_id=self.agent.node_id))
 
@@ -111,8 +118,33 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
         if not request.move_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "move_id is required")
         with self._lock:
+            move = self.agent.moves.get(request.move_id)
             state = self.agent.abort(request.move_id, request.reason or "aborted by caller")
+            if move is not None:
+                self._count_move(move, failed=True)
         return pb.AbortMoveResponse(state=STATE_TO_PB[state])
+
+    def _count_move(self, move, failed: bool) -> None:
+        started = self._prepared_at.pop(move.move_id, None)
+        if not self.metrics:
+            return
+        labels = dict(kind=move.kind.value, src_tier=move.src.name.lower(), dst_tier=move.dst.name.lower())
+        if failed:
+            self.metrics["lull:kv_move_failures"].labels(**labels).inc()
+            return
+        self.metrics["lull:kv_moves"].labels(**labels).inc()
+        self.metrics["lull:kv_move_bytes"].labels(**labels).inc(move.reserved_bytes)
+        if started is not None:
+            self.metrics["lull:kv_move_duration_seconds"].labels(**labels).observe(self.clock() - started)
+
+    def _gauge_tiers(self, report) -> None:
+        if not self.metrics:
+            return
+        for tier in report.tiers:
+            labels = dict(tier=tiers_pb2.Tier.Name(tier.where.tier).removeprefix("TIER_").lower(),
+                          node=tier.where.node_id, replica=tier.where.replica_id)
+            self.metrics["lull:tier_used_bytes"].labels(**labels).set(tier.used_bytes)
+            self.metrics["lull:tier_capacity_bytes"].labels(**labels).set(tier.capacity_bytes)
 
     def Health(self, request, context):
         with self._lock:
@@ -143,10 +175,11 @@ def _check_prepare(request) -> str:
     return ""
 
 
-def serve(agent: NodeAgent, port: int = 0, host: str = "0.0.0.0") -> tuple[grpc.Server, int, NodeAgentServicer]:
+def serve(agent: NodeAgent, port: int = 0, host: str = "0.0.0.0",
+          metrics: dict | None = None) -> tuple[grpc.Server, int, NodeAgentServicer]:
     """Start the agent's gRPC server; returns it, the bound port (pick one with port=0) and the servicer."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    servicer = NodeAgentServicer(agent)
+    servicer = NodeAgentServicer(agent, metrics=metrics)
     pb_grpc.add_NodeAgentServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -13,8 +13,14 @@ forces it (sticky), which is when
   call's end is an event and the next plan moves it;
 - a session wants HBM (a request arrived, or its tool call returned and the
   client said so): it is promoted at once if it fits, or else displaces GPU
-  residents that are in a tool call and more idle than itself, most idle first;
-  only if the whole room can be made does anything move. Otherwise it is gated.
+  residents that are in a tool call, most idle first; only if the whole room can
+  be made does anything move. Otherwise it is gated. A request displaces any of
+  them: it is about to be an LLM call, and the demotion order puts every session
+  in a tool call before it. (Comparing the requester's own ι instead, which its
+  last long gap set high, starved sessions returning from a long tool call while
+  busier sessions idled in HBM and the engine had work to spare.) A prefetch (no
+  request yet) is itself in a tool call: it displaces only residents more idle
+  than itself.
 
 Demotion cascades: a session demoted into a full tier pushes that tier's more
 idle residents one tier further down, or, if none is more idle, goes further down
@@ -112,34 +118,39 @@ class TierPlanner:
     def _promote(self, state: ClusterState, view: Overlay) -> tuple[list[Admit], list[Gate]]:
         admits: list[Admit] = []
         gates: list[Gate] = []
-        wanting = [
-            state.sessions[s]
-            for s in state.attention
-            if not view.released(s) and state.sessions[s].waiting_for_gpu
-        ]
-        keyed = sorted(
-            ((self._promotion_key(view, record), index, record) for index, record in enumerate(wanting)),
-            key=lambda item: item[:2],
-        )
-        # Inside a group, requests come in ascending idleness (or, for new sessions,
-        # equal idleness and ascending size), so each later one may displace only a
-        # subset of what an earlier one could. Once a need failed and nothing has
-        # moved since, every later need at least as large fails too: skip it.
-        futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
         largest = state.largest_gpu()
-        for key, _, record in keyed:
-            if record.closing:
+        bounds = self._room_bounds(state, view)
+        most = max(bounds.values(), default=0)
+        keyed = []
+        for index, session_id in enumerate(state.attention):
+            record = state.sessions[session_id]
+            if view.released(session_id) or not record.waiting_for_gpu or record.closing:
                 continue
             if record.request is None and not self.config.prefetch:
                 continue
-            scope = (key[0], self._scope(view, record))
             need = self._need(record)
             if need > largest:
                 # Accepted when a larger replica existed; it is gone. The caller
                 # fails the request or waits for capacity to come back.
                 if record.request is not None:
-                    gates.append(Gate(record.session_id, _too_large(need, largest)))
+                    gates.append(Gate(session_id, _too_large(need, largest)))
                 continue
+            if not self._may_fit(view, record, need, bounds, most):
+                # Gated without a sort key or a placement attempt: under load most
+                # gated requests are here, and a plan runs on every event.
+                if record.request is not None:
+                    gates.append(Gate(session_id, "waiting for GPU capacity"))
+                continue
+            keyed.append((self._promotion_key(view, record), index, record))
+        keyed.sort(key=lambda item: item[:2])
+        # Inside a group, requests come in ascending idleness (or, for new sessions,
+        # equal idleness and ascending size), so each later one may displace at most
+        # what an earlier one could. Once a need failed and nothing has moved since,
+        # every later need at least as large fails too: skip it.
+        futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
+        for key, _, record in keyed:
+            scope = (key[0], self._scope(view, record))
+            need = self._need(record)
             failed = futile.get(scope)
             if failed and failed[0] != view.changes:
                 failed = None  # something moved since: that failure proves nothing now
@@ -158,6 +169,31 @@ class TierPlanner:
                 view.admit(record.session_id, replica, record.request.need_tokens)
                 admits.append(Admit(record.session_id, replica, record.request.need_tokens))
         return admits, gates
+
+    @staticmethod
+    def _room_bounds(state: ClusterState, view: Overlay) -> dict[Location, int]:
+        """The most HBM each GPU tier could offer in this plan: its capacity less
+        what displacement cannot move (sessions in an LLM call, or wanting HBM).
+        Promotion only lowers it: an admit pins what it takes, and a displacement
+        frees exactly what it moves out. So a need above it now fails all plan."""
+        bounds = {}
+        for replica in state.replicas:
+            where = Location(Tier.GPU, replica)
+            held = sum(view.footprint(s) for s in view.residents(where)
+                       if view.pinned(s) or view.record(s).waiting_for_gpu)
+            bounds[where] = state.capacity[where] - held
+        return bounds
+
+    @staticmethod
+    def _may_fit(view: Overlay, record: SessionRecord, need: int,
+                 bounds: dict[Location, int], most: int) -> bool:
+        """A necessary condition for ``_place_on_gpu`` to succeed (see ``_room_bounds``)."""
+        here = view.location(record.session_id)
+        if here.tier is Tier.GPU:
+            return need - view.footprint(record.session_id) <= bounds[here]
+        if here.tier is Tier.DRAM:
+            return need <= bounds[Location(Tier.GPU, here.replica)]
+        return need <= most
 
     # -- promotion -------------------------------------------------------------
 
@@ -223,7 +259,10 @@ class TierPlanner:
             return True
         if not self.config.displacement:
             return False
-        threshold = view.idleness(requester) + self.config.displace_margin
+        if view.record(requester).request is not None:
+            threshold = -1.0  # every resident in a tool call may go, most idle first
+        else:
+            threshold = view.idleness(requester) + self.config.displace_margin
         return self._make_room(view, target, amount, threshold, MoveReason.DISPLACED, only_tool=True)
 
     def _make_room(

@@ -54,7 +54,7 @@ class LruPolicy(SimPolicy):
 
     def request(self, sid: str, now: float, call: CallSpec) -> None:
         replica = self.home[sid]
-        replica.queue.append((sid, call))
+        self._enqueue(replica, sid, call, now)
         self._drain(replica, now)
 
     def finished(self, sid: str, now: float, context_tokens: int) -> None:
@@ -77,15 +77,31 @@ class LruPolicy(SimPolicy):
         return (sum(r.hbm_used for r in self.replicas.values()),
                 sum(r.dram_used for r in self.replicas.values()), 0)
 
+    # -- hooks for the program-aware baselines built on this engine model --------
+
+    def _enqueue(self, replica: _Replica, sid: str, call: CallSpec, now: float) -> None:
+        """Put a request in the engine's waiting queue: FCFS here."""
+        replica.queue.append((sid, call))
+
+    def _evictable(self, replica: _Replica, sid: str, now: float) -> bool:
+        """May the engine evict this idle session's cached KV now?"""
+        return True
+
+    def _started(self, replica: _Replica, sid: str, now: float) -> None:
+        """The engine took the session's request off its waiting queue."""
+
+    # -- the engine ----------------------------------------------------------------
+
     def _drain(self, replica: _Replica, now: float) -> None:
         while replica.queue:
             sid, call = replica.queue[0]
             cached = replica.idle.get(sid, 0)
             # The session's own cached KV becomes part of its reservation.
             grow = call.need_tokens - cached
-            if not self._make_room(replica, grow, keep=sid):
+            if not self._make_room(replica, grow, sid, now):
                 return
             replica.queue.popleft()
+            self._started(replica, sid, now)
             replica.idle.pop(sid, None)
             replica.hbm_used += grow
             replica.running[sid] = call.need_tokens
@@ -98,21 +114,20 @@ class LruPolicy(SimPolicy):
                 cached = stored
             self.cluster.launch(sid, replica.name, cached, transfer, now)
 
-    def _make_room(self, replica: _Replica, tokens: int, keep: str) -> bool:
-        """Evict LRU idle sessions' KV (not ``keep``'s) until ``tokens`` fit; all or
-        nothing. vLLM frees a finished request's blocks tail first, so eviction eats
-        the tail of the least recently used session and its prefix stays cached: the
-        last victim keeps the prefix that was not needed."""
+    def _make_room(self, replica: _Replica, tokens: int, keep: str, now: float) -> bool:
+        """Evict LRU idle sessions' KV (not ``keep``'s, only evictable ones) until
+        ``tokens`` fit; all or nothing. vLLM frees a finished request's blocks tail
+        first, so eviction eats the tail of the least recently used session and its
+        prefix stays cached: the last victim keeps the prefix that was not needed."""
         free = replica.hbm_cap - replica.hbm_used
         if tokens <= free:
             return True
-        if free + sum(held for sid, held in replica.idle.items() if sid != keep) < tokens:
+        victims = [sid for sid in replica.idle if sid != keep and self._evictable(replica, sid, now)]
+        if free + sum(replica.idle[sid] for sid in victims) < tokens:
             return False
-        for sid in list(replica.idle):
+        for sid in victims:
             if free >= tokens:
                 break
-            if sid == keep:
-                continue
             take = min(replica.idle[sid], tokens - free)
             replica.idle[sid] -= take
             replica.hbm_used -= take

@@ -2,7 +2,8 @@
 
 Who calls what: the simulator owns the clock, the engines and the programs. It
 calls ``open`` / ``request`` / ``finished`` / ``close`` on every session event and
-``tick`` every ``TICK_S``; a policy answers by calling ``cluster.launch`` once per
+``tick`` every ``TICK_S`` (and at the times a policy asked for with
+``cluster.wake_at``); a policy answers by calling ``cluster.launch`` once per
 request, when and where the request may run (at once, or later from a tick or
 another event). A policy owns its tier accounting; the simulator never inspects it
 except through ``occupancy``.
@@ -49,6 +50,8 @@ class Cluster:
     cost: CostModel
     launch: Launch
     counters: Counters = field(default_factory=Counters)
+    # wake_at(t): the simulator calls the policy's ``tick`` at t (a timer, e.g. a TTL).
+    wake_at: Callable[[float], None] = lambda at: None
 
 
 class SimPolicy:
@@ -74,7 +77,7 @@ class SimPolicy:
         """The session ended (no call running): its KV may be freed."""
 
     def tick(self, now: float) -> None:
-        """Every ``TICK_S`` seconds."""
+        """Every ``TICK_S`` seconds, and at the times asked for with ``cluster.wake_at``."""
 
     def occupancy(self) -> tuple[int, int, int]:
         """KV tokens held cluster-wide in (GPU, DRAM, shared), running calls included."""
@@ -178,11 +181,10 @@ class MoriPolicy(CorePolicy):
     """MORI ("Idleness is Relative", 2026) as published: the same idleness ranking
     over HBM and host DRAM only (no shared tier: DRAM overflow drops KV), no prefetch,
     and decisions only on a periodic 5 s scheduling tick: an arriving request waits
-    for the next tick to be admitted."""
+    for the next tick to be admitted. It shares the planner's promotion rules with
+    ``lull``: a waiting request may displace any GPU resident in a tool call, most
+    idle first."""
 
     config = PlannerConfig(shared_tier=False, prefetch=False)
     event_driven = False
 
-
-# The baselines register themselves on import.
-from loadgen.sim import lru as _lru  # noqa: E402,F401

@@ -104,7 +104,8 @@ class Simulation:
         shared = config.shared_tokens
         if shared is None:
             shared = 4 * config.gpu_tokens * config.replicas if policy_class.uses_shared_tier else 0
-        self.cluster = Cluster(names, config.gpu_tokens, config.dram_tokens, shared, cost, self._launch)
+        self.cluster = Cluster(names, config.gpu_tokens, config.dram_tokens, shared, cost, self._launch,
+                               wake_at=lambda at: self.schedule(at, self.policy.tick))
         self.policy = policy_class(self.cluster)
         self.metrics = Metrics()
         self._pending: dict[str, _Request] = {}  # session -> its request in flight

@@ -24,6 +24,7 @@ class CallSpec:
     input_tokens: int
     output_tokens: int
     reuse_tokens: int  # leading input tokens the previous call's KV already holds
+    tool_call: bool = True  # the reply asks for a tool (not the end of a human turn)
 
     @property
     def need_tokens(self) -> int:
@@ -53,7 +54,7 @@ def session_spec(session: TraceSession) -> SessionSpec:
         # An engine call has at least one prompt and one output token; a few traced
         # calls record 0 output tokens (aborted streams).
         calls.append(CallSpec(0.0 if previous is None else call.gap_s, max(1, call.input_tokens),
-                              max(1, call.output_tokens), reuse))
+                              max(1, call.output_tokens), reuse, call.stop != "end_turn"))
         previous = call
     return SessionSpec(session.session_id, tuple(calls))
 

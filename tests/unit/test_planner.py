@@ -50,22 +50,24 @@ def test_mori_example_promotion_and_displacement(slots, kept):
     assert {g.session_id for g in plan.gates} == set(MORI) - kept
 
 
-def test_returning_request_displaces_more_idle_tool_sessions_only():
+def test_a_request_displaces_the_most_idle_tool_session_a_prefetch_only_idler_ones():
     driver = PolicyDriver.make({"r0": (400, 1000)})
     driver.sessions_with_idleness(MORI, tokens=100)
     driver.state.set_replica(ReplicaSpec("r0", gpu_tokens=200, dram_tokens=1000))
     driver.step()  # c and d go to DRAM
     driver.state.request_arrived("c", driver.clock.now, 90, 10)
     plan = driver.step()
-    assert plan.gates and not plan.moves, "a and b are less idle than c: nobody is displaced"
-    driver.state.close_session("c", driver.clock.now)
-    driver.step()
-    driver.clock.advance(1000)  # now a: 1090/1100 idle, b: 1040/1100... all in tool calls
-    driver.state.request_arrived("d", driver.clock.now, 90, 10)
+    # a and b are less idle than c, but c has a request waiting: b, the idler of the
+    # two in a tool call, makes room.
+    assert [(m.session_id, m.reason) for m in plan.moves] == [
+        ("b", MoveReason.DISPLACED), ("c", MoveReason.PROMOTE)]
+    assert [a.session_id for a in plan.admits] == ["c"]
+    assert gpu_residents(driver) == {"a", "c"}
+    driver.state.tool_call_finished("d", driver.clock.now)
     plan = driver.step()
-    # d's own gap closed at ι = 1090/1100, a's is 1010/1100 and b's 1040/1100: none is
-    # more idle than d, so d still waits.
-    assert plan.gates and not plan.moves
+    # d's prefetch has no request: a is less idle than d and c runs, so d waits in DRAM.
+    assert not plan.moves and not plan.gates
+    assert driver.tier_of("d") == "DRAM@r0"
 
 
 def test_displacement_takes_most_idle_first_and_all_or_nothing():

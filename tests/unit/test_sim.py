@@ -15,7 +15,7 @@ from loadgen.sim.workload import build_workload, scripted_workload
 from loadgen.traces import load_sessions
 
 COST = CostModel(get_profile("h200-80g", "qwen2.5-7b"))
-POLICIES = ["lull", "mori", "vllm-lru", "lru-offload", "infinite-hbm"]
+POLICIES = ["lull", "mori", "vllm-lru", "lru-offload", "continuum", "thunderagent", "ta-offload", "infinite-hbm"]
 
 
 def test_engine_times_one_call_as_prefill_then_decode_steps():
