@@ -81,6 +81,17 @@ class IdlenessHistory:
         self._cycles[-1][0] = _elapsed(self._since, now)
         self._phase, self._since = Phase.GATED, now
 
+    def request_withdrawn(self, now: float) -> None:
+        """The gated request was given up (gate timeout, client gone): the gap it
+        closed runs on. The gated wait counts in neither term, so the gap's start
+        shifts by it."""
+        if self._phase is not Phase.GATED:
+            raise ValueError(f"a request was withdrawn while the session is {self._phase.value}")
+        if self._cycles:
+            self._phase, self._since = Phase.TOOL, now - self._cycles[-1][1]
+        else:
+            self._phase, self._since = Phase.TOOL, None
+
     def idleness(self, now: float) -> float:
         tool = llm = 0.0
         for llm_s, tool_s in self._cycles:

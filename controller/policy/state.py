@@ -199,6 +199,25 @@ class ClusterState:
             record.expecting = True
             self.attention[session_id] = None
 
+    def request_withdrawn(self, session_id: str, now: float) -> None:
+        """The gated request will not run (its wait timed out, its client left)."""
+        record = self.get(session_id)
+        record.history.request_withdrawn(now)
+        record.request = None
+        if not record.closing:
+            self.attention.pop(session_id, None)
+
+    def restore_session(self, session_id: str, where: Location, context_tokens: int, now: float) -> None:
+        """Re-enter a session found in a tier after a controller restart. Its idleness
+        history is lost: it starts again as new (ι = 0). Overflow is the planner's to fix."""
+        if context_tokens < 1:
+            raise ValueError(f"context_tokens must be >= 1, got {context_tokens}")
+        if where.tier is not Tier.WAITING and where not in self.capacity:
+            raise ValueError(f"unknown location {where}")
+        record = self.open_session(session_id, now)
+        record.context_tokens = context_tokens
+        self._relocate(record, where, context_tokens)
+
     def close_session(self, session_id: str, now: float) -> None:
         record = self.get(session_id)
         record.closing = True

@@ -1,0 +1,44 @@
+"""What the live controller promises its callers (the gateway) and asks of its mover."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from controller.policy import Location, Move
+
+
+@dataclass(frozen=True)
+class Admission:
+    replica_id: str
+    tier_label: str  # the engine request's tier: "gpu" holds KV in HBM after the call
+    waited_s: float  # gated time, on the controller's clock
+
+
+class GateTimeout(TimeoutError):
+    """A gated request was not admitted within its timeout; it was withdrawn."""
+
+    def __init__(self, session_id: str, timeout_s: float, reason: str) -> None:
+        super().__init__(f"session {session_id!r}: request held {timeout_s:g} s at the gate and not "
+                         f"admitted ({reason}); retry later or raise gateway.gate_timeout_s")
+        self.session_id, self.timeout_s, self.reason = session_id, timeout_s, reason
+
+    def __reduce__(self):  # crosses Ray's process boundary intact
+        return GateTimeout, (self.session_id, self.timeout_s, self.reason)
+
+
+class SessionClosed(RuntimeError):
+    """The session was closed while its request waited at the gate."""
+
+
+class Mover(Protocol):
+    """Carries out the controller's moves. Called by ``plan_step``, one move at a
+    time, in plan order; never for a session in an LLM call. Returns True only once
+    the move committed (the destination owns the KV); False leaves the source owner.
+    ``src_node`` / ``dst_node`` are the Ray nodes of per-replica ends, else None."""
+
+    async def move(self, move: Move, src_node: str | None, dst_node: str | None) -> bool: ...
+
+    async def release(self, session_id: str, where: Location, node: str | None) -> bool:
+        """Free a closed session's KV in ``where``; best effort, the result is only logged."""
+        ...

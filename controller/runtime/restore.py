@@ -1,0 +1,66 @@
+"""Where sessions' KV is, read from the node agents' OccupancyReports: how a restarted
+controller rebuilds its books.
+
+Rules, each for a reason:
+- A session in a node's report as GPU (DRAM label ``busy``) or DRAM (``idle``) is
+  there on that replica; a copy pinned by a prepared move is reported at its source,
+  which owns the KV until the move commits.
+- Every agent lists the shared tier's sessions; a node-local copy wins over the
+  shared one (it is the nearer tier), and the fastest tier wins between nodes.
+- Shared entries carry bytes, not tokens: with ``bytes_per_token`` unknown they are
+  left out (the session comes back on its next request, as new; its shared copy is
+  garbage the tier's capacity limit evicts): never an over-full book.
+- A replica the controller does not know (gone, or not added yet) keeps nothing:
+  its sessions come back as waiting.
+- Reports of an older agent instance than a newer one from the same node are stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from controller.policy import Location, Tier
+from proto import tiers_pb2
+
+_TIER = {tiers_pb2.TIER_GPU: Tier.GPU, tiers_pb2.TIER_DRAM: Tier.DRAM, tiers_pb2.TIER_SHARED: Tier.SHARED}
+
+
+@dataclass(frozen=True)
+class Placement:
+    session_id: str
+    where: Location
+    tokens: int
+
+
+def placements_from_reports(reports: Iterable, replicas: set[str],
+                            bytes_per_token: int | None = None) -> list[Placement]:
+    newest: dict[str, object] = {}
+    for report in reports:
+        old = newest.get(report.node_id)
+        if old is None or (old.agent_instance_id == report.agent_instance_id and report.report_seq > old.report_seq):
+            newest[report.node_id] = report
+    best: dict[str, Placement] = {}
+    for node_id in sorted(newest):
+        for kv in newest[node_id].sessions:
+            place = _placement(kv, replicas, bytes_per_token)
+            if place is None:
+                continue
+            known = best.get(kv.session_id)
+            if known is None or place.where.tier < known.where.tier:
+                best[kv.session_id] = place
+    return sorted(best.values(), key=lambda p: p.session_id)
+
+
+def _placement(kv, replicas: set[str], bytes_per_token: int | None) -> Placement | None:
+    tier = _TIER.get(kv.location.tier)
+    tokens = kv.kv_tokens
+    if tier is Tier.SHARED and not tokens and bytes_per_token:
+        tokens = -(-kv.kv_bytes // bytes_per_token)
+    if tier is None or tokens < 1:
+        return None
+    if tier.per_replica:
+        if kv.location.replica_id not in replicas:
+            return Placement(kv.session_id, Location(Tier.WAITING), tokens)
+        return Placement(kv.session_id, Location(tier, kv.location.replica_id), tokens)
+    return Placement(kv.session_id, Location(tier), tokens)
