@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "loadgen.traces_cli",
     "controller.policy.bench_plan",
     "loadgen.sim_cli",
+    "workers.bench_kv",
 )
 
 

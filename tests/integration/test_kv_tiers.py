@@ -13,7 +13,7 @@ import time
 import pytest
 
 from controller.policy.types import Tier
-from tests.integration.engine_fixtures import start_data_plane, stop_data_plane
+from tests.integration.engine_fixtures import start_data_plane, stop_data_plane, wait_until
 from workers.kv_connector import read_connector_stats
 from workers.node_agent import MoveKind, NodeAgent, Refused
 from workers.shared_tier import SharedTier
@@ -29,34 +29,18 @@ def plane():
     stop_data_plane(plane)
 
 
-def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def prompt_for(seed: int, length: int = 300) -> list[int]:
     return [(seed * 7919 + i * 31) % 900 + 20 for i in range(length)]
 
 
-def move(agent: NodeAgent, session: str, src: Tier, dst: Tier, replica: str, kind=MoveKind.DEMOTE) -> None:
-    move_id = f"{session}-{src.name}-{dst.name}-{time.monotonic_ns()}"
-    agent.prepare(move_id, session, kind, src, dst, replica, lease_s=30, now=time.monotonic())
-    state, _ = agent.complete(move_id, now=time.monotonic())
-    assert state == "committed"
 
 
 def loaded_tokens(plane) -> int:
     return read_connector_stats(plane.dram_dir, plane.replica_id).get("loaded_tokens", 0)
 
 
-def evict_from_engine(plane) -> None:
-    """Empty vLLM's prefix cache; it refuses while any session's blocks are still held."""
-    wait_until(plane.reset_prefix_cache, what="held blocks released")
 
 
 def first_call(plane, session: str, seed: int):
@@ -69,9 +53,9 @@ def first_call(plane, session: str, seed: int):
 
 def test_session_demoted_to_dram_hits_its_prefix_and_outputs_match(plane):
     next_prompt = first_call(plane, "dram-1", seed=1)
-    move(plane.agent, "dram-1", Tier.GPU, Tier.DRAM, plane.replica_id)
+    plane.move("dram-1", Tier.GPU, Tier.DRAM)
     assert plane.dram.session("dram-1").label == "idle"
-    evict_from_engine(plane)
+    plane.evict_from_engine()
 
     before = loaded_tokens(plane)
     resumed = plane.call(next_prompt, "dram-1", tier="dram")
@@ -79,7 +63,7 @@ def test_session_demoted_to_dram_hits_its_prefix_and_outputs_match(plane):
     assert resumed.cached_tokens >= 300 // BLOCK * BLOCK
     assert loaded_tokens(plane) - before == resumed.cached_tokens <= stored + BLOCK
 
-    evict_from_engine(plane)
+    plane.evict_from_engine()
     recomputed = plane.call(next_prompt, "dram-1-recompute", tier="dram", tenant="other-tenant")
     assert recomputed.cached_tokens == 0
     assert recomputed.token_ids == resumed.token_ids  # greedy output identical with and without offload
@@ -88,14 +72,14 @@ def test_session_demoted_to_dram_hits_its_prefix_and_outputs_match(plane):
 
 def test_session_demoted_to_shared_tier_is_prefetched_and_hits(plane):
     next_prompt = first_call(plane, "shared-1", seed=2)
-    move(plane.agent, "shared-1", Tier.GPU, Tier.DRAM, plane.replica_id)
-    move(plane.agent, "shared-1", Tier.DRAM, Tier.SHARED, plane.replica_id)
+    plane.move("shared-1", Tier.GPU, Tier.DRAM)
+    plane.move("shared-1", Tier.DRAM, Tier.SHARED)
     assert plane.dram.session("shared-1") is None
     assert plane.shared.get_session("shared-1") is not None
-    evict_from_engine(plane)
+    plane.evict_from_engine()
 
     # The tool call returns: the controller promotes, the agent prefetches before the request runs.
-    move(plane.agent, "shared-1", Tier.SHARED, Tier.GPU, plane.replica_id, kind=MoveKind.PROMOTE)
+    plane.move("shared-1", Tier.SHARED, Tier.GPU, kind=MoveKind.PROMOTE)
     assert plane.dram.session("shared-1").label == "busy"
     assert plane.shared.get_session("shared-1") is None
     before = loaded_tokens(plane)
@@ -108,7 +92,7 @@ def test_session_demoted_to_shared_tier_is_prefetched_and_hits(plane):
 
 def test_move_refused_for_capacity_leaves_session_in_dram(plane):
     next_prompt = first_call(plane, "refused-1", seed=3)
-    move(plane.agent, "refused-1", Tier.GPU, Tier.DRAM, plane.replica_id)
+    plane.move("refused-1", Tier.GPU, Tier.DRAM)
     tiny_shared = SharedTier(plane.redis.url, capacity_bytes=1024, namespace="tiny")
     agent = NodeAgent("node-0", plane.dram, tiny_shared, dram_dir=plane.dram_dir)
     with pytest.raises(Refused) as refused:
@@ -117,13 +101,13 @@ def test_move_refused_for_capacity_leaves_session_in_dram(plane):
     assert refused.value.reason == "REFUSAL_REASON_INSUFFICIENT_CAPACITY"
     assert plane.dram.session("refused-1").label == "idle"
     assert tiny_shared.used_bytes() == 0
-    evict_from_engine(plane)
+    plane.evict_from_engine()
     assert plane.call(next_prompt, "refused-1", tier="dram").cached_tokens >= 300 // BLOCK * BLOCK
 
 
 def test_move_abandoned_halfway_rolls_back_on_lease_expiry(plane):
     first_call(plane, "halfway-1", seed=4)
-    move(plane.agent, "halfway-1", Tier.GPU, Tier.DRAM, plane.replica_id)
+    plane.move("halfway-1", Tier.GPU, Tier.DRAM)
     now = time.monotonic()
     plane.agent.prepare("m-halfway", "halfway-1", MoveKind.DEMOTE, Tier.DRAM, Tier.SHARED, plane.replica_id, 5, now)
     assert plane.shared.get_session("halfway-1") is not None  # copied, not yet committed
@@ -135,7 +119,7 @@ def test_move_abandoned_halfway_rolls_back_on_lease_expiry(plane):
 
 def test_redis_outage_degrades_to_local_tiers(plane, caplog):
     next_prompt = first_call(plane, "outage-1", seed=5)
-    move(plane.agent, "outage-1", Tier.GPU, Tier.DRAM, plane.replica_id)
+    plane.move("outage-1", Tier.GPU, Tier.DRAM)
     plane.redis.stop()
     try:
         with caplog.at_level(logging.WARNING, logger="workers.shared_tier"):
@@ -145,12 +129,12 @@ def test_redis_outage_degrades_to_local_tiers(plane, caplog):
         assert refused.value.reason == "REFUSAL_REASON_DESTINATION_UNAVAILABLE"
         assert any("serving from local tiers" in r.getMessage() for r in caplog.records)
         assert not plane.agent.shared_reachable()
-        evict_from_engine(plane)
+        plane.evict_from_engine()
         assert plane.call(next_prompt, "outage-1", tier="dram").cached_tokens >= 300 // BLOCK * BLOCK  # still served, from DRAM
     finally:
         plane.redis.restart()
     wait_until(plane.agent.shared_reachable, what="shared tier back")
-    move(plane.agent, "outage-1", Tier.GPU, Tier.SHARED, plane.replica_id)
+    plane.move("outage-1", Tier.GPU, Tier.SHARED)
     assert plane.shared.get_session("outage-1") is not None
 
 
