@@ -173,6 +173,8 @@ class AutoscalingConfig(Section):
     scale_down_occupancy: float = setting(0.5, "Remove a replica when the GPU tier's occupancy stays below this fraction.", FloatRange(0.0, 1.0))
     scale_up_window_s: float = setting(30.0, "How long the scale-up condition must hold, s.", FloatRange(0.0, 86400.0, lo_open=True))
     scale_down_window_s: float = setting(300.0, "How long the scale-down condition must hold, s.", FloatRange(0.0, 86400.0, lo_open=True))
+    cooldown_s: float = setting(60.0, "Least time between two replica-count changes, s.", FloatRange(0.0, 86400.0))
+    target_ttft_p90_s: float | None = setting(10.0, "Add a replica when the p90 TTFT stays above this, s; null: TTFT is no signal.", Nullable(FloatRange(0.0, 3600.0, lo_open=True)))
 
     def check_across(self) -> None:
         if self.scale_down_window_s < self.scale_up_window_s:
