@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "controller.policy.bench_plan",
     "loadgen.sim_cli",
     "workers.bench_kv",
+    "controller.platform_cli",
 )
 
 

@@ -1,0 +1,180 @@
+"""The Serve application: the `LullGateway` ingress over the `LullEngine` replicas and the controller actor.
+
+`build_app(args)` is Serve's entry point (`controller.app:build_app`). The engine
+deployment routes with `LullRouter`, so a call reaches the replica the
+controller placed its session on. The controller is a named, detached Ray actor
+that outlives gateway restarts; `build_app` starts it, and a KV agent per Ray
+node, only when they are absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from controller.config import GIB, LullConfig, load_config
+from controller.gateway.launch import ensure_controller, ensure_node_agents
+from controller.gateway.protocol import Authenticator
+from controller.gateway.rest import create_app
+from controller.gateway.router import ROUTER_CLASS, known_replicas
+from controller.gateway.service import ControllerClient, GatewayCore, Limits
+from controller.names import CONTROLLER_ACTOR, GATEWAY_DEPLOYMENT, RAY_NAMESPACE
+
+log = logging.getLogger(__name__)
+REPLICA_SYNC_S = 1.0
+
+
+@dataclass(frozen=True)
+class PlatformSettings:
+    """What `build_app` takes beyond `LullConfig` (Serve passes them as the app's args)."""
+
+    replicas: int = 1  # engine replicas
+    engine_num_cpus: float = 1.0  # Ray CPUs per engine replica (fractional to pack CPU replicas)
+    gateway_num_cpus: float = 0.25  # Ray CPUs of the gateway replica
+    cpu_kv_cache_gib: float | None = None  # per-replica KV cache on cpu; None: engine.cpu_kv_cache_space_gib
+    dram_dir: str = "/dev/shm/lull-dram"  # the node's DRAM tier (tmpfs)
+    default_max_tokens: int = 256  # output tokens when a client sets no max_tokens
+    model_path: str | None = None  # None: model.path, else the embedded tiny model
+    policy: str | None = None  # the controller's policy; None: policy.name
+    redis_url: str | None = None  # the shared tier; None: tiers.redis_url
+
+    def __post_init__(self):
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if not 0 < self.engine_num_cpus <= 64 or not 0 <= self.gateway_num_cpus <= 64:
+            raise ValueError("engine_num_cpus must be in (0, 64] and gateway_num_cpus in [0, 64]")
+        if self.cpu_kv_cache_gib is not None and self.cpu_kv_cache_gib <= 0:
+            raise ValueError(f"cpu_kv_cache_gib must be positive, got {self.cpu_kv_cache_gib}")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> PlatformSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(args) - known
+        if unknown:
+            raise ValueError(f"unknown app args {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**args)
+
+
+def model_dir(settings: PlatformSettings, config: LullConfig) -> str:
+    if settings.model_path or config.model.path:
+        return str(settings.model_path or config.model.path)
+    from workers.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model())
+
+
+def kv_bytes_per_token(model: str, dtype_bytes: int = 4) -> int:
+    """K and V of every layer for one token, from the model's config.json."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * dtype_bytes
+
+
+def engine_settings(settings: PlatformSettings, config: LullConfig) -> dict:
+    """`EngineSettings` fields for every replica (each sets its own replica_id)."""
+    return dict(model=model_dir(settings, config), device=config.model.device, dtype="float32",
+                max_model_len=config.engine.max_model_len, max_num_seqs=config.engine.max_num_seqs,
+                cpu_kv_cache_gib=settings.cpu_kv_cache_gib or config.engine.cpu_kv_cache_space_gib,
+                gpu_memory_utilization=config.engine.gpu_memory_utilization,
+                dram_dir=settings.dram_dir, dram_capacity_bytes=int(config.tiers.dram_capacity_gib * GIB) or 1,
+                served_model_name=config.model.served_name)
+
+
+class ServeEngines:
+    """The engine deployment's handle, addressed by replica id through `LullRouter`."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def generate(self, replica_id: str, request: dict) -> dict:
+        done = await self.handle.options(session_id=replica_id).generate.remote(request)
+        if done["replica_id"] != replica_id:
+            log.warning("replica %s is gone; session %s ran on %s", replica_id, request["session_id"],
+                        done["replica_id"])
+        return done
+
+    async def stream(self, replica_id: str, request: dict) -> AsyncIterator[list[int]]:
+        async for ids in self.handle.options(session_id=replica_id, stream=True).stream.remote(request):
+            yield ids
+
+
+@serve.deployment(name=GATEWAY_DEPLOYMENT, max_ongoing_requests=1000)
+@serve.ingress()
+class LullGateway:
+    async def __init__(self, engine_handle, settings: dict, engine: dict):
+        self.config = load_config()
+        self.settings = PlatformSettings(**settings)
+        self.controller = ControllerClient(ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE))
+        self.engines = ServeEngines(engine_handle)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(engine["model"])
+        per_token = kv_bytes_per_token(engine["model"])
+        self.capacity = (int(engine["cpu_kv_cache_gib"] * GIB) // per_token, engine["dram_capacity_bytes"] // per_token)
+        limits = Limits(max_model_len=engine["max_model_len"], max_prompt_tokens=self.config.max_prompt_tokens,
+                        default_max_tokens=self.settings.default_max_tokens,
+                        gate_timeout_s=self.config.gateway.gate_timeout_s)
+        self.core = GatewayCore(self.controller, self.engines, tokenizer, limits)
+        self.model_name = engine["served_model_name"]
+        self.registered: set[str] = set()
+        await engine_handle.replica_id.remote()  # starts the handle's router, so the replica directory fills in
+        await self.sync_replicas()
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
+
+    def __serve_build_asgi_app__(self):
+        auth = Authenticator(self.config.secrets, self.config.auth.required)
+        app = create_app(self.core, auth, self.model_name)
+
+        @app.middleware("http")
+        async def _sync_first(request, call_next):  # a replica that just came up is known before a call
+            if known_replicas().keys() - self.registered:
+                await self.sync_replicas()
+            return await call_next(request)
+
+        return app
+
+    async def sync_replicas(self) -> None:
+        """Register with the controller every engine replica the router knows and it does not."""
+        for replica_id, node_id in known_replicas().items():
+            if replica_id not in self.registered:
+                await self.controller.add_replica(replica_id, node_id, *self.capacity)
+                self.registered.add(replica_id)
+                log.info("registered engine replica %s on node %s", replica_id, node_id)
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPLICA_SYNC_S)
+            try:
+                await self.sync_replicas()
+            except Exception:
+                log.exception("replica sync failed")
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """The Serve application `lull`: gateway ingress, engine replicas, controller actor."""
+    from workers.engine_deployment import LullEngine
+
+    settings = PlatformSettings.from_args(dict(args or {}))
+    config = load_config()
+    engine = engine_settings(settings, config)
+    agents = ensure_node_agents(config, settings.dram_dir, settings.redis_url or config.tiers.redis_url)
+    ensure_controller(config, agents, settings.policy or config.policy.name, kv_bytes_per_token(engine["model"]))
+    engines = LullEngine.options(
+        num_replicas=settings.replicas, ray_actor_options={"num_cpus": settings.engine_num_cpus},
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
+    ).bind(engine)
+    gateway = LullGateway.options(ray_actor_options={"num_cpus": settings.gateway_num_cpus})
+    return gateway.bind(engines, dataclasses.asdict(settings), engine)

@@ -1,0 +1,54 @@
+"""Start what the Serve app needs beside itself: a node agent per Ray node and the controller actor.
+
+Both are named and found again when they exist (`get_if_exists`), so `build_app`
+may run again (a redeploy) without starting a second controller or agent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from controller.config import GIB, LullConfig
+from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE, node_agent_actor
+
+log = logging.getLogger(__name__)
+
+
+def ensure_node_agents(config: LullConfig, dram_dir: str, redis_url: str | None) -> dict[str, str]:
+    """A KV agent on every alive Ray node; returns node id -> its gRPC address."""
+    from workers.node_agent_actor import NodeAgentActor
+
+    if config.tiers.shared_capacity_gib <= 0:
+        redis_url = None
+    agents = {}
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        node_id = node["NodeID"]
+        agents[node_id] = NodeAgentActor.options(
+            name=node_agent_actor(node_id), namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(node_id, dram_dir, max(1, int(config.tiers.dram_capacity_gib * GIB)), redis_url=redis_url,
+                 shared_capacity_bytes=int(config.tiers.shared_capacity_gib * GIB) if redis_url else 0)
+    addresses = dict(zip(agents, ray.get([a.address.remote() for a in agents.values()])))
+    log.info("node agents: %s", ", ".join(f"{n[:8]}={a}" for n, a in addresses.items()))
+    return addresses
+
+
+def ensure_controller(config: LullConfig, agents: dict[str, str], policy: str, bytes_per_token: int):
+    """The named, detached controller actor, started (books rebuilt, tick running) when absent."""
+    try:
+        return ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE)
+    except ValueError:
+        pass
+    from controller.runtime.actor import launch_controller
+
+    actor = launch_controller(agents, detached=True, policy=policy, planner_config=config.planner_config(),
+                              tick_s=config.policy.tick_seconds, bytes_per_token=bytes_per_token)
+    shared = int(config.tiers.shared_capacity_gib * GIB) // bytes_per_token
+    restored = ray.get(actor.start.remote([], shared))
+    log.info("controller started (policy %s, %d sessions restored)", policy, restored)
+    return actor

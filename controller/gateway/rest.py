@@ -1,0 +1,227 @@
+"""The OpenAI-compatible REST API of the gateway (FastAPI), over a `GatewayCore`.
+
+Chat and text completions (SSE when `stream` is true), models, health, and the
+session endpoints. Every error is OpenAI-shaped JSON: a client's mistake is a
+4xx that says what to fix; waiting too long for GPU capacity is a 503 with
+Retry-After. Bodies are parsed here, not by FastAPI, so malformed JSON (400)
+and a well-formed body with bad fields (422) get distinct, readable errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from controller.gateway.protocol import (
+    ApiError,
+    Authenticator,
+    ChatRequest,
+    CompletionRequest,
+    check_session_id,
+    session_id_from,
+    session_key,
+    validation_message,
+)
+from controller.gateway.service import CallResult, GatewayCore
+
+log = logging.getLogger(__name__)
+
+
+def create_app(core: GatewayCore, auth: Authenticator, model_name: str) -> FastAPI:
+    app = FastAPI(title="Lull", docs_url=None, redoc_url=None)
+    # Opened with POST /v1/sessions but not yet called: the controller learns of a
+    # session at its first call, so until then only this gateway knows it exists.
+    opened: dict[str, float] = {}
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(ApiError(500, f"internal error ({type(error).__name__}); the call was not completed",
+                                     type="server_error").body(), status_code=500)
+
+    def tenant_of(request: Request) -> str:
+        return auth.tenant(request.headers.get("authorization"))
+
+    async def parse(request: Request, model: type[BaseModel]) -> tuple[Any, dict]:
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"the body is not valid JSON ({error.__class__.__name__} at position "
+                                f"{getattr(error, 'pos', 0)})", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        try:
+            body = model.model_validate(data)
+        except ValidationError as error:
+            message, param = validation_message(error.errors(include_input=False))
+            raise ApiError(422, message, param=param) from None
+        if body.model is not None and body.model != model_name:
+            raise ApiError(404, f"model {body.model!r} is not served here; use {model_name!r}",
+                           code="model_not_found", param="model")
+        return body, data
+
+    def key_for(request: Request, tenant: str, data: dict) -> tuple[str, bool]:
+        """The controller's session key, and whether the call is a one-off (no session id)."""
+        sid = session_id_from(request.headers, data)
+        if sid is None:
+            return session_key(tenant, f"oneoff-{uuid.uuid4().hex}"), True
+        opened.pop(session_key(tenant, sid), None)
+        return session_key(tenant, sid), False
+
+    async def run(request: Request, kind: str):
+        tenant = tenant_of(request)
+        body, data = await parse(request, ChatRequest if kind == "chat" else CompletionRequest)
+        try:
+            ids = core.chat_prompt(body.template_messages()) if kind == "chat" else core.text_prompt(body.prompt)
+        except ValueError as error:
+            raise ApiError(400, f"cannot build the prompt: {error}", param="messages") from None
+        max_tokens = core.output_limit(len(ids), body.output_limit)
+        key, oneoff = key_for(request, tenant, data)
+        headers = {"x-session-id": key.partition("/")[2]}
+        cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        try:
+            if body.stream:
+                chunks = await core.stream(key, tenant, ids, max_tokens, body.temperature)
+                events = _sse(kind, cid, model_name, chunks, len(ids), max_tokens, body.include_usage,
+                              core if oneoff else None, key)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            result = await core.complete(key, tenant, ids, max_tokens, body.temperature)
+        except BaseException:
+            if oneoff:
+                await _close_quietly(core, key)
+            raise
+        if oneoff:
+            await _close_quietly(core, key)
+        return JSONResponse(_response(kind, cid, model_name, result), headers=headers)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, "text")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        tenant_of(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "lull"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/sessions")
+    async def open_session(request: Request):
+        tenant = tenant_of(request)
+        sid = f"sess-{uuid.uuid4().hex}"
+        opened[session_key(tenant, sid)] = time.time()
+        return {"id": sid, "object": "session"}
+
+    @app.delete("/v1/sessions/{sid}")
+    async def close_session(sid: str, request: Request):
+        key = session_key(tenant_of(request), check_session_id(sid, "session id"))
+        if opened.pop(key, None) is None:
+            await core.close(key)
+        return {"id": sid, "object": "session", "deleted": True}
+
+    @app.post("/v1/sessions/{sid}/tool_call_started")
+    async def tool_call_started(sid: str, request: Request):
+        key = session_key(tenant_of(request), check_session_id(sid, "session id"))
+        await core.tool_call(key, started=True)
+        return {"id": sid, "object": "session", "event": "tool_call_started"}
+
+    @app.post("/v1/sessions/{sid}/tool_call_finished")
+    async def tool_call_finished(sid: str, request: Request):
+        key = session_key(tenant_of(request), check_session_id(sid, "session id"))
+        await core.tool_call(key, started=False)
+        return {"id": sid, "object": "session", "event": "tool_call_finished"}
+
+    @app.get("/v1/sessions/{sid}")
+    async def session_state(sid: str, request: Request):
+        key = session_key(tenant_of(request), check_session_id(sid, "session id"))
+        if key in opened:
+            return {"id": sid, "object": "session", "state": {"phase": "opened", "calls": 0}}
+        state = await core.session_state(key)
+        if state is None:
+            raise ApiError(404, f"unknown session {sid!r}", code="session_not_found")
+        return {"id": sid, "object": "session", "state": {k: v for k, v in state.items() if k != "session_id"}}
+
+    return app
+
+
+async def _close_quietly(core: GatewayCore, key: str) -> None:
+    try:
+        await core.close(key)
+    except Exception:
+        log.warning("could not close one-off session %s", key)
+
+
+def _usage(prompt: int, completion: int, cached: int | None) -> dict:
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+def _response(kind: str, cid: str, model: str, r: CallResult) -> dict:
+    usage = _usage(r.prompt_tokens, len(r.token_ids), r.cached_tokens)
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+                  "logprobs": None}
+        return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [choice], "usage": usage}
+    choice = {"index": 0, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": usage}
+
+
+async def _sse(kind, cid, model, chunks, prompt_tokens, max_tokens, include_usage, oneoff_core, key):
+    created = int(time.time())
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def event(choice: dict | None, usage: dict | None = None) -> str:
+        payload = {"id": cid, "object": obj, "created": created, "model": model,
+                   "choices": [] if choice is None else [choice]}
+        if usage is not None:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def choice(text: str, finish: str | None, first: bool = False) -> dict:
+        if kind == "chat":
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+    produced = 0
+    try:
+        if kind == "chat":
+            yield event(choice("", None, first=True))
+        async for text, ids in chunks:
+            produced += len(ids)
+            if text:
+                yield event(choice(text, None))
+        # The engine's stream carries tokens only: a call that used its whole budget hit the limit.
+        yield event(choice("", "length" if produced >= max_tokens else "stop"))
+        if include_usage:
+            yield event(None, _usage(prompt_tokens, produced, None))
+        yield "data: [DONE]\n\n"
+    except Exception as error:
+        log.warning("stream of session %s failed: %s", key, type(error).__name__)
+        yield f"data: {json.dumps(ApiError(500, 'the engine failed during the stream', type='server_error').body())}\n\n"
+    finally:
+        if oneoff_core is not None:
+            await _close_quietly(oneoff_core, key)

@@ -1,0 +1,134 @@
+"""The REST gateway end to end on a local Ray cluster: the Serve app of `controller.app:build_app`
+(gateway ingress, two vLLM-on-CPU engine replicas routed by `LullRouter`, the
+controller actor, a node agent) with a real Redis, and the official `openai`
+client, unchanged."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import ray
+from ray import serve
+
+from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE, SERVE_APP
+from workers.redis_server import LocalRedis
+
+PORT = 8766
+KEY, OTHER_KEY = "sk-acme-test", "sk-beta-test"
+
+
+@pytest.fixture(scope="module")
+def platform():
+    dram_dir = tempfile.mkdtemp(prefix="lull-gw-dram-", dir="/dev/shm")
+    env = {"LULL_API_KEYS": f"acme:{KEY},beta:{OTHER_KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "1024",
+           "LULL_TIERS__DRAM_CAPACITY_GIB": "0.05", "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05", "LULL_GATEWAY__GATE_TIMEOUT_S": "20"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # Ray's workers inherit the driver's environment at ray.init
+    ray.init(num_cpus=2, include_dashboard=False, namespace=RAY_NAMESPACE, log_to_driver=False)
+    redis = LocalRedis("64mb").start()
+    from controller.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app({"replicas": 2, "engine_num_cpus": 0.5, "gateway_num_cpus": 0.25, "cpu_kv_cache_gib": 1,
+                         "dram_dir": dram_dir, "default_max_tokens": 8, "redis_url": redis.url}), name=SERVE_APP, route_prefix="/")
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=0, timeout=120)
+    serve.shutdown()
+    ray.shutdown()
+    redis.stop()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    shutil.rmtree(dram_dir, ignore_errors=True)
+
+
+def raw(method: str, path: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, dict, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=120)
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, dict(response.getheaders()), json.loads(data) if data else {}
+
+
+def chat(client, session: str, text: str, **kwargs):
+    return client.chat.completions.create(model="lull", messages=[{"role": "user", "content": text}],
+                                          max_tokens=8, extra_headers={"x-session-id": session}, **kwargs)
+
+
+def snapshot() -> dict:
+    return ray.get(ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE).snapshot.remote())
+
+
+def test_session_calls_with_a_tool_gap_reuse_the_kv(platform):
+    messages = [{"role": "user", "content": "Read the file and list the functions it defines. " * 8}]
+    first = platform.chat.completions.create(model="lull", messages=messages, max_tokens=8,
+                                             extra_headers={"x-session-id": "agent-1"})
+    assert first.choices[0].message.content and first.usage.completion_tokens == 8
+    session = next(s for s in snapshot()["sessions"] if s["session_id"] == "acme/agent-1")
+    assert session["tier"] == "gpu" and session["kv_tokens"] == first.usage.total_tokens
+    status, _, body = raw("POST", "/v1/sessions/agent-1/tool_call_started")
+    assert status == 200, body
+    time.sleep(0.3)  # the tool call itself
+    assert raw("POST", "/v1/sessions/agent-1/tool_call_finished")[0] == 200
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "Now the tests."}]
+    second = platform.chat.completions.create(model="lull", messages=messages, max_tokens=8,
+                                              extra_headers={"x-session-id": "agent-1"})
+    assert second.usage.prompt_tokens_details.cached_tokens >= 64  # the first call's prompt, in whole blocks
+    assert raw("GET", "/v1/sessions/agent-1")[2]["state"]["replica"] == session["replica"]  # sticky
+    assert raw("DELETE", "/v1/sessions/agent-1")[0] == 200
+    assert raw("GET", "/v1/sessions/agent-1")[0] == 404
+
+
+def test_streaming_matches_the_non_streamed_output(platform):
+    done = chat(platform, "stream-a", "def main(): pass")
+    pieces = list(chat(platform, "stream-b", "def main(): pass", stream=True,
+                       stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    assert text == done.choices[0].message.content
+    assert pieces[-1].usage.completion_tokens == 8
+    completion = platform.completions.create(model="lull", prompt="import os", max_tokens=4, stream=True)
+    assert len("".join(c.choices[0].text for c in completion)) > 0
+
+
+def test_two_concurrent_sessions_and_a_one_off(platform):
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(chat, platform, f"conc-{i}", f"session {i} asks") for i in range(2)]
+        oneoff = pool.submit(platform.chat.completions.create, model="lull", max_tokens=4,
+                             messages=[{"role": "user", "content": "no session"}])
+        results = [f.result() for f in futures]
+    assert all(r.usage.completion_tokens == 8 for r in results) and oneoff.result().usage.completion_tokens == 4
+    ids = {s["session_id"] for s in snapshot()["sessions"]}
+    assert {"acme/conc-0", "acme/conc-1"} <= ids and not any("oneoff" in i for i in ids)
+    replicas = {s["replica"] for s in snapshot()["tiers"] if s["tier"] == "gpu"}
+    assert len(replicas) == 2  # both engine replicas registered with the controller
+
+
+def test_bad_inputs_get_clear_errors_and_the_platform_keeps_serving(platform):
+    status, _, body = raw("POST", "/v1/chat/completions", b'{"model": "lull", "messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, _, body = raw("POST", "/v1/chat/completions", b'{"model": "lull", "messages": "hi"}')
+    assert status == 422 and body["error"]["param"] == "messages"
+    status, _, body = raw("POST", "/v1/sessions/nobody/tool_call_finished")
+    assert status == 404 and "unknown session 'nobody'" in body["error"]["message"]
+    with pytest.raises(openai.AuthenticationError) as wrong_key:
+        openai.OpenAI(base_url=platform.base_url, api_key="sk-wrong", max_retries=0).models.list()
+    assert wrong_key.value.status_code == 401 and "invalid API key" in str(wrong_key.value)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        chat(platform, "long", "word " * 2000)
+    assert "accepts at most 1023 prompt tokens" in str(too_long.value)
+    # Another tenant's session of the same name is another session.
+    status, _, _ = raw("GET", "/v1/sessions/stream-a", key=OTHER_KEY)
+    assert status == 404
+    assert chat(platform, "after-errors", "still serving?").usage.completion_tokens == 8
+    assert raw("GET", "/health", key=None)[0] == 200

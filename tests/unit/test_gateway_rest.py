@@ -1,0 +1,145 @@
+"""The REST gateway's request rules without Ray: session-id extraction, API-key auth, body errors.
+
+The HTTP tests run the real FastAPI app over the real `LiveController` (no
+moves: nothing here exceeds a tier) and the tiny model's real tokenizer; only
+the engine is a stub that echoes the prompt's last tokens, since starting vLLM
+takes half a minute (the engine path is covered by tests/integration/test_gateway_e2e.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from starlette.datastructures import Headers
+
+from controller.config import Secrets
+from controller.gateway.protocol import ANONYMOUS_TENANT, ApiError, Authenticator, session_id_from
+from controller.gateway.rest import create_app
+from controller.gateway.service import ControllerClient, GatewayCore, Limits
+from controller.runtime.live import LiveController
+
+
+def test_session_id_sources_in_order():
+    body = {"session_id": "from-body", "user": "from-user"}
+    assert session_id_from(Headers({"X-Session-Id": "h1", "x-claude-code-session-id": "h2"}), body) == "h1"
+    assert session_id_from(Headers({"x-claude-code-session-id": "h2"}), body) == "h2"
+    assert session_id_from(Headers({}), body) == "from-body"
+    assert session_id_from(Headers({}), {"user": "from-user"}) == "from-user"
+    assert session_id_from(Headers({}), {}) is None
+    with pytest.raises(ApiError, match="printable"):
+        session_id_from(Headers({"x-session-id": "   "}), {})
+    with pytest.raises(ApiError, match="must be a string"):
+        session_id_from(Headers({}), {"session_id": 7})
+
+
+def test_auth_maps_keys_to_tenants_and_refuses_wrong_or_missing_keys():
+    auth = Authenticator(Secrets(api_keys={"acme": "k-acme", "beta": "k-beta"}))
+    assert auth.tenant("Bearer k-beta") == "beta" and auth.tenant("bearer  k-acme ") == "acme"
+    for header in (None, "", "Bearer nope", "Basic k-acme", "Bearer"):
+        with pytest.raises(ApiError) as refused:
+            auth.tenant(header)
+        assert refused.value.status == 401 and refused.value.type == "authentication_error"
+        assert "k-" not in refused.value.message  # never echo a key
+    open_platform = Authenticator(Secrets())
+    assert open_platform.tenant(None) == ANONYMOUS_TENANT
+    with pytest.raises(ApiError):
+        open_platform.tenant("Bearer guessed")
+    with pytest.raises(ApiError, match="missing API key"):
+        Authenticator(Secrets(), required=True).tenant(None)
+
+
+class EchoEngines:
+    """Stub engines: the output is the prompt's last `max_tokens` ids."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def generate(self, replica_id, request):
+        self.calls.append((replica_id, request["session_id"], request["tenant"], request["tier"]))
+        out = request["prompt_token_ids"][-request["max_tokens"]:]
+        return {"token_ids": out, "text": "", "prompt_tokens": len(request["prompt_token_ids"]),
+                "cached_tokens": 0, "finish_reason": "length", "replica_id": replica_id}
+
+    async def stream(self, replica_id, request):
+        done = await self.generate(replica_id, request)
+        for token in done["token_ids"]:
+            yield [token]
+
+
+class NoMoves:
+    async def move(self, move, src_node, dst_node):
+        return False
+
+    async def release(self, session_id, where, node):
+        return True
+
+
+@pytest.fixture
+def client():
+    from transformers import AutoTokenizer
+
+    from workers.tiny_model import ensure_tiny_model
+
+    live = LiveController(NoMoves())
+    live.add_replica("r1", "node-1", 4096, 4096)
+    engines = EchoEngines()
+    core = GatewayCore(ControllerClient(live), engines, AutoTokenizer.from_pretrained(ensure_tiny_model()),
+                       Limits(max_model_len=512, max_prompt_tokens=511, default_max_tokens=4, gate_timeout_s=1))
+    app = create_app(core, Authenticator(Secrets(api_keys={"acme": "k-acme"})), "lull")
+    with TestClient(app, headers={"authorization": "Bearer k-acme"}) as http:
+        http.engines, http.live = engines, live
+        yield http
+
+
+def chat_body(text="hello", **extra):
+    return {"model": "lull", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def test_chat_call_flows_through_admit_and_reports_the_context(client):
+    reply = client.post("/v1/chat/completions", json=chat_body(), headers={"x-session-id": "s1"})
+    assert reply.status_code == 200, reply.text
+    usage = reply.json()["usage"]
+    assert usage["completion_tokens"] == 4 and usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert client.engines.calls == [("r1", "acme/s1", "acme", "gpu")]
+    session = client.get("/v1/sessions/s1").json()["state"]
+    assert session["tier"] == "gpu" and session["kv_tokens"] == usage["total_tokens"]
+    assert client.post("/v1/sessions/s1/tool_call_started").status_code == 200
+    assert client.delete("/v1/sessions/s1").status_code == 200
+
+
+def test_streaming_sends_sse_chunks_and_done(client):
+    with client.stream("POST", "/v1/completions", json={"model": "lull", "prompt": "import os", "stream": True,
+                                                         "stream_options": {"include_usage": True}}) as reply:
+        lines = [line for line in reply.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert '"completion_tokens": 4' in lines[-2]
+
+
+def test_one_off_calls_leave_no_session(client):
+    assert client.post("/v1/chat/completions", json=chat_body()).status_code == 200
+    assert client.live.snapshot()["sessions"] == []
+
+
+@pytest.mark.parametrize("body, status, text", [
+    (b'{"messages": [', 400, "not valid JSON"),
+    (b'[1, 2]', 400, "JSON object"),
+    (b'{"messages": []}', 422, "messages"),
+    (b'{"messages": [{"role": "wizard", "content": "x"}]}', 422, "messages.0.role"),
+    (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}', 404, "use 'lull'"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 600}', 400, "exceeds the context limit"),
+])
+def test_bad_bodies_get_openai_errors(client, body, status, text):
+    reply = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == status and text in reply.json()["error"]["message"]
+
+
+def test_auth_unknown_sessions_and_long_prompts(client):
+    assert client.get("/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/health", headers={"authorization": ""}).status_code == 200
+    missing = client.post("/v1/sessions/ghost/tool_call_finished")
+    assert missing.status_code == 404 and "unknown session 'ghost'" in missing.json()["error"]["message"]
+    assert client.delete("/v1/sessions/ghost").status_code == 404
+    too_long = client.post("/v1/chat/completions", json=chat_body("word " * 1000))
+    assert too_long.status_code == 400 and "at most 511 prompt tokens" in too_long.json()["error"]["message"]
+    opened = client.post("/v1/sessions").json()["id"]
+    assert client.get(f"/v1/sessions/{opened}").json()["state"]["phase"] == "opened"
