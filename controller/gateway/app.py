@@ -24,6 +24,7 @@ from ray.serve.config import RequestRouterConfig
 
 from controller.config import GIB, LullConfig, load_config
 from controller.gateway.launch import ensure_controller, ensure_node_agents
+from controller.gateway.grpc_service import start_grpc
 from controller.gateway.protocol import Authenticator
 from controller.gateway.rest import create_app
 from controller.gateway.router import ROUTER_CLASS, known_replicas
@@ -47,6 +48,7 @@ class PlatformSettings:
     model_path: str | None = None  # None: model.path, else the embedded tiny model
     policy: str | None = None  # the controller's policy; None: policy.name
     redis_url: str | None = None  # the shared tier; None: tiers.redis_url
+    grpc_port: int | None = None  # the gRPC SessionService; None: gateway.grpc_port, 0: off
 
     def __post_init__(self):
         if self.replicas < 1:
@@ -55,6 +57,8 @@ class PlatformSettings:
             raise ValueError("engine_num_cpus must be in (0, 64] and gateway_num_cpus in [0, 64]")
         if self.cpu_kv_cache_gib is not None and self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"cpu_kv_cache_gib must be positive, got {self.cpu_kv_cache_gib}")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc_port must be in [0, 65535], got {self.grpc_port}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
 
@@ -130,6 +134,11 @@ class LullGateway:
         self.core = GatewayCore(self.controller, self.engines, tokenizer, limits)
         self.model_name = engine["served_model_name"]
         self.registered: set[str] = set()
+        grpc_port = self.config.gateway.grpc_port if self.settings.grpc_port is None else self.settings.grpc_port
+        self.grpc_server = None
+        if grpc_port:
+            auth = Authenticator(self.config.secrets, self.config.auth.required)
+            self.grpc_server = await start_grpc(self.core, auth, grpc_port)
         await engine_handle.replica_id.remote()  # starts the handle's router, so the replica directory fills in
         await self.sync_replicas()
         self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())

@@ -22,6 +22,7 @@ from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE, SERVE_APP
 from workers.redis_server import LocalRedis
 
 PORT = 8766
+GRPC_PORT = 9766
 KEY, OTHER_KEY = "sk-acme-test", "sk-beta-test"
 
 
@@ -38,7 +39,8 @@ def platform():
 
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app({"replicas": 2, "engine_num_cpus": 0.5, "gateway_num_cpus": 0.25, "cpu_kv_cache_gib": 1,
-                         "dram_dir": dram_dir, "default_max_tokens": 8, "redis_url": redis.url}), name=SERVE_APP, route_prefix="/")
+                         "dram_dir": dram_dir, "default_max_tokens": 8, "redis_url": redis.url,
+                         "grpc_port": GRPC_PORT}), name=SERVE_APP, route_prefix="/")
     yield openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=0, timeout=120)
     serve.shutdown()
     ray.shutdown()
@@ -132,3 +134,46 @@ def test_bad_inputs_get_clear_errors_and_the_platform_keeps_serving(platform):
     assert status == 404
     assert chat(platform, "after-errors", "still serving?").usage.completion_tokens == 8
     assert raw("GET", "/health", key=None)[0] == 200
+
+
+def test_grpc_session_service_generates_and_rejects_bad_input(platform):
+    """The public gRPC SessionService from proto/, over the same gateway core as REST."""
+    import grpc
+
+    from proto import session_pb2 as spb
+    from proto import session_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}")
+    stub = session_pb2_grpc.SessionServiceStub(channel)
+    auth = (("authorization", f"Bearer {KEY}"),)
+    sid = stub.OpenSession(spb.OpenSessionRequest(), metadata=auth, timeout=30).session_id
+    prompt = spb.TokenIds(ids=[(i * 13) % 700 + 30 for i in range(100)])
+    outputs = []
+    for _ in range(2):
+        chunks = list(stub.Generate(spb.GenerateRequest(session_id=sid, token_ids=prompt,
+                                                        sampling=spb.SamplingParams(max_tokens=6)),
+                                    metadata=auth, timeout=120))
+        assert chunks[-1].usage.prompt_tokens == 100 and chunks[-1].usage.completion_tokens == 6
+        outputs.append([t for c in chunks for t in c.token_ids])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 6  # greedy, and the second call reused the KV
+    state = stub.GetSessionState(spb.GetSessionStateRequest(session_id=sid), metadata=auth, timeout=30)
+    assert state.session_id == sid and state.kv_tokens >= 100
+
+    bad_calls = [
+        (grpc.StatusCode.UNAUTHENTICATED, lambda: stub.OpenSession(
+            spb.OpenSessionRequest(), metadata=(("authorization", "Bearer wrong"),), timeout=30)),
+        (grpc.StatusCode.INVALID_ARGUMENT, lambda: list(stub.Generate(
+            spb.GenerateRequest(session_id=sid), metadata=auth, timeout=30))),
+        (grpc.StatusCode.INVALID_ARGUMENT, lambda: list(stub.Generate(
+            spb.GenerateRequest(session_id="", text="hi"), metadata=auth, timeout=30))),
+        (grpc.StatusCode.INVALID_ARGUMENT, lambda: list(stub.Generate(
+            spb.GenerateRequest(session_id=sid, token_ids=spb.TokenIds(ids=[5] * 2000)), metadata=auth, timeout=30))),
+        (grpc.StatusCode.NOT_FOUND, lambda: stub.GetSessionState(
+            spb.GetSessionStateRequest(session_id="nobody"), metadata=auth, timeout=30)),
+    ]
+    for code, call in bad_calls:
+        with pytest.raises(grpc.RpcError) as error:
+            call()
+        assert error.value.code() == code and error.value.details()
+    assert stub.CloseSession(spb.CloseSessionRequest(session_id=sid), metadata=auth, timeout=30).was_open
+    channel.close()

@@ -94,14 +94,12 @@ def test_serve_config_is_platforms_with_the_configs_ports_and_names(which):
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {names.GATEWAY_DEPLOYMENT, names.ENGINE_DEPLOYMENT}
     assert serve["http_options"]["port"] == config["gateway"]["http_port"]
-    assert serve["grpc_options"]["port"] == config["gateway"]["grpc_port"]
+    assert "grpc_options" not in serve  # the gateway serves gRPC itself on gateway.grpc_port
     engine = deployments[names.ENGINE_DEPLOYMENT]
     assert engine["num_replicas"] == config["replicas"]["initial"]
     assert engine["ray_actor_options"]["num_gpus"] == config["engine"]["tensor_parallel_size"]
     # Everything the chart does not set comes from platform/serve/lull.yaml unchanged.
     assert serve["proxy_location"] == platform_serve["proxy_location"]
-    servicers = serve["grpc_options"]["grpc_servicer_functions"]
-    assert servicers == platform_serve["grpc_options"]["grpc_servicer_functions"]
     assert app["runtime_env"] == platform_serve["applications"][0]["runtime_env"]
 
 

@@ -89,7 +89,6 @@ volumeMounts:
 {{- $serve := .Files.Get "files/serve/lull.yaml" | fromYaml -}}
 {{- $cfg := .Values.config -}}
 {{- $_ := set $serve.http_options "port" ($cfg.gateway.http_port | int) -}}
-{{- $_ := set $serve.grpc_options "port" ($cfg.gateway.grpc_port | int) -}}
 {{- $app := index $serve.applications 0 -}}
 {{- $_ := set $app.runtime_env.env_vars "PROMETHEUS_MULTIPROC_DIR" $cfg.telemetry.metrics_dir -}}
 {{- range $app.deployments -}}

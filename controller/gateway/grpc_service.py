@@ -1,0 +1,143 @@
+"""The public gRPC SessionService (proto/session.proto) over the same `GatewayCore` as REST.
+
+Auth: `authorization: Bearer <key>` in the call's metadata, as on REST. Every
+bad input is a gRPC status with a message (INVALID_ARGUMENT, NOT_FOUND,
+UNAUTHENTICATED, RESOURCE_EXHAUSTED for a gate timeout); no input reaches the
+controller unchecked, and no prompt text reaches a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from controller.gateway.protocol import ApiError, Authenticator, check_session_id, session_key
+from controller.gateway.service import GatewayCore
+from proto import session_pb2 as pb
+from proto import session_pb2_grpc as pb_grpc
+from proto import tiers_pb2
+
+log = logging.getLogger(__name__)
+
+STATUS_OF_HTTP = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+                  404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
+                  429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.RESOURCE_EXHAUSTED}
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+TIERS = {"gpu": tiers_pb2.TIER_GPU, "dram": tiers_pb2.TIER_DRAM, "shared": tiers_pb2.TIER_SHARED,
+         "waiting": tiers_pb2.TIER_WAITING}
+PHASES = {"llm": tiers_pb2.PHASE_LLM, "tool": tiers_pb2.PHASE_TOOL, "gated": tiers_pb2.PHASE_GATED}
+
+
+class SessionServicer(pb_grpc.SessionServiceServicer):
+    def __init__(self, core: GatewayCore, auth: Authenticator):
+        self.core, self.auth = core, auth
+
+    async def _tenant(self, context) -> str:
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            return self.auth.tenant(metadata.get("authorization"))
+        except ApiError as error:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, error.message)
+
+    async def _key(self, session_id: str, context) -> str:
+        tenant = await self._tenant(context)
+        try:
+            return session_key(tenant, check_session_id(session_id, "session_id"))
+        except ApiError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+
+    async def _abort(self, error: ApiError, context):
+        await context.abort(STATUS_OF_HTTP.get(error.status, grpc.StatusCode.INTERNAL), error.message)
+
+    async def OpenSession(self, request, context):
+        tenant = await self._tenant(context)
+        if request.tenant and request.tenant != tenant:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"tenant {request.tenant!r} does not match the API key's tenant")
+        if request.HasField("session_id"):
+            try:
+                check_session_id(request.session_id, "session_id")
+            except ApiError as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+            return pb.OpenSessionResponse(session_id=request.session_id, created=False)
+        return pb.OpenSessionResponse(session_id=f"sess-{uuid.uuid4().hex}", created=True)
+
+    async def Generate(self, request, context):
+        key = await self._key(request.session_id, context)
+        tenant = key.partition("/")[0]
+        try:
+            if request.WhichOneof("prompt") == "text":
+                prompt_ids = self.core.text_prompt(request.text)
+            elif request.WhichOneof("prompt") == "token_ids" and request.token_ids.ids:
+                prompt_ids = self.core.text_prompt(list(request.token_ids.ids))
+            else:
+                raise ApiError(400, "the prompt is empty: set text or token_ids")
+            sampling = request.sampling
+            temperature = sampling.temperature if sampling.HasField("temperature") else 0.0
+            if not 0.0 <= temperature <= 2.0:
+                raise ApiError(400, f"sampling.temperature must be in [0, 2], got {temperature:g}")
+            requested = sampling.max_tokens if sampling.HasField("max_tokens") else None
+            if requested == 0:
+                raise ApiError(400, "sampling.max_tokens must be at least 1")
+            max_tokens = self.core.output_limit(len(prompt_ids), requested)
+            chunks = await self.core.stream(key, tenant, prompt_ids, max_tokens, temperature)
+        except ApiError as error:
+            await self._abort(error, context)
+        completion = 0
+        async for text, ids in chunks:
+            completion += len(ids)
+            yield pb.GenerateChunk(text=text, token_ids=ids)
+        finish = "length" if completion >= max_tokens else "stop"
+        yield pb.GenerateChunk(finish_reason=FINISH[finish], usage=pb.Usage(
+            prompt_tokens=len(prompt_ids), completion_tokens=completion))
+
+    async def ToolCallStarted(self, request, context):
+        return pb.ToolCallStartedResponse(applied=await self._tool_call(request, context, True),
+                                          phase=tiers_pb2.PHASE_TOOL)
+
+    async def ToolCallFinished(self, request, context):
+        return pb.ToolCallFinishedResponse(applied=await self._tool_call(request, context, False),
+                                           phase=tiers_pb2.PHASE_TOOL)
+
+    async def _tool_call(self, request, context, started: bool) -> bool:
+        key = await self._key(request.session_id, context)
+        try:
+            await self.core.tool_call(key, started=started)
+        except ApiError as error:
+            await self._abort(error, context)
+        return True
+
+    async def CloseSession(self, request, context):
+        key = await self._key(request.session_id, context)
+        try:
+            await self.core.close(key)
+        except ApiError as error:
+            if error.status != 404:
+                await self._abort(error, context)
+            return pb.CloseSessionResponse(was_open=False)
+        return pb.CloseSessionResponse(was_open=True)
+
+    async def GetSessionState(self, request, context):
+        key = await self._key(request.session_id, context)
+        state = await self.core.session_state(key)
+        if state is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}")
+        return pb.SessionState(
+            session_id=request.session_id, tenant=key.partition("/")[0],
+            location=tiers_pb2.KvLocation(tier=TIERS.get(str(state.get("tier", "")).lower(), 0),
+                                          replica_id=str(state.get("replica") or "")),
+            phase=PHASES.get(str(state.get("phase", "")).lower(), 0),
+            idleness=float(state.get("idleness", 0.0)), kv_tokens=int(state.get("kv_tokens", 0) or 0))
+
+
+async def start_grpc(core: GatewayCore, auth: Authenticator, port: int, host: str = "0.0.0.0") -> grpc.aio.Server:
+    """Serve SessionService on host:port from the running event loop."""
+    server = grpc.aio.server()
+    pb_grpc.add_SessionServiceServicer_to_server(SessionServicer(core, auth), server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise RuntimeError(f"cannot bind the gRPC session service to {host}:{port}; is the port in use?")
+    await server.start()
+    log.info("gRPC session service on port %d", port)
+    return server
