@@ -49,6 +49,13 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
+def node_dram_dir(root: str | Path, node_id: str) -> str:
+    """The DRAM tier folder of one Ray node under the platform's root (engines and agent agree on it)."""
+    if not node_id or "/" in node_id:
+        raise ValueError(f"node id {node_id!r} cannot name a folder")
+    return str(Path(root) / node_id)
+
+
 @dataclass(frozen=True)
 class DramSession:
     session_id: str

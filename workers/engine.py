@@ -49,6 +49,9 @@ class EngineSettings:
             raise ValueError(f"max_model_len {self.max_model_len} is smaller than one block")
         if self.dram_capacity_bytes <= 0 or self.cpu_kv_cache_gib <= 0:
             raise ValueError("dram_capacity_bytes and cpu_kv_cache_gib must be positive")
+        if self.device == "cpu" and self.cpu_kv_cache_gib != int(self.cpu_kv_cache_gib):
+            raise ValueError(f"cpu_kv_cache_gib must be a whole number of GiB on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE), "
+                             f"got {self.cpu_kv_cache_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -81,7 +84,7 @@ class EngineSettings:
         """Process-wide settings vLLM reads from the environment; call before starting."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if self.device == "cpu":
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self.cpu_kv_cache_gib:g}"
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.cpu_kv_cache_gib))
 
 
 @dataclass

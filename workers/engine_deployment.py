@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import ray
 from ray import serve
 
 from controller.names import ENGINE_DEPLOYMENT
+from workers.dram_store import node_dram_dir
 from workers.engine import EngineReplica, EngineSettings
 
 
@@ -19,7 +21,9 @@ from workers.engine import EngineReplica, EngineSettings
 class LullEngine:
     def __init__(self, settings: dict):
         replica_id = serve.get_replica_context().replica_id.unique_id
-        self.replica = EngineReplica(EngineSettings(**{**settings, "replica_id": replica_id}))
+        # One DRAM tier per Ray node, even when several Ray nodes share a host (`lull up --nodes N`).
+        dram_dir = node_dram_dir(settings["dram_dir"], ray.get_runtime_context().get_node_id())
+        self.replica = EngineReplica(EngineSettings(**{**settings, "replica_id": replica_id, "dram_dir": dram_dir}))
 
     def replica_id(self) -> str:
         return self.replica.settings.replica_id

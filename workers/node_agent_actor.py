@@ -11,11 +11,11 @@ import threading
 import time
 
 import ray
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest
 
-from controller.telemetry.metrics import make_metrics
+from controller.telemetry.metrics import make_metrics, serve_agent_metrics
 
-from workers.dram_store import DramStore
+from workers.dram_store import DramStore, node_dram_dir
 from workers.node_agent import NodeAgent
 from workers.node_agent_service import serve
 from workers.shared_tier import SharedTier
@@ -29,11 +29,12 @@ class NodeAgentActor:
     def __init__(self, node_id: str, dram_dir: str, dram_capacity_bytes: int, *, redis_url: str | None = None,
                  shared_capacity_bytes: int = 0, port: int = 0, metrics_port: int | None = None):
         shared = SharedTier(redis_url, shared_capacity_bytes) if redis_url else None
+        dram_dir = node_dram_dir(dram_dir, node_id)  # the same folder this node's engines use
         self.agent = NodeAgent(node_id, DramStore(dram_dir, dram_capacity_bytes), shared, dram_dir=dram_dir)
         self.registry = CollectorRegistry()
         self.server, self.port, self.servicer = serve(self.agent, port, metrics=make_metrics(self.registry))
-        if metrics_port is not None:
-            start_http_server(metrics_port, registry=self.registry)
+        if metrics_port is not None:  # the node's merged registry when in multiprocess mode, else this agent's
+            serve_agent_metrics(metrics_port, self.registry)
         self._sweeper = threading.Thread(target=self._sweep_leases, daemon=True, name="lease-sweeper")
         self._sweeper.start()
 
