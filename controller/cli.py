@@ -19,8 +19,11 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "loadgen.traces_cli",
     "controller.policy.bench_plan",
     "loadgen.sim_cli",
+    "loadgen.bench_cli",
+    "loadgen.calibrate",
     "workers.bench_kv",
     "controller.platform_cli",
+    "controller.chaos_cli",
 )
 
 

@@ -74,6 +74,9 @@ def cmd_up(args) -> int:
     state_path().parent.mkdir(parents=True, exist_ok=True)
     state_path().write_text(json.dumps(state))  # so `lull down` can clean up a half-started platform
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    # Every Lull process (Ray workers inherit this) writes its metrics here; the node agent serves them merged.
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(Path(state["temp_dir"]) / "metrics")
+    Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()
     if args.redis_url is None:
         redis_port = free_port()
         log = open(Path(state["temp_dir"]) / "redis.log", "ab")  # not our stdout: a pipe reader would wait on it
@@ -108,6 +111,7 @@ def cmd_up(args) -> int:
     print(f"  curl http://127.0.0.1:{port}/v1/chat/completions -H 'content-type: application/json' "
           f"-H 'x-session-id: demo' -d '{{\"model\": \"{config.model.served_name}\", "
           f"\"messages\": [{{\"role\": \"user\", \"content\": \"hello\"}}], \"max_tokens\": 16}}'")
+    print(f"  metrics (lull:* and vllm:*, for Prometheus): http://127.0.0.1:{config.telemetry.metrics_port}/metrics")
     print("  lull status    # sessions by tier;   lull down    # stop everything")
     return 0
 

@@ -30,6 +30,8 @@ from controller.gateway.rest import create_app
 from controller.gateway.router import ROUTER_CLASS, known_replicas
 from controller.gateway.service import ControllerClient, GatewayCore, Limits
 from controller.names import CONTROLLER_ACTOR, GATEWAY_DEPLOYMENT, RAY_NAMESPACE
+from controller.telemetry.gateway_metrics import MeteredController, MeteredEngines, count_rest_requests
+from controller.telemetry.metrics import make_metrics
 
 log = logging.getLogger(__name__)
 REPLICA_SYNC_S = 1.0
@@ -123,6 +125,9 @@ class LullGateway:
         self.settings = PlatformSettings(**settings)
         self.controller = ControllerClient(ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE))
         self.engines = ServeEngines(engine_handle)
+        self.metrics = make_metrics()  # the process's registry: the node's multiprocess directory
+        self.metrics["lull:replicas_target"].set(self.settings.replicas)  # fixed until the autoscaler runs
+        arrivals: dict = {}
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(engine["model"])
@@ -131,7 +136,8 @@ class LullGateway:
         limits = Limits(max_model_len=engine["max_model_len"], max_prompt_tokens=self.config.max_prompt_tokens,
                         default_max_tokens=self.settings.default_max_tokens,
                         gate_timeout_s=self.config.gateway.gate_timeout_s)
-        self.core = GatewayCore(self.controller, self.engines, tokenizer, limits)
+        self.core = GatewayCore(MeteredController(self.controller, arrivals),
+                                MeteredEngines(self.engines, self.metrics, arrivals), tokenizer, limits)
         self.model_name = engine["served_model_name"]
         self.registered: set[str] = set()
         grpc_port = self.config.gateway.grpc_port if self.settings.grpc_port is None else self.settings.grpc_port
@@ -146,6 +152,7 @@ class LullGateway:
     def __serve_build_asgi_app__(self):
         auth = Authenticator(self.config.secrets, self.config.auth.required)
         app = create_app(self.core, auth, self.model_name)
+        count_rest_requests(app, self.metrics)
 
         @app.middleware("http")
         async def _sync_first(request, call_next):  # a replica that just came up is known before a call
@@ -156,12 +163,21 @@ class LullGateway:
         return app
 
     async def sync_replicas(self) -> None:
-        """Register with the controller every engine replica the router knows and it does not."""
-        for replica_id, node_id in known_replicas().items():
+        """Register with the controller every engine replica the router knows and it does not;
+        remove those Serve no longer runs (died, scaled down), so no session is placed there."""
+        known = known_replicas()
+        for replica_id, node_id in known.items():
             if replica_id not in self.registered:
                 await self.controller.add_replica(replica_id, node_id, *self.capacity)
                 self.registered.add(replica_id)
                 log.info("registered engine replica %s on node %s", replica_id, node_id)
+        for gone in self.registered - set(known) if known else ():  # empty: no broadcast yet, not "all gone"
+            self.registered.discard(gone)
+            try:
+                await self.controller.remove_replica(gone)
+                log.warning("engine replica %s is gone; removed from the controller", gone)
+            except Exception as error:  # the core removed it first, after a call failed there
+                log.info("replica %s already removed (%s)", gone, type(error).__name__)
 
     async def _sync_forever(self) -> None:
         while True:

@@ -132,9 +132,51 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             idleness=float(state.get("idleness", 0.0)), kv_tokens=int(state.get("kv_tokens", 0) or 0))
 
 
+class _Undecodable:
+    """A request whose bytes are not the method's message (gRPC would answer UNKNOWN)."""
+
+
+class RejectUndecodable(grpc.aio.ServerInterceptor):
+    """Answer a request that does not parse as its message with INVALID_ARGUMENT, not UNKNOWN."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except Exception:  # DecodeError, or bytes that are not valid UTF-8 in a string field
+                return _Undecodable()
+
+        message = f"the request is not a valid {handler_call_details.method.rpartition('/')[2]} message"
+        if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                async for item in behavior(request, context):
+                    yield item
+
+            return handler._replace(request_deserializer=tolerant, unary_stream=unary_stream)
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary_unary(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                return await behavior(request, context)
+
+            return handler._replace(request_deserializer=tolerant, unary_unary=unary_unary)
+        return handler
+
+
 async def start_grpc(core: GatewayCore, auth: Authenticator, port: int, host: str = "0.0.0.0") -> grpc.aio.Server:
     """Serve SessionService on host:port from the running event loop."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[RejectUndecodable()])
     pb_grpc.add_SessionServiceServicer_to_server(SessionServicer(core, auth), server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise RuntimeError(f"cannot bind the gRPC session service to {host}:{port}; is the port in use?")

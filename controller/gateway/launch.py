@@ -32,7 +32,8 @@ def ensure_node_agents(config: LullConfig, dram_dir: str, redis_url: str | None)
             name=node_agent_actor(node_id), namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(node_id, dram_dir, max(1, int(config.tiers.dram_capacity_gib * GIB)), redis_url=redis_url,
-                 shared_capacity_bytes=int(config.tiers.shared_capacity_gib * GIB) if redis_url else 0)
+                 shared_capacity_bytes=int(config.tiers.shared_capacity_gib * GIB) if redis_url else 0,
+                 metrics_port=config.telemetry.metrics_port)
     addresses = dict(zip(agents, ray.get([a.address.remote() for a in agents.values()])))
     log.info("node agents: %s", ", ".join(f"{n[:8]}={a}" for n, a in addresses.items()))
     return addresses
@@ -47,7 +48,7 @@ def ensure_controller(config: LullConfig, agents: dict[str, str], policy: str, b
     from controller.runtime.actor import launch_controller
 
     actor = launch_controller(agents, detached=True, policy=policy, planner_config=config.planner_config(),
-                              tick_s=config.policy.tick_seconds, bytes_per_token=bytes_per_token)
+                              tick_s=config.policy.tick_seconds, bytes_per_token=bytes_per_token, metrics=True)
     shared = int(config.tiers.shared_capacity_gib * GIB) // bytes_per_token
     restored = ray.get(actor.start.remote([], shared))
     log.info("controller started (policy %s, %d sessions restored)", policy, restored)

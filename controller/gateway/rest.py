@@ -90,12 +90,14 @@ def create_app(core: GatewayCore, auth: Authenticator, model_name: str) -> FastA
         max_tokens = core.output_limit(len(ids), body.output_limit)
         key, oneoff = key_for(request, tenant, data)
         headers = {"x-session-id": key.partition("/")[2]}
+        # vLLM's extension: each choice also carries its output token ids.
+        token_ids = data.get("return_token_ids") is True
         cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         try:
             if body.stream:
                 chunks = await core.stream(key, tenant, ids, max_tokens, body.temperature)
                 events = _sse(kind, cid, model_name, chunks, len(ids), max_tokens, body.include_usage,
-                              core if oneoff else None, key)
+                              core if oneoff else None, key, token_ids)
                 return StreamingResponse(events, media_type="text/event-stream", headers=headers)
             result = await core.complete(key, tenant, ids, max_tokens, body.temperature)
         except BaseException:
@@ -104,7 +106,7 @@ def create_app(core: GatewayCore, auth: Authenticator, model_name: str) -> FastA
             raise
         if oneoff:
             await _close_quietly(core, key)
-        return JSONResponse(_response(kind, cid, model_name, result), headers=headers)
+        return JSONResponse(_response(kind, cid, model_name, result, token_ids), headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -177,19 +179,21 @@ def _usage(prompt: int, completion: int, cached: int | None) -> dict:
     return usage
 
 
-def _response(kind: str, cid: str, model: str, r: CallResult) -> dict:
+def _response(kind: str, cid: str, model: str, r: CallResult, token_ids: bool = False) -> dict:
     usage = _usage(r.prompt_tokens, len(r.token_ids), r.cached_tokens)
+    extra = {"token_ids": r.token_ids} if token_ids else {}
     if kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
-                  "logprobs": None}
+                  "logprobs": None, **extra}
         return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
                 "choices": [choice], "usage": usage}
-    choice = {"index": 0, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+    choice = {"index": 0, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None, **extra}
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [choice], "usage": usage}
 
 
-async def _sse(kind, cid, model, chunks, prompt_tokens, max_tokens, include_usage, oneoff_core, key):
+async def _sse(kind, cid, model, chunks, prompt_tokens, max_tokens, include_usage, oneoff_core, key,
+               token_ids=False):
     created = int(time.time())
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -200,11 +204,12 @@ async def _sse(kind, cid, model, chunks, prompt_tokens, max_tokens, include_usag
             payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
 
-    def choice(text: str, finish: str | None, first: bool = False) -> dict:
+    def choice(text: str, finish: str | None, first: bool = False, ids: list[int] | None = None) -> dict:
+        extra = {"token_ids": ids or []} if token_ids else {}
         if kind == "chat":
             delta = {"role": "assistant", "content": text} if first else {"content": text}
-            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None, **extra}
 
     produced = 0
     try:
@@ -212,8 +217,8 @@ async def _sse(kind, cid, model, chunks, prompt_tokens, max_tokens, include_usag
             yield event(choice("", None, first=True))
         async for text, ids in chunks:
             produced += len(ids)
-            if text:
-                yield event(choice(text, None))
+            if text or (token_ids and ids):  # ids without text yet (a split character) still count
+                yield event(choice(text, None, ids=ids))
         # The engine's stream carries tokens only: a call that used its whole budget hit the limit.
         yield event(choice("", "length" if produced >= max_tokens else "stop"))
         if include_usage:

@@ -8,6 +8,7 @@ label and tells the controller how the call ended. Prompts never reach a log.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -21,8 +22,14 @@ from controller.gateway.protocol import ApiError
 
 log = logging.getLogger(__name__)
 
-CONTROLLER_METHODS = ("add_replica", "admit", "call_finished", "call_failed", "tool_call_started", "tool_call_finished",
-                      "close_session", "snapshot")
+CONTROLLER_METHODS = ("add_replica", "remove_replica", "admit", "admit_observed", "call_finished", "call_failed",
+                      "tool_call_started", "tool_call_finished", "close_session", "snapshot")
+# How long a call waits for a killed controller to come back (restarted by Ray, or relaunched here).
+CONTROLLER_RESTART_WAIT_S = 20.0
+ENGINE_RETRIES = 1  # a call whose engine replica died runs once more, on another replica
+ENGINE_RETRY_WAIT_S = 1.0  # before retrying a call whose replica became unreachable
+# Errors of a Ray actor that is dead or restarting (the controller, or an engine replica).
+ACTOR_GONE = ("ActorDiedError", "ActorUnavailableError")
 
 
 class Engines(Protocol):
@@ -34,24 +41,99 @@ class Engines(Protocol):
 
 
 class ControllerClient:
-    """Awaitable calls to the controller: a `ControllerActor` handle or an in-process `LiveController`."""
+    """Awaitable calls to the controller: a `ControllerActor` handle or an in-process `LiveController`.
 
-    def __init__(self, target: Any):
+    With an actor, a call that finds the controller dead or restarting waits for it
+    (at most `restart_wait_s`) and is sent again: Ray restarts the actor, or, when it
+    was killed for good, this client relaunches it from the options the first one
+    was started with. Either way the new controller gets every replica this client
+    registered and rebuilds its books from the node agents before it serves a call.
+    """
+
+    def __init__(self, target: Any, restart_wait_s: float = CONTROLLER_RESTART_WAIT_S):
         self._target = target
         self._is_actor = hasattr(getattr(target, "admit", None), "remote")
+        self.restart_wait_s = restart_wait_s
+        self._replicas: dict[str, tuple] = {}  # add_replica args, replayed to a restarted controller
+        self._launch: dict | None = None  # the controller's launch options, for a relaunch
+        self._recovering = asyncio.Lock()
+        self.recoveries = 0
 
     def __getattr__(self, name: str):
         if name not in CONTROLLER_METHODS:
             raise AttributeError(name)
-        method = getattr(self._target, name)
 
         async def call(*args, **kwargs):
-            if self._is_actor:
-                return await method.remote(*args, **kwargs)
-            result = method(*args, **kwargs)
-            return await result if inspect.isawaitable(result) else result
+            if name == "add_replica":
+                self._replicas[args[0]] = args
+            elif name == "remove_replica":
+                self._replicas.pop(args[0], None)
+            if not self._is_actor:
+                result = getattr(self._target, name)(*args, **kwargs)
+                return await result if inspect.isawaitable(result) else result
+            deadline = time.monotonic() + self.restart_wait_s
+            while True:
+                target = self._target
+                try:
+                    if self._launch is None:
+                        self._launch = await target.launch_options.remote()
+                    return await getattr(target, name).remote(*args, **kwargs)
+                except Exception as error:
+                    if not controller_gone(error) or time.monotonic() > deadline:
+                        raise
+                    log.warning("controller unavailable (%s) during %s; waiting for it", type(error).__name__, name)
+                    await self._recover(target, deadline)
 
         return call
+
+    async def recover(self, deadline: float) -> None:
+        """Wait for the controller to be back after `controller_gone` (callers that reach
+        the actor by another handle, e.g. a metrics wrapper, call this, then retry)."""
+        if self._is_actor:
+            await self._recover(self._target, deadline)
+
+    async def _recover(self, failed: Any, deadline: float) -> None:
+        """Find the restarted controller (or launch one), give it the replicas, let it rebuild."""
+        import ray
+
+        from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE
+        from controller.runtime.actor import launch_controller
+
+        async with self._recovering:
+            if self._target is not failed:
+                return  # another call recovered it meanwhile
+            while True:
+                await asyncio.sleep(0.2)
+                try:
+                    handle = await asyncio.to_thread(ray.get_actor, CONTROLLER_ACTOR, namespace=RAY_NAMESPACE)
+                except ValueError:  # killed for good: the name is free
+                    if self._launch is None:
+                        raise RuntimeError("the controller is gone and its launch options are unknown") from None
+                    options = dict(self._launch)
+                    options.pop("shared_tokens", None)
+                    handle = launch_controller(options.pop("agents"), detached=True, **options)
+                try:
+                    await handle.start.remote(list(self._replicas.values()), self._launch.get("shared_tokens")
+                                              if self._launch else None)
+                except Exception as error:
+                    if time.monotonic() > deadline:
+                        raise
+                    log.warning("controller not back yet (%s)", type(error).__name__)
+                    continue
+                self._target = handle
+                self.recoveries += 1
+                log.warning("controller back after a restart; %d replicas re-registered", len(self._replicas))
+                return
+
+
+def controller_gone(error: BaseException) -> bool:
+    """The controller actor is dead, restarting, or restarted without its books yet."""
+    return any(is_error(error, name) for name in (*ACTOR_GONE, "ControllerNotStarted"))
+
+
+def replica_lost(error: BaseException) -> bool:
+    """The engine replica died or became unreachable under a call (not an error of the call itself)."""
+    return any(is_error(error, name) for name in ACTOR_GONE)
 
 
 def is_error(error: BaseException, name: str) -> bool:
@@ -122,20 +204,34 @@ class GatewayCore:
 
     # -- one call --------------------------------------------------------------------------
     async def _admit(self, key: str, tenant: str, prompt_tokens: int, max_tokens: int):
-        try:
-            return await self.controller.admit(key, tenant, prompt_tokens, max_tokens, self.limits.gate_timeout_s)
-        except Exception as error:
-            if is_error(error, "GateTimeout"):
-                retry = max(1, math.ceil(self.limits.gate_timeout_s / 4))
-                raise ApiError(503, f"the session waited {self.limits.gate_timeout_s:g} s for GPU capacity "
-                                    f"without being admitted; retry after {retry} s",
-                               type="overloaded_error", code="gate_timeout",
-                               headers={"Retry-After": str(retry)}) from None
-            if is_error(error, "SessionClosed"):
-                raise ApiError(409, "the session was closed while its request waited", code="session_closed") from None
-            if isinstance(error, ValueError):
-                raise ApiError(400, f"the call cannot be admitted: {cause(error)}", code="too_large") from None
-            raise
+        deadline = time.monotonic() + CONTROLLER_RESTART_WAIT_S
+        while True:
+            try:
+                return await self.controller.admit(key, tenant, prompt_tokens, max_tokens,
+                                                   self.limits.gate_timeout_s)
+            except Exception as error:
+                # A gated request whose controller was killed waits for the restarted one.
+                if not (controller_gone(error) and time.monotonic() < deadline and hasattr(self.controller, "recover")):
+                    mapped = self._admit_error(error)
+                    if mapped is error:
+                        raise
+                    raise mapped from None
+                log.warning("controller unavailable (%s) while admitting session %s; waiting for it",
+                            type(error).__name__, key)
+                await self.controller.recover(deadline)
+
+    def _admit_error(self, error: Exception) -> Exception:
+        """The client-facing error of a failed admission (the error itself when it is not the client's)."""
+        if is_error(error, "GateTimeout"):
+            retry = max(1, math.ceil(self.limits.gate_timeout_s / 4))
+            return ApiError(503, f"the session waited {self.limits.gate_timeout_s:g} s for GPU capacity "
+                                 f"without being admitted; retry after {retry} s",
+                            type="overloaded_error", code="gate_timeout", headers={"Retry-After": str(retry)})
+        if is_error(error, "SessionClosed"):
+            return ApiError(409, "the session was closed while its request waited", code="session_closed")
+        if isinstance(error, ValueError):
+            return ApiError(400, f"the call cannot be admitted: {cause(error)}", code="too_large")
+        return error
 
     def _request(self, key: str, tenant: str, tier: str, prompt_ids: list[int], max_tokens: int,
                  temperature: float) -> dict:
@@ -144,15 +240,19 @@ class GatewayCore:
 
     async def complete(self, key: str, tenant: str, prompt_ids: list[int], max_tokens: int,
                        temperature: float) -> CallResult:
-        admission = await self._admit(key, tenant, len(prompt_ids), max_tokens)
-        started = time.monotonic()
-        try:
-            request = self._request(key, tenant, admission.tier_label, prompt_ids, max_tokens, temperature)
-            done = await self.engines.generate(admission.replica_id, request)
-        except BaseException:
-            await self._failed(key)
-            raise
-        await self.controller.call_finished(key, len(prompt_ids) + len(done["token_ids"]))
+        for retries_left in reversed(range(ENGINE_RETRIES + 1)):
+            admission = await self._admit(key, tenant, len(prompt_ids), max_tokens)
+            started = time.monotonic()
+            try:
+                request = self._request(key, tenant, admission.tier_label, prompt_ids, max_tokens, temperature)
+                done = await self.engines.generate(admission.replica_id, request)
+                break
+            except BaseException as error:
+                await self._failed(key)
+                if not (retries_left and replica_lost(error)):
+                    raise
+                await self._replica_died(key, admission.replica_id, error)
+        await self._finished(key, len(prompt_ids) + len(done["token_ids"]))
         log.info("call session=%s replica=%s tier=%s prompt=%d cached=%d out=%d waited=%.3fs engine=%.3fs",
                  key, admission.replica_id, admission.tier_label, len(prompt_ids), done["cached_tokens"],
                  len(done["token_ids"]), admission.waited_s, time.monotonic() - started)
@@ -163,35 +263,69 @@ class GatewayCore:
                      temperature: float) -> AsyncIterator[tuple[str, list[int]]]:
         """Admit first (errors surface before any byte is sent), then yield (new text, new ids)."""
         admission = await self._admit(key, tenant, len(prompt_ids), max_tokens)
-        request = self._request(key, tenant, admission.tier_label, prompt_ids, max_tokens, temperature)
-        return self._stream(key, admission.replica_id, request, len(prompt_ids))
+        return self._stream(key, tenant, admission, prompt_ids, max_tokens, temperature)
 
-    async def _stream(self, key: str, replica_id: str, request: dict, prompt_tokens: int):
+    async def _stream(self, key: str, tenant: str, admission: Any, prompt_ids: list[int], max_tokens: int,
+                      temperature: float):
         ids: list[int] = []
         text = ""
-        try:
-            async for chunk in self.engines.stream(replica_id, request):
-                ids.extend(chunk)
-                # Decode the whole output each time: byte-level BPE may split a character
-                # across tokens, so per-chunk decoding would emit broken text.
-                full = self.decode(ids)
-                if full.startswith(text) and len(full) > len(text) and not full.endswith("\ufffd"):
-                    yield full[len(text):], chunk
-                    text = full
-                else:
-                    yield "", chunk
-        except BaseException:
-            await self._failed(key)
-            raise
+        retries_left = ENGINE_RETRIES
+        while True:
+            # After a replica died mid-stream, the retry continues from what was already
+            # sent: the prompt plus the tokens so far (greedy output is unchanged by the cut).
+            request = self._request(key, tenant, admission.tier_label, prompt_ids + ids, max_tokens - len(ids),
+                                    temperature)
+            try:
+                async for chunk in self.engines.stream(admission.replica_id, request):
+                    ids.extend(chunk)
+                    # Decode the whole output each time: byte-level BPE may split a character
+                    # across tokens, so per-chunk decoding would emit broken text.
+                    full = self.decode(ids)
+                    if full.startswith(text) and len(full) > len(text) and not full.endswith("\ufffd"):
+                        yield full[len(text):], chunk
+                        text = full
+                    else:
+                        yield "", chunk
+                break
+            except BaseException as error:
+                await self._failed(key)
+                if not (retries_left and replica_lost(error)) or len(ids) >= max_tokens:
+                    raise
+                retries_left -= 1
+                await self._replica_died(key, admission.replica_id, error)
+                admission = await self._admit(key, tenant, len(prompt_ids) + len(ids), max_tokens - len(ids))
         if (full := self.decode(ids)) != text and full.startswith(text):
             yield full[len(text):], []
-        await self.controller.call_finished(key, prompt_tokens + len(ids))
+        await self._finished(key, len(prompt_ids) + len(ids))
+
+    async def _replica_died(self, key: str, replica_id: str, error: BaseException) -> None:
+        """The engine replica died under the call: the controller forgets it (its sessions
+        come back elsewhere, KV from DRAM/shared or recomputed) and the call runs again."""
+        log.warning("engine replica %s failed during a call of session %s (%s); retrying on another replica",
+                    replica_id, key, type(error).__name__)
+        if is_error(error, "ActorDiedError"):  # dead for good: Serve starts a replica with a new id
+            try:
+                await self.controller.remove_replica(replica_id)
+            except Exception as gone:  # another call (or the gateway's replica sync) removed it first
+                log.info("replica %s already removed (%s)", replica_id, type(gone).__name__)
+        else:
+            # Unreachable (Serve cannot tell dead from unreachable): give Serve's router a moment
+            # to drop it, so the retry is routed elsewhere; the gateway's sync removes it if gone.
+            await asyncio.sleep(ENGINE_RETRY_WAIT_S)
+
+    async def _finished(self, key: str, context_tokens: int) -> None:
+        """The call's output exists: a controller that cannot record it (restarted meanwhile and
+        rebuilt without this call) must not turn the client's answer into an error."""
+        try:
+            await self.controller.call_finished(key, context_tokens)
+        except Exception as error:
+            log.warning("call_finished for session %s not recorded: %s", key, type(cause(error)).__name__)
 
     async def _failed(self, key: str) -> None:
         try:
             await self.controller.call_failed(key)
-        except Exception:  # the original error is what the client must see
-            log.exception("call_failed for session %s failed", key)
+        except Exception as error:  # the original error is what the client must see
+            log.warning("call_failed for session %s not recorded: %s", key, type(cause(error)).__name__)
 
     # -- sessions --------------------------------------------------------------------------
     async def close(self, key: str) -> None:

@@ -12,10 +12,13 @@ it picks its value storage at import.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -128,7 +131,7 @@ def serve_node_metrics(port: int, metrics_dir: str | os.PathLike[str], addr: str
     """Serve the merged metrics of every process writing to ``metrics_dir`` on
     ``http://addr:port/metrics``, from a daemon thread. Returns (server, thread);
     ``server.shutdown()`` stops it. Port 0 picks a free port (``server.server_port``)."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     path = Path(metrics_dir)
@@ -139,4 +142,54 @@ def serve_node_metrics(port: int, metrics_dir: str | os.PathLike[str], addr: str
         )
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(path))
-    return start_http_server(port, addr=addr, registry=registry)
+    return serve_text_metrics(port, registry, addr)
+
+
+def serve_text_metrics(port: int, registry, addr: str = "0.0.0.0"):
+    """Serve ``registry`` on ``http://addr:port/metrics`` in the Prometheus text format,
+    whatever the scraper's Accept header asks. prometheus_client's own server answers
+    a Prometheus 2 scrape (which prefers OpenMetrics 1.0) with names escaped to
+    underscores, ``lull_requests_total``, so no dashboard query would match; the text
+    format keeps ``lull:`` and ``vllm:`` as they are. Returns (server, thread)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0] not in ("/", "/metrics"):
+                self.send_error(404)
+                return
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # one line per scrape is noise
+            pass
+
+    server = ThreadingHTTPServer((addr, port), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="metrics-http")
+    thread.start()
+    return server, thread
+
+
+def serve_agent_metrics(port: int, registry, addr: str = "0.0.0.0"):
+    """What a node agent serves on ``port``: the node's merged registry when
+    ``PROMETHEUS_MULTIPROC_DIR`` is set (multiprocess mode), else only ``registry``.
+    Several Ray nodes on one host share the directory and the port: the first agent
+    serves the host's metrics, the others log it and serve none (their values are in
+    the same directory). Returns (server, thread), or None when the port was taken."""
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    try:
+        if metrics_dir:
+            return serve_node_metrics(port, metrics_dir, addr)
+        return serve_text_metrics(port, registry, addr)
+    except OSError as error:
+        log.warning("metrics port %d is taken (%s): another node agent on this host serves %s", port, error,
+                    metrics_dir or "its own metrics; set telemetry.metrics_port per node")
+        return None

@@ -245,7 +245,7 @@ class CostModel:
             compute_s=flops / self.tp / (self.gpu.peak_flops * self.gpu.mfu),
             memory_s=hbm_bytes / self.tp / (self.gpu.hbm_bandwidth * self.gpu.mbu),
             allreduce_s=self.allreduce_time(tokens),
-            overhead_s=self.gpu.step_overhead_s,
+            overhead_s=self.gpu.step_overhead_s + (self.gpu.prefill_overhead_s if prefill_tokens else 0.0),
         )
 
     def step_time(self, prefill_tokens: int, decode_seqs: int, decode_context_tokens: int,
@@ -310,7 +310,8 @@ class CostModel:
             f"(HBM<->DRAM), network {g.network_bandwidth * 8 / 1e9:g} Gb/s per replica "
             f"(DRAM<->shared), NVLink {g.nvlink_bandwidth / 1e9:g} GB/s with "
             f"{g.allreduce_latency_s * 1e6:g} us per all-reduce, {g.dram_bytes / 2**30:g} GiB "
-            f"DRAM per GPU, step overhead {g.step_overhead_s * 1e3:g} ms. "
+            f"DRAM per GPU, step overhead {g.step_overhead_s * 1e3:g} ms (+ "
+            f"{g.prefill_overhead_s * 1e3:g} ms in a step with prefill). "
             f"Model `{m.name}` ({m.source}): {m.layers} layers, hidden {m.hidden}, {m.heads} "
             f"heads, {m.kv_heads} KV heads x {m.head_dim}, vocab {m.vocab}, "
             f"{m.params_total:,} params ({m.params_active:,} active{moe}), "

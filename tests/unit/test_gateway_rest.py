@@ -8,6 +8,8 @@ takes half a minute (the engine path is covered by tests/integration/test_gatewa
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 from starlette.datastructures import Headers
@@ -113,6 +115,19 @@ def test_streaming_sends_sse_chunks_and_done(client):
         lines = [line for line in reply.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     assert '"completion_tokens": 4' in lines[-2]
+
+
+def test_return_token_ids_adds_output_ids_to_choices_and_stream_chunks(client):
+    """vLLM's `return_token_ids` extension: what `lull bench` reads to grow an agent's context."""
+    body = {"model": "lull", "prompt": [40, 41, 42, 43, 44, 45], "max_tokens": 3, "return_token_ids": True}
+    done = client.post("/v1/completions", json=body, headers={"x-session-id": "ids"}).json()
+    assert done["choices"][0]["token_ids"] == [43, 44, 45]  # the echo engine returns the prompt's tail
+    plain = client.post("/v1/completions", json={**body, "return_token_ids": False}).json()
+    assert "token_ids" not in plain["choices"][0]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as reply:
+        events = [json.loads(line[6:]) for line in reply.iter_lines() if line and line != "data: [DONE]"]
+    streamed = [t for e in events for c in e["choices"] for t in c["token_ids"]]
+    assert streamed == [43, 44, 45]
 
 
 def test_one_off_calls_leave_no_session(client):

@@ -1,0 +1,125 @@
+"""The gateway's `lull:*` metrics, recorded around `GatewayCore` without changing it.
+
+`MeteredController` and `MeteredEngines` wrap the controller client and the engine
+handle that the core calls; `count_rest_requests` is an HTTP middleware. Together
+they record requests by API and status, time to first token by the session's tier
+on arrival, time per output token, and recomputed prompt tokens.
+
+What the gateway can see bounds what it records:
+- TTFT and time per output token come from streamed calls only: a non-streamed call
+  returns all its tokens at once, so its first token's time is not observable here
+  (vLLM's `vllm:time_to_first_token_seconds` covers those calls inside the engine).
+- Recompute tokens come from non-streamed calls, whose result carries the engine's
+  cached-token count, and only for sessions whose KV sat outside HBM on arrival
+  (dram, shared, waiting): a session in HBM keeps its prefix in vLLM's cache, and a
+  gap there is only the last, partial block.
+- Arrival is when the core asks for admission (after tokenizing).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+# The tier label of a session the controller had never seen: its KV is nowhere yet.
+NEW_SESSION = "new"
+
+
+@dataclass
+class _Arrival:
+    at: float
+    tier: str  # the session's tier on arrival, or NEW_SESSION
+    context_tokens: int  # KV the session had on arrival (what a reuse could cover)
+
+
+class MeteredController:
+    """The controller client, with `admit` sent as the actor's `admit_observed`, which
+    also returns the session's tier and context on arrival (one call, no extra round
+    trip; the client's restart handling applies). Everything else is forwarded."""
+
+    def __init__(self, client, arrivals: dict[str, _Arrival]):
+        self._client, self._arrivals = client, arrivals
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    async def admit(self, session_id: str, tenant: str, prompt_tokens: int, max_tokens: int, timeout_s: float):
+        arrived = time.monotonic()
+        admission, tier, context_tokens = await self._client.admit_observed(
+            session_id, tenant, prompt_tokens, max_tokens, timeout_s)
+        self._arrivals[session_id] = _Arrival(arrived, tier, context_tokens)
+        return admission
+
+
+class MeteredEngines:
+    """The engine replicas (`Engines`), timing each call against its session's arrival."""
+
+    def __init__(self, engines, metrics: dict, arrivals: dict[str, _Arrival]):
+        self._engines, self._metrics, self._arrivals = engines, metrics, arrivals
+
+    async def generate(self, replica_id: str, request: dict) -> dict:
+        arrival = self._arrivals.pop(request["session_id"], None)
+        done = await self._engines.generate(replica_id, request)
+        if arrival and arrival.tier not in ("gpu", NEW_SESSION):
+            expected = min(len(request["prompt_token_ids"]), arrival.context_tokens)
+            recomputed = max(0, expected - done["cached_tokens"])
+            if recomputed:
+                self._metrics["lull:recompute_tokens"].inc(recomputed)
+        return done
+
+    async def stream(self, replica_id: str, request: dict) -> AsyncIterator[list[int]]:
+        arrival = self._arrivals.pop(request["session_id"], None)
+        first_at = last_at = None
+        first_tokens = total = 0
+        async for ids in self._engines.stream(replica_id, request):
+            last_at = time.monotonic()
+            if first_at is None and ids:
+                first_at, first_tokens = last_at, len(ids)
+                if arrival:
+                    self._metrics["lull:time_to_first_token_seconds"].labels(tier=arrival.tier).observe(
+                        first_at - arrival.at)
+            total += len(ids)
+            yield ids
+        if first_at is not None and total > first_tokens:
+            self._metrics["lull:time_per_output_token_seconds"].observe((last_at - first_at) / (total - first_tokens))
+
+
+def count_rest_requests(app, metrics: dict) -> None:
+    """Count every answered API request (paths under /v1/) by status code."""
+
+    @app.middleware("http")
+    async def _count(request, call_next):
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/"):
+            metrics["lull:requests"].labels(api="rest", code=str(response.status_code)).inc()
+        return response
+
+
+def session_on_arrival(controller, session_id: str) -> tuple[str, int, float | None]:
+    """(tier, context tokens, idleness) of a session as a request for it arrives at the
+    `LiveController`; (NEW_SESSION, 0, None) for a session it has not seen."""
+    record = controller.state.sessions.get(session_id)
+    if record is None:
+        return NEW_SESSION, 0, None
+    return record.location.tier.name.lower(), record.context_tokens, record.idleness(controller.clock())
+
+
+async def gauge_gpu_tiers_forever(current_controller, bytes_per_token: int, period_s: float = 1.0) -> None:
+    """Keep `lull:tier_used_bytes` / `lull:tier_capacity_bytes` of every replica's GPU tier
+    current, from the books of the `LiveController` that ``current_controller()`` returns
+    (tokens x bytes per token). The controller alone accounts HBM per replica; node
+    agents report DRAM and shared."""
+    import asyncio
+
+    while True:
+        controller = current_controller()
+        used_gauge, capacity_gauge = (controller.metrics["lull:tier_used_bytes"],
+                                      controller.metrics["lull:tier_capacity_bytes"])
+        for where, used in list(controller.state.used.items()):
+            if where.tier.name != "GPU" or where.replica not in controller.nodes:
+                continue
+            labels = dict(tier="gpu", node=controller.nodes[where.replica], replica=where.replica)
+            used_gauge.labels(**labels).set(used * bytes_per_token)
+            capacity_gauge.labels(**labels).set(controller.capacity.get(where, 0) * bytes_per_token)
+        await asyncio.sleep(period_s)

@@ -1,0 +1,75 @@
+"""`lull bench` end to end against the Serve app started as in test_gateway_e2e.py (one
+vLLM-on-CPU replica, a real Redis, the controller actor and a node agent): two policies
+through REST, switching the controller's policy in between, then one through gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import pytest
+import ray
+from ray import serve
+
+from controller.cli import main
+from controller.names import RAY_NAMESPACE, SERVE_APP
+from workers.redis_server import LocalRedis
+
+PORT = 8767
+GRPC_PORT = 9767
+KEY = "sk-acme-bench"
+SIM_KEYS = {"policy", "profile", "programs_per_replica", "replicas", "duration_s", "output_tokens_per_s",
+            "requests_per_s", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "recompute_tokens", "bytes_hbm_dram",
+            "bytes_dram_shared", "occupancy"}
+
+
+@pytest.fixture(scope="module")
+def platform():
+    dram_dir = tempfile.mkdtemp(prefix="lull-bench-dram-", dir="/dev/shm")
+    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_TIERS__DRAM_CAPACITY_GIB": "0.05",
+           "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05", "LULL_GATEWAY__GATE_TIMEOUT_S": "60"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # Ray's workers inherit the driver's environment at ray.init
+    ray.init(num_cpus=2, include_dashboard=False, namespace=RAY_NAMESPACE, log_to_driver=False)
+    redis = LocalRedis("64mb").start()
+    from controller.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app({"replicas": 1, "engine_num_cpus": 1, "gateway_num_cpus": 0.25, "cpu_kv_cache_gib": 1,
+                         "dram_dir": dram_dir, "redis_url": redis.url, "grpc_port": GRPC_PORT}),
+              name=SERVE_APP, route_prefix="/")
+    yield ray.get_runtime_context().gcs_address
+    serve.shutdown()
+    ray.shutdown()
+    redis.stop()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    shutil.rmtree(dram_dir, ignore_errors=True)
+
+
+def bench(platform, tmp_path, *extra: str) -> tuple[int, list[dict]]:
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--programs", "2", "--url", f"http://127.0.0.1:{PORT}", "--grpc-target",
+                 f"127.0.0.1:{GRPC_PORT}", "--ray-address", platform, "--api-key", KEY, "--trace-limit", "40",
+                 "--json", str(out), "--report", str(tmp_path / "report"), *extra])
+    return code, json.loads(out.read_text())
+
+
+def test_bench_runs_two_policies_and_writes_sim_keys(platform, tmp_path):
+    code, records = bench(platform, tmp_path, "--policy", "lull,lru-offload", "--duration", "12")
+    assert code == 0, [r["error_samples"] for r in records]
+    assert [r["policy"] for r in records] == ["lull", "lru-offload"]
+    for record in records:
+        assert SIM_KEYS <= record.keys() and record["profile"] == "live-cpu"
+        assert record["errors"] == 0 and record["requests_completed"] > 0
+        assert record["output_tokens_per_s"] > 0 and record["ttft_mean_s"] > 0
+        assert record["occupancy"]["t_s"]
+    assert (tmp_path / "report" / "report.md").read_text().count("measured on this machine") >= 1
+
+
+def test_bench_over_grpc(platform, tmp_path):
+    code, [record] = bench(platform, tmp_path, "--policy", "mori", "--duration", "8", "--api", "grpc")
+    assert code == 0, record["error_samples"]
+    assert record["api"] == "grpc" and record["requests_completed"] > 0 and record["errors"] == 0
