@@ -41,6 +41,9 @@ def add_parser(subparsers):
     up.add_argument("--policy", choices=("lull", "mori", "lru-offload"), default=None,
                     help="the controller's tier policy (default: policy.name of the config)")
     up.add_argument("--port", type=int, default=None, help="REST port (default: gateway.http_port)")
+    up.add_argument("--gpu-tier-tokens", type=int, default=None,
+                    help="the controller's GPU-tier budget per replica in tokens (default: the engine's whole KV cache); "
+                         "a small budget shows tiering on a small machine")
     up.add_argument("--redis-url", default=None, help="use this Redis for the shared tier instead of starting one")
     up.add_argument("--engine-cpus", type=float, default=None,
                     help="Ray CPUs per engine replica (default: fits the replicas into this machine's cores)")
@@ -105,6 +108,8 @@ def cmd_up(args) -> int:
                 "cpu_kv_cache_gib": 1}
     if args.policy:
         app_args["policy"] = args.policy
+    if args.gpu_tier_tokens:
+        app_args["gpu_tier_tokens"] = args.gpu_tier_tokens
     print(f"starting {args.replicas} engine replica(s) on {args.nodes} Ray node(s); this takes a minute ...")
     serve.run(build_app(app_args), name=SERVE_APP, route_prefix="/")
     print(f"Lull is up: OpenAI-compatible API at http://127.0.0.1:{port}/v1 (Ray at {state['address']})")

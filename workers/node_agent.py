@@ -100,6 +100,10 @@ class NodeAgent:
             if local is None:
                 raise Refused("REFUSAL_REASON_SOURCE_NOT_FOUND", f"session {session_id} has no KV on node {self.node_id}")
             self.dram.set_label(session_id, PINNED)
+            if kind is not MoveKind.DROP:
+                # GPU -> DRAM copies nothing now (the write-through did), but the DRAM copy becomes
+                # the session's home: its bytes are what this move demotes.
+                move.reserved_bytes = local.nbytes
         try:
             if dst == Tier.SHARED:
                 self._copy_to_shared(move, local)

@@ -51,6 +51,7 @@ class PlatformSettings:
     policy: str | None = None  # the controller's policy; None: policy.name
     redis_url: str | None = None  # the shared tier; None: tiers.redis_url
     grpc_port: int | None = None  # the gRPC SessionService; None: gateway.grpc_port, 0: off
+    gpu_tier_tokens: int | None = None  # the controller's GPU-tier budget per replica; None: the engine's whole cache
 
     def __post_init__(self):
         if self.replicas < 1:
@@ -59,6 +60,8 @@ class PlatformSettings:
             raise ValueError("engine_num_cpus must be in (0, 64] and gateway_num_cpus in [0, 64]")
         if self.cpu_kv_cache_gib is not None and self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"cpu_kv_cache_gib must be positive, got {self.cpu_kv_cache_gib}")
+        if self.gpu_tier_tokens is not None and self.gpu_tier_tokens < 1:
+            raise ValueError(f"gpu_tier_tokens must be >= 1, got {self.gpu_tier_tokens}")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"grpc_port must be in [0, 65535], got {self.grpc_port}")
         if self.default_max_tokens < 1:
@@ -132,7 +135,11 @@ class LullGateway:
 
         tokenizer = AutoTokenizer.from_pretrained(engine["model"])
         per_token = kv_bytes_per_token(engine["model"])
-        self.capacity = (int(engine["cpu_kv_cache_gib"] * GIB) // per_token, engine["dram_capacity_bytes"] // per_token)
+        physical = int(engine["cpu_kv_cache_gib"] * GIB) // per_token
+        # A budget below the engine's cache makes tiering visible on a small machine: the
+        # controller admits and demotes within it while vLLM keeps its whole cache.
+        gpu_tokens = min(physical, self.settings.gpu_tier_tokens or physical)
+        self.capacity = (gpu_tokens, engine["dram_capacity_bytes"] // per_token)
         limits = Limits(max_model_len=engine["max_model_len"], max_prompt_tokens=self.config.max_prompt_tokens,
                         default_max_tokens=self.settings.default_max_tokens,
                         gate_timeout_s=self.config.gateway.gate_timeout_s)
