@@ -113,7 +113,7 @@ class EngineReplica:
 
     async def stream(self, prompt_token_ids: list[int], *, session_id: str | None = None, tenant: str = "",
                      tier: str = "gpu", max_tokens: int = 16, temperature: float = 0.0,
-                     request_id: str | None = None) -> AsyncIterator[tuple[list[int], "Completion | None"]]:
+                     request_id: str | None = None, trace_headers: dict[str, str] | None = None) -> AsyncIterator[tuple[list[int], "Completion | None"]]:
         """Yield (new token ids, None) as tokens come, then ([], Completion) at the end.
 
         `tenant` becomes vLLM's cache_salt: tenants never share KV blocks.
@@ -134,7 +134,9 @@ class EngineReplica:
             prompt["cache_salt"] = tenant
         seen = 0
         final = None
-        async for out in self.engine.generate(prompt, params, request_id or uuid.uuid4().hex):
+        # trace_headers carry the gateway's W3C traceparent: vLLM's own spans join the call's trace.
+        async for out in self.engine.generate(prompt, params, request_id or uuid.uuid4().hex,
+                                              trace_headers=trace_headers):
             ids = list(out.outputs[0].token_ids)
             if len(ids) > seen:
                 yield ids[seen:], None

@@ -50,13 +50,18 @@ class LullEngine:
 
 
 def _call_args(request: dict) -> dict:
-    allowed = {"prompt_token_ids", "session_id", "tenant", "tier", "max_tokens", "temperature", "request_id"}
+    allowed = {"prompt_token_ids", "session_id", "tenant", "tier", "max_tokens", "temperature", "request_id",
+               "trace_headers"}
     unknown = set(request) - allowed
     if unknown:
         raise ValueError(f"unknown fields {sorted(unknown)}; allowed: {sorted(allowed)}")
     ids = request.get("prompt_token_ids")
     if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
         raise ValueError("prompt_token_ids must be a list of non-negative integers")
+    headers = request.get("trace_headers")
+    if headers is not None and not (isinstance(headers, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                                      for k, v in headers.items())):
+        raise ValueError("trace_headers must map header names to strings")
     return request
 
 

@@ -28,6 +28,7 @@ from controller.gateway.grpc_service import start_grpc
 from controller.gateway.protocol import Authenticator
 from controller.gateway.rest import create_app
 from controller.gateway.router import ROUTER_CLASS, known_replicas
+from controller.telemetry.tracing import setup_tracing
 from controller.gateway.service import ControllerClient, GatewayCore, Limits
 from controller.names import CONTROLLER_ACTOR, GATEWAY_DEPLOYMENT, RAY_NAMESPACE
 from controller.telemetry.gateway_metrics import MeteredController, MeteredEngines, count_rest_requests
@@ -125,6 +126,7 @@ class ServeEngines:
 class LullGateway:
     async def __init__(self, engine_handle, settings: dict, engine: dict):
         self.config = load_config()
+        setup_tracing("lull-gateway")  # exports only when the OTEL_* variables ask for it
         self.settings = PlatformSettings(**settings)
         self.controller = ControllerClient(ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE))
         self.engines = ServeEngines(engine_handle)

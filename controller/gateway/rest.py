@@ -30,6 +30,7 @@ from controller.gateway.protocol import (
     validation_message,
 )
 from controller.gateway.service import CallResult, GatewayCore
+from controller.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,16 @@ def create_app(core: GatewayCore, auth: Authenticator, model_name: str) -> FastA
     # Opened with POST /v1/sessions but not yet called: the controller learns of a
     # session at its first call, so until then only this gateway knows it exists.
     opened: dict[str, float] = {}
+
+    @app.middleware("http")
+    async def _trace(request: Request, call_next):
+        """One span per request, a child of the caller's W3C traceparent when it sends one."""
+        parent = tracing.extract_context(request.headers)
+        with tracing.tracer().start_as_current_span(tracing.SPAN_GATEWAY, context=parent,
+                                                    attributes={"http.route": request.url.path}) as span:
+            response = await call_next(request)
+            span.set_attribute("http.status_code", response.status_code)
+            return response
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError):

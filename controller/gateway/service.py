@@ -18,7 +18,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from opentelemetry import trace
+
 from controller.gateway.protocol import ApiError
+from controller.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +207,14 @@ class GatewayCore:
 
     # -- one call --------------------------------------------------------------------------
     async def _admit(self, key: str, tenant: str, prompt_tokens: int, max_tokens: int):
+        with tracing.tracer().start_as_current_span(
+                tracing.SPAN_GATE_WAIT, attributes={tracing.ATTR_SESSION: key, tracing.ATTR_TENANT: tenant}) as span:
+            admission = await self._admit_untraced(key, tenant, prompt_tokens, max_tokens)
+            span.set_attribute(tracing.ATTR_REPLICA, admission.replica_id)
+            span.set_attribute(tracing.ATTR_TIER, admission.tier_label)
+            return admission
+
+    async def _admit_untraced(self, key: str, tenant: str, prompt_tokens: int, max_tokens: int):
         deadline = time.monotonic() + CONTROLLER_RESTART_WAIT_S
         while True:
             try:
@@ -234,9 +245,18 @@ class GatewayCore:
         return error
 
     def _request(self, key: str, tenant: str, tier: str, prompt_ids: list[int], max_tokens: int,
-                 temperature: float) -> dict:
-        return {"prompt_token_ids": prompt_ids, "session_id": key, "tenant": tenant, "tier": tier,
-                "max_tokens": max_tokens, "temperature": temperature, "request_id": uuid.uuid4().hex}
+                 temperature: float, span=None) -> dict:
+        request = {"prompt_token_ids": prompt_ids, "session_id": key, "tenant": tenant, "tier": tier,
+                   "max_tokens": max_tokens, "temperature": temperature, "request_id": uuid.uuid4().hex}
+        context = trace.set_span_in_context(span) if span is not None else None
+        headers = dict(tracing.inject_headers(context=context))  # W3C traceparent on to vLLM's trace_headers
+        if headers:
+            request["trace_headers"] = headers
+        return request
+
+    def _engine_span(self, key: str, replica_id: str):
+        return tracing.tracer().start_span(
+            tracing.SPAN_ENGINE, attributes={tracing.ATTR_SESSION: key, tracing.ATTR_REPLICA: replica_id})
 
     async def complete(self, key: str, tenant: str, prompt_ids: list[int], max_tokens: int,
                        temperature: float) -> CallResult:
@@ -244,8 +264,13 @@ class GatewayCore:
             admission = await self._admit(key, tenant, len(prompt_ids), max_tokens)
             started = time.monotonic()
             try:
-                request = self._request(key, tenant, admission.tier_label, prompt_ids, max_tokens, temperature)
-                done = await self.engines.generate(admission.replica_id, request)
+                span = self._engine_span(key, admission.replica_id)
+                try:
+                    request = self._request(key, tenant, admission.tier_label, prompt_ids, max_tokens,
+                                            temperature, span)
+                    done = await self.engines.generate(admission.replica_id, request)
+                finally:
+                    span.end()
                 break
             except BaseException as error:
                 await self._failed(key)
@@ -273,8 +298,11 @@ class GatewayCore:
         while True:
             # After a replica died mid-stream, the retry continues from what was already
             # sent: the prompt plus the tokens so far (greedy output is unchanged by the cut).
+            # Started, not made current: a context attached across the yields below would be
+            # detached in another task's context. The span is passed on explicitly instead.
+            span = self._engine_span(key, admission.replica_id)
             request = self._request(key, tenant, admission.tier_label, prompt_ids + ids, max_tokens - len(ids),
-                                    temperature)
+                                    temperature, span)
             try:
                 async for chunk in self.engines.stream(admission.replica_id, request):
                     ids.extend(chunk)
@@ -294,6 +322,8 @@ class GatewayCore:
                 retries_left -= 1
                 await self._replica_died(key, admission.replica_id, error)
                 admission = await self._admit(key, tenant, len(prompt_ids) + len(ids), max_tokens - len(ids))
+            finally:
+                span.end()
         if (full := self.decode(ids)) != text and full.startswith(text):
             yield full[len(text):], []
         await self._finished(key, len(prompt_ids) + len(ids))

@@ -39,6 +39,9 @@ class ControllerActor:
     def __init__(self, agents: dict[str, str], *, policy: str = "lull", planner_config: PlannerConfig | None = None,
                  tick_s: float = 5.0, bytes_per_token: int = 0, metrics: bool = False) -> None:
         from controller.telemetry.metrics import make_metrics
+        from controller.telemetry.tracing import setup_tracing
+
+        setup_tracing("lull-controller")  # KV move spans; exports only when OTEL_* ask for it
 
         self._options = dict(agents=dict(agents), policy=policy, planner_config=planner_config, tick_s=tick_s,
                              bytes_per_token=bytes_per_token, metrics=metrics)

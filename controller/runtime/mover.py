@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import grpc
 
 from controller.policy import Location, Move, Tier
+from controller.telemetry import tracing
 from proto import node_agent_pb2 as pb
 from proto import node_agent_pb2_grpc as pb_grpc
 from proto import tiers_pb2
@@ -66,7 +67,12 @@ class GrpcMover:
             move_id=uuid.uuid4().hex, session_id=move.session_id, kind=kind,
             src=_location(move.src, src_node), dst=_location(move.dst, dst_node),
             kv_bytes=move.tokens * self.bytes_per_token, lease_s=self.lease_s)
-        return await self._two_phase(request, src_node or dst_node)
+        with tracing.tracer().start_as_current_span(tracing.SPAN_KV_MOVE, attributes={
+                tracing.ATTR_SESSION: move.session_id, tracing.ATTR_SRC_TIER: move.src.tier.name.lower(),
+                tracing.ATTR_DST_TIER: move.dst.tier.name.lower(), tracing.ATTR_BYTES: request.kv_bytes}) as span:
+            committed = await self._two_phase(request, src_node or dst_node)
+            span.set_attribute("lull.kv.committed", committed)
+            return committed
 
     async def release(self, session_id: str, where: Location, node: str | None) -> bool:
         if where.tier is Tier.WAITING:

@@ -58,6 +58,7 @@ class EchoEngines:
 
     async def generate(self, replica_id, request):
         self.calls.append((replica_id, request["session_id"], request["tenant"], request["tier"]))
+        self.trace_headers = request.get("trace_headers")
         out = request["prompt_token_ids"][-request["max_tokens"]:]
         return {"token_ids": out, "text": "", "prompt_tokens": len(request["prompt_token_ids"]),
                 "cached_tokens": 0, "finish_reason": "length", "replica_id": replica_id}
@@ -158,3 +159,27 @@ def test_auth_unknown_sessions_and_long_prompts(client):
     assert too_long.status_code == 400 and "at most 511 prompt tokens" in too_long.json()["error"]["message"]
     opened = client.post("/v1/sessions").json()["id"]
     assert client.get(f"/v1/sessions/{opened}").json()["state"]["phase"] == "opened"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_is_traced_from_the_callers_traceparent_to_the_engine(client, monkeypatch, stream):
+    """Spans go to an in-memory exporter instead of OTLP; the engine stub records the headers it was sent."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from controller.telemetry import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = tracing.build_provider("lull-gateway", {}, exporter=exporter)
+    monkeypatch.setattr(tracing, "tracer", lambda provider_=None: provider.get_tracer("lull"))
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    reply = client.post("/v1/chat/completions", json=chat_body(stream=stream),
+                        headers={"x-session-id": "traced", "traceparent": f"00-{caller_trace}-{caller_span}-01"})
+    assert reply.status_code == 200, reply.text
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert {tracing.SPAN_GATEWAY, tracing.SPAN_GATE_WAIT, tracing.SPAN_ENGINE} <= set(spans)
+    assert all(format(span.context.trace_id, "032x") == caller_trace for span in spans.values())
+    assert format(spans[tracing.SPAN_GATEWAY].parent.span_id, "016x") == caller_span
+    assert spans[tracing.SPAN_GATE_WAIT].attributes[tracing.ATTR_REPLICA] == "r1"
+    engine_span = format(spans[tracing.SPAN_ENGINE].context.span_id, "016x")
+    assert client.engines.trace_headers["traceparent"] == f"00-{caller_trace}-{engine_span}-01"
+    provider.shutdown()
