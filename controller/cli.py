@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "controller.policy.bench_plan",
     "loadgen.sim_cli",
     "loadgen.bench_cli",
+    "loadgen.bench_gateway",
     "loadgen.calibrate",
     "workers.bench_kv",
     "controller.platform_cli",

@@ -150,7 +150,7 @@ def rest_case(draw):
         method = draw(st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]))
     sid = draw(st.sampled_from(["fz-a", "fz-b", "fz-c"]) | header_text)
     path = path.replace("{sid}", urllib.parse.quote(sid, safe="") or "x")
-    body = draw(body_bytes(structured or json_values))
+    body = draw(body_bytes(structured if structured is not None else json_values))
     headers: dict[str, bytes] = {}
     auth = draw(st.integers(0, 9))
     if auth < 7:
