@@ -29,7 +29,8 @@ CONTROLLER_METHODS = ("add_replica", "remove_replica", "admit", "admit_observed"
                       "tool_call_started", "tool_call_finished", "close_session", "snapshot")
 # How long a call waits for a killed controller to come back (restarted by Ray, or relaunched here).
 CONTROLLER_RESTART_WAIT_S = 20.0
-ENGINE_RETRIES = 1  # a call whose engine replica died runs once more, on another replica
+ENGINE_RETRIES = 2  # a call whose engine replica died runs again, on another replica (twice: the router may
+# still send the first retry to the dead replica before Serve has noticed its death)
 ENGINE_RETRY_WAIT_S = 1.0  # before retrying a call whose replica became unreachable
 # Errors of a Ray actor that is dead or restarting (the controller, or an engine replica).
 ACTOR_GONE = ("ActorDiedError", "ActorUnavailableError")
@@ -134,9 +135,12 @@ def controller_gone(error: BaseException) -> bool:
     return any(is_error(error, name) for name in (*ACTOR_GONE, "ControllerNotStarted"))
 
 
+REPLICA_GONE = (*ACTOR_GONE, "RayActorError", "WorkerCrashedError")  # RayActorError: every actor-death error
+
+
 def replica_lost(error: BaseException) -> bool:
     """The engine replica died or became unreachable under a call (not an error of the call itself)."""
-    return any(is_error(error, name) for name in ACTOR_GONE)
+    return any(is_error(error, name) for name in REPLICA_GONE)
 
 
 def is_error(error: BaseException, name: str) -> bool:
