@@ -5,17 +5,12 @@ through REST, switching the controller's policy in between, then one through gRP
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 
 import pytest
 import ray
-from ray import serve
 
 from controller.cli import main
-from controller.names import RAY_NAMESPACE, SERVE_APP
-from workers.redis_server import LocalRedis
+from tests.integration.live_platform import serve_platform
 
 PORT = 8767
 GRPC_PORT = 9767
@@ -27,26 +22,9 @@ SIM_KEYS = {"policy", "profile", "programs_per_replica", "replicas", "duration_s
 
 @pytest.fixture(scope="module")
 def platform():
-    dram_dir = tempfile.mkdtemp(prefix="lull-bench-dram-", dir="/dev/shm")
-    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_TIERS__DRAM_CAPACITY_GIB": "0.05",
-           "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05", "LULL_GATEWAY__GATE_TIMEOUT_S": "60"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # Ray's workers inherit the driver's environment at ray.init
-    ray.init(num_cpus=2, include_dashboard=False, namespace=RAY_NAMESPACE, log_to_driver=False)
-    redis = LocalRedis("64mb").start()
-    from controller.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app({"replicas": 1, "engine_num_cpus": 1, "gateway_num_cpus": 0.25, "cpu_kv_cache_gib": 1,
-                         "dram_dir": dram_dir, "redis_url": redis.url, "grpc_port": GRPC_PORT}),
-              name=SERVE_APP, route_prefix="/")
-    yield ray.get_runtime_context().gcs_address
-    serve.shutdown()
-    ray.shutdown()
-    redis.stop()
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    shutil.rmtree(dram_dir, ignore_errors=True)
+    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_GATEWAY__GATE_TIMEOUT_S": "60"}
+    with serve_platform(env, {"replicas": 1, "engine_num_cpus": 1, "grpc_port": GRPC_PORT}, port=PORT):
+        yield ray.get_runtime_context().gcs_address
 
 
 def bench(platform, tmp_path, *extra: str) -> tuple[int, list[dict]]:

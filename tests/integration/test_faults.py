@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
-from ray import serve
 
-from controller.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE, SERVE_APP
-from workers.redis_server import LocalRedis
+from controller.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE
+from tests.integration.live_platform import serve_platform
 
 PORT, GRPC_PORT = 8768, 9768
 KEY = "sk-faults-test"
@@ -34,27 +30,10 @@ KEY = "sk-faults-test"
 
 @pytest.fixture(scope="module")
 def platform():
-    dram_dir = tempfile.mkdtemp(prefix="lull-faults-dram-", dir="/dev/shm")
-    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "1024",
-           "LULL_TIERS__DRAM_CAPACITY_GIB": "0.05", "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05",
-           "LULL_GATEWAY__GATE_TIMEOUT_S": "60"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.init(num_cpus=2, include_dashboard=False, namespace=RAY_NAMESPACE, log_to_driver=False)
-    redis = LocalRedis("32mb").start()
-    from controller.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app({"replicas": 2, "engine_num_cpus": 0.5, "gateway_num_cpus": 0.25, "cpu_kv_cache_gib": 1,
-                         "dram_dir": dram_dir, "default_max_tokens": 8, "redis_url": redis.url,
-                         "grpc_port": GRPC_PORT}), name=SERVE_APP, route_prefix="/")
-    yield redis
-    serve.shutdown()
-    ray.shutdown()
-    redis.stop()
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    shutil.rmtree(dram_dir, ignore_errors=True)
+    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "1024", "LULL_GATEWAY__GATE_TIMEOUT_S": "60"}
+    args = {"replicas": 2, "default_max_tokens": 8, "grpc_port": GRPC_PORT}
+    with serve_platform(env, args, port=PORT, redis_maxmemory="32mb") as redis:
+        yield redis
 
 
 def call(session: str, prompt: list[int], max_tokens: int = 8, stream: bool = False) -> list[int] | str:

@@ -15,24 +15,18 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
-import tempfile
 import threading
-import time
 import urllib.parse
 import uuid
 from collections import Counter
 
 import grpc
 import pytest
-import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ray import serve
 
-from controller.names import RAY_NAMESPACE, SERVE_APP
 from proto import session_pb2 as spb
-from workers.redis_server import LocalRedis
+from tests.integration.live_platform import serve_platform
 
 PORT, GRPC_PORT = 8767, 9767
 KEY = "sk-fuzz-test"
@@ -47,27 +41,10 @@ FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthC
 
 @pytest.fixture(scope="module")
 def platform():
-    dram_dir = tempfile.mkdtemp(prefix="lull-fuzz-dram-", dir="/dev/shm")
-    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "512",
-           "LULL_TIERS__DRAM_CAPACITY_GIB": "0.05", "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05",
-           "LULL_GATEWAY__GATE_TIMEOUT_S": "30"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.init(num_cpus=2, include_dashboard=False, namespace=RAY_NAMESPACE, log_to_driver=False)
-    redis = LocalRedis("32mb").start()
-    from controller.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app({"replicas": 1, "engine_num_cpus": 0.5, "gateway_num_cpus": 0.25, "cpu_kv_cache_gib": 1,
-                         "dram_dir": dram_dir, "default_max_tokens": 3, "redis_url": redis.url,
-                         "grpc_port": GRPC_PORT}), name=SERVE_APP, route_prefix="/")
-    yield
-    serve.shutdown()
-    ray.shutdown()
-    redis.stop()
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    shutil.rmtree(dram_dir, ignore_errors=True)
+    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "512", "LULL_GATEWAY__GATE_TIMEOUT_S": "30"}
+    args = {"replicas": 1, "default_max_tokens": 3, "grpc_port": GRPC_PORT}
+    with serve_platform(env, args, port=PORT, redis_maxmemory="32mb"):
+        yield
 
 
 # -- REST ----------------------------------------------------------------------------------

@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 import ray
-from ray import serve
 
-from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE, SERVE_APP
-from workers.redis_server import LocalRedis
+from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE
+from tests.integration.live_platform import serve_platform
 
 PORT = 8766
 GRPC_PORT = 9766
@@ -28,26 +24,10 @@ KEY, OTHER_KEY = "sk-acme-test", "sk-beta-test"
 
 @pytest.fixture(scope="module")
 def platform():
-    dram_dir = tempfile.mkdtemp(prefix="lull-gw-dram-", dir="/dev/shm")
     env = {"LULL_API_KEYS": f"acme:{KEY},beta:{OTHER_KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "1024",
-           "LULL_TIERS__DRAM_CAPACITY_GIB": "0.05", "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05", "LULL_GATEWAY__GATE_TIMEOUT_S": "20"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # Ray's workers inherit the driver's environment at ray.init
-    ray.init(num_cpus=2, include_dashboard=False, namespace=RAY_NAMESPACE, log_to_driver=False)
-    redis = LocalRedis("64mb").start()
-    from controller.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app({"replicas": 2, "engine_num_cpus": 0.5, "gateway_num_cpus": 0.25, "cpu_kv_cache_gib": 1,
-                         "dram_dir": dram_dir, "default_max_tokens": 8, "redis_url": redis.url,
-                         "grpc_port": GRPC_PORT}), name=SERVE_APP, route_prefix="/")
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=0, timeout=120)
-    serve.shutdown()
-    ray.shutdown()
-    redis.stop()
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    shutil.rmtree(dram_dir, ignore_errors=True)
+           "LULL_GATEWAY__GATE_TIMEOUT_S": "20"}
+    with serve_platform(env, {"replicas": 2, "default_max_tokens": 8, "grpc_port": GRPC_PORT}, port=PORT):
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 def raw(method: str, path: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, dict, dict]:

@@ -8,7 +8,6 @@ and promoted), then the endpoint is scraped over HTTP."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -20,13 +19,13 @@ import openai
 import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
-from ray import serve
 
-from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE, SERVE_APP
+from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE
 from controller.telemetry.metrics import series_names
 from controller.telemetry.vllm_metrics import vllm_series_names
 from tests.promql import parse
-from workers.redis_server import LocalRedis, free_port
+from workers.redis_server import free_port
+from tests.integration.live_platform import serve_platform
 
 KEY = "sk-metrics-test"
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,32 +82,15 @@ class Platform:
 
 @pytest.fixture(scope="module")
 def platform():
-    dram_dir = tempfile.mkdtemp(prefix="lull-metrics-dram-", dir="/dev/shm")
     metrics_dir = tempfile.mkdtemp(prefix="lull-metrics-prom-")
     port, metrics_port = free_port(), free_port()
-    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "1024",
-           "LULL_TIERS__DRAM_CAPACITY_GIB": "0.05", "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05",
-           "LULL_GATEWAY__GATE_TIMEOUT_S": "30", "LULL_TELEMETRY__METRICS_PORT": str(metrics_port),
-           "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # Ray's workers inherit the driver's environment at ray.init
-    ray.init(num_cpus=2, include_dashboard=False, namespace=RAY_NAMESPACE, log_to_driver=False)
-    redis = LocalRedis("64mb").start()
-    from controller.app import build_app
-
+    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "1024", "LULL_GATEWAY__GATE_TIMEOUT_S": "30",
+           "LULL_TELEMETRY__METRICS_PORT": str(metrics_port), "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    args = {"replicas": 1, "engine_num_cpus": 1, "default_max_tokens": 8, "grpc_port": 0}
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"replicas": 1, "engine_num_cpus": 1, "gateway_num_cpus": 0.25, "cpu_kv_cache_gib": 1,
-                             "dram_dir": dram_dir, "default_max_tokens": 8, "redis_url": redis.url,
-                             "grpc_port": 0}), name=SERVE_APP, route_prefix="/")
-        yield Platform(port, metrics_port, metrics_dir)
+        with serve_platform(env, args, port=port):
+            yield Platform(port, metrics_port, metrics_dir)
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        redis.stop()
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        shutil.rmtree(dram_dir, ignore_errors=True)
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
