@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "loadgen.sim_cli",
     "loadgen.bench_cli",
     "loadgen.bench_gateway",
+    "loadgen.bench_elastic",
     "loadgen.calibrate",
     "workers.bench_kv",
     "controller.platform_cli",

@@ -45,11 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--token-scale", type=float, default=0.02, help="multiply every call's tokens")
     parser.add_argument("--max-context", type=int, default=2000, help="compact sessions to this many tokens")
     parser.add_argument("--max-output", type=int, default=32, help="cap output tokens per call")
-    parser.add_argument("--url", default=None, help="REST base URL (default: the `lull up` platform's)")
+    add_endpoint_args(parser)
     parser.add_argument("--grpc-target", default=None, help="gRPC host:port (default: the config's gateway.grpc_port)")
-    parser.add_argument("--api-key", default=os.environ.get("LULL_BENCH_API_KEY"),
-                        help="bearer key (default: $LULL_BENCH_API_KEY, else the first configured key)")
-    parser.add_argument("--ray-address", default=None, help="Ray address (default: the `lull up` platform's)")
     parser.add_argument("--trace-dir", type=Path, default=None, help="trace folder (default: the shared split)")
     parser.add_argument("--trace-limit", type=int, default=None, help="read only the first N trace files")
     parser.add_argument("--seed", type=int, default=0, help="seeds the session order")
@@ -57,6 +54,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, default=None, help="write report.md and PNG plots here")
     parser.set_defaults(func=run)
     return parser
+
+
+def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
+    """Where the platform is: flags, else `lull up`'s state file (see ``_endpoints``)."""
+    parser.add_argument("--url", default=None, help="REST base URL (default: the `lull up` platform's)")
+    parser.add_argument("--api-key", default=os.environ.get("LULL_BENCH_API_KEY"),
+                        help="bearer key (default: $LULL_BENCH_API_KEY, else the first configured key)")
+    parser.add_argument("--ray-address", default=None, help="Ray address (default: the `lull up` platform's)")
 
 
 def _endpoints(args) -> tuple[str, str, str]:

@@ -1,12 +1,17 @@
-"""Shared test helpers: one FakeClock, and a driver that runs the policy core the
+"""Shared test helpers: one FakeClock, a driver that runs the policy core the
 way the controller does (event, then plan, then apply) with integrity checked
-after every step."""
+after every step, and an ``Engine`` that writes KV through as the connector would."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from controller.policy import ClusterState, Plan, PlannerConfig, ReplicaSpec, TierPlanner
+from controller.runtime import LiveController
+from workers.dram_store import DramStore
+
+BLOCK_BYTES = 64
 
 
 @dataclass
@@ -71,3 +76,23 @@ class PolicyDriver:
 
     def tier_of(self, session_id: str) -> str:
         return str(self.state.get(session_id).location)
+
+
+@dataclass
+class Engine:
+    """Stands in for the engine's write-through (the KV connector's job)."""
+
+    store: DramStore
+    replica: str
+
+    def write_through(self, session_id: str, tokens: int, tier_label: str = "gpu") -> None:
+        hashes = [hashlib.sha1(f"{session_id}:{i}".encode()).hexdigest() for i in range(tokens // 32 + 1)]
+        label = "busy" if tier_label == "gpu" else "idle"  # as LullConnector.wait_for_save labels it
+        assert self.store.put_session(session_id, tenant="t", replica=self.replica, label=label, tokens=tokens,
+                                      block_hashes=hashes, blocks={h: b"k" * BLOCK_BYTES for h in hashes})
+
+    def finish(self, ctl: LiveController, session_id: str, tokens: int, *, written: bool = True,
+               tier_label: str = "gpu") -> None:
+        if written:
+            self.write_through(session_id, tokens, tier_label)
+        ctl.call_finished(session_id, tokens)

@@ -7,19 +7,29 @@ GPU-tier sessions without touching another's.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 
 import ray
 from ray import serve
 
-from controller.names import ENGINE_DEPLOYMENT
+from controller.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE
 from workers.dram_store import node_dram_dir
 from workers.engine import EngineReplica, EngineSettings
 
 
-@serve.deployment(name=ENGINE_DEPLOYMENT, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+log = logging.getLogger(__name__)
+DRAIN_WAIT_S = 70.0  # the controller's drain deadline (60 s), plus its last moves
+
+
+@serve.deployment(name=ENGINE_DEPLOYMENT, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
+                  graceful_shutdown_timeout_s=DRAIN_WAIT_S + 10)
 class LullEngine:
     def __init__(self, settings: dict):
+        from controller.telemetry.metrics import ensure_metrics_dir
+
+        ensure_metrics_dir()  # vLLM's metrics go to the node's multiprocess directory: make sure it exists
         replica_id = serve.get_replica_context().replica_id.unique_id
         # One DRAM tier per Ray node, even when several Ray nodes share a host (`lull up --nodes N`).
         dram_dir = node_dram_dir(settings["dram_dir"], ray.get_runtime_context().get_node_id())
@@ -47,6 +57,23 @@ class LullEngine:
 
     async def reset_prefix_cache(self) -> bool:
         return await self.replica.reset_prefix_cache()
+
+    async def __del__(self):
+        """Serve stops this replica (scaled down, redeployed) once its calls are done: first
+        the controller drains its sessions' KV from this node's DRAM tier to the shared
+        tier (``controller.runtime.drain``). Waiting here keeps the replica, and so its Ray
+        node, alive until then: Ray's autoscaler removes only idle nodes."""
+        replica_id = self.replica_id()
+        try:
+            controller = ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE)
+            report = await asyncio.wait_for(controller.drain_replica.remote(replica_id), DRAIN_WAIT_S)
+            log.info("replica %s drained before shutdown: %s", replica_id, report)
+        except Exception as error:  # no controller (engine-only app), or it is gone: nothing to drain into
+            log.warning("replica %s stops without a drain (%s: %s)", replica_id, type(error).__name__, error)
+        try:
+            self.replica.shutdown()
+        except Exception as error:  # the process ends anyway; its engine core goes with it
+            log.warning("engine of replica %s did not shut down cleanly: %s", replica_id, error)
 
 
 def _call_args(request: dict) -> dict:

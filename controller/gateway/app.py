@@ -22,6 +22,9 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from controller.autoscale import signals as scaling_signals
+from controller.autoscale.policy import AutoscaleSettings
+from controller.autoscale.serve_policy import engine_autoscaling_config
 from controller.config import GIB, LullConfig, load_config
 from controller.gateway.launch import ensure_controller, ensure_node_agents
 from controller.gateway.grpc_service import start_grpc
@@ -42,7 +45,9 @@ REPLICA_SYNC_S = 1.0
 class PlatformSettings:
     """What `build_app` takes beyond `LullConfig` (Serve passes them as the app's args)."""
 
-    replicas: int = 1  # engine replicas
+    replicas: int = 1  # engine replicas at launch
+    min_replicas: int | None = None  # the autoscaler's bounds; None: replicas. min < max turns it on
+    max_replicas: int | None = None
     engine_num_cpus: float = 1.0  # Ray CPUs per engine replica (fractional to pack CPU replicas)
     gateway_num_cpus: float = 0.25  # Ray CPUs of the gateway replica
     cpu_kv_cache_gib: float | None = None  # per-replica KV cache on cpu; None: engine.cpu_kv_cache_space_gib
@@ -53,10 +58,16 @@ class PlatformSettings:
     redis_url: str | None = None  # the shared tier; None: tiers.redis_url
     grpc_port: int | None = None  # the gRPC SessionService; None: gateway.grpc_port, 0: off
     gpu_tier_tokens: int | None = None  # the controller's GPU-tier budget per replica; None: the engine's whole cache
+    gpu_node_selector: str | None = None  # on Kubernetes: the GPU worker group's nodes, to cap the autoscaler
+    gpus_per_replica: int = 1
+    gpus_per_pod: int = 1
 
     def __post_init__(self):
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if not 1 <= self.bounds[0] <= self.replicas <= self.bounds[1] <= 1024:
+            raise ValueError(f"need 1 <= min_replicas <= replicas <= max_replicas <= 1024; got "
+                             f"{self.min_replicas}, {self.replicas}, {self.max_replicas}")
         if not 0 < self.engine_num_cpus <= 64 or not 0 <= self.gateway_num_cpus <= 64:
             raise ValueError("engine_num_cpus must be in (0, 64] and gateway_num_cpus in [0, 64]")
         if self.cpu_kv_cache_gib is not None and self.cpu_kv_cache_gib <= 0:
@@ -65,8 +76,17 @@ class PlatformSettings:
             raise ValueError(f"gpu_tier_tokens must be >= 1, got {self.gpu_tier_tokens}")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"grpc_port must be in [0, 65535], got {self.grpc_port}")
+        if not 1 <= self.gpus_per_replica <= self.gpus_per_pod <= 64:
+            raise ValueError(f"need 1 <= gpus_per_replica <= gpus_per_pod <= 64; got {self.gpus_per_replica}, "
+                             f"{self.gpus_per_pod}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """The engine replica count's (min, max)."""
+        return (self.replicas if self.min_replicas is None else self.min_replicas,
+                self.replicas if self.max_replicas is None else self.max_replicas)
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> PlatformSettings:
@@ -131,7 +151,7 @@ class LullGateway:
         self.controller = ControllerClient(ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE))
         self.engines = ServeEngines(engine_handle)
         self.metrics = make_metrics()  # the process's registry: the node's multiprocess directory
-        self.metrics["lull:replicas_target"].set(self.settings.replicas)  # fixed until the autoscaler runs
+        self.metrics["lull:replicas_target"].set(self.settings.replicas)  # then the autoscaler's, once it decides
         arrivals: dict = {}
         from transformers import AutoTokenizer
 
@@ -149,6 +169,7 @@ class LullGateway:
                                 MeteredEngines(self.engines, self.metrics, arrivals), tokenizer, limits)
         self.model_name = engine["served_model_name"]
         self.registered: set[str] = set()
+        self._drains: set[asyncio.Task] = set()
         grpc_port = self.config.gateway.grpc_port if self.settings.grpc_port is None else self.settings.grpc_port
         self.grpc_server = None
         if grpc_port:
@@ -182,19 +203,42 @@ class LullGateway:
                 log.info("registered engine replica %s on node %s", replica_id, node_id)
         for gone in self.registered - set(known) if known else ():  # empty: no broadcast yet, not "all gone"
             self.registered.discard(gone)
-            try:
-                await self.controller.remove_replica(gone)
-                log.warning("engine replica %s is gone; removed from the controller", gone)
-            except Exception as error:  # the core removed it first, after a call failed there
-                log.info("replica %s already removed (%s)", gone, type(error).__name__)
+            self._drains.add(asyncio.get_running_loop().create_task(self._drain(gone)))
+
+    async def _drain(self, replica_id: str) -> None:
+        """Serve no longer routes to the replica (scaled down, stopped, died): the controller
+        drains its sessions' KV to the shared tier, from its node's DRAM, then forgets it."""
+        log.warning("engine replica %s left Serve; draining its sessions", replica_id)
+        try:
+            await self.controller.drain_replica(replica_id)
+        except Exception as error:  # the core removed it first, after a call failed there
+            log.info("replica %s not drained (%s)", replica_id, type(error).__name__)
+        finally:
+            self._drains.discard(asyncio.current_task())
 
     async def _sync_forever(self) -> None:
         while True:
             await asyncio.sleep(REPLICA_SYNC_S)
             try:
                 await self.sync_replicas()
+                if decision := scaling_signals.read(scaling_signals.DECISION_KEY):
+                    self.metrics["lull:replicas_target"].set(decision["target"])
             except Exception:
                 log.exception("replica sync failed")
+
+
+def engine_count(settings: PlatformSettings, config: LullConfig) -> dict:
+    """The engine deployment's replica count: fixed, or Lull's autoscaling policy between
+    the bounds (``controller.autoscale.serve_policy``) when they differ and it is enabled."""
+    low, high = settings.bounds
+    if low == high or not config.autoscaling.enabled:
+        return {"num_replicas": settings.replicas}
+    scaling = AutoscaleSettings.from_config(config)
+    kube = None
+    if settings.gpu_node_selector:
+        kube = dict(node_selector=settings.gpu_node_selector, gpus_per_replica=settings.gpus_per_replica,
+                    gpus_per_pod=settings.gpus_per_pod)
+    return {"autoscaling_config": engine_autoscaling_config(low, high, settings.replicas, scaling, kube)}
 
 
 def build_app(args: dict[str, Any] | None = None):
@@ -207,7 +251,7 @@ def build_app(args: dict[str, Any] | None = None):
     agents = ensure_node_agents(config, settings.dram_dir, settings.redis_url or config.tiers.redis_url)
     ensure_controller(config, agents, settings.policy or config.policy.name, kv_bytes_per_token(engine["model"]))
     engines = LullEngine.options(
-        num_replicas=settings.replicas, ray_actor_options={"num_cpus": settings.engine_num_cpus},
+        **engine_count(settings, config), ray_actor_options={"num_cpus": settings.engine_num_cpus},
         request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
     ).bind(engine)
     gateway = LullGateway.options(ray_actor_options={"num_cpus": settings.gateway_num_cpus})

@@ -3,7 +3,8 @@
 Auth: `authorization: Bearer <key>` in the call's metadata, as on REST. Every
 bad input is a gRPC status with a message (INVALID_ARGUMENT, NOT_FOUND,
 UNAUTHENTICATED, RESOURCE_EXHAUSTED for a gate timeout); no input reaches the
-controller unchecked, and no prompt text reaches a log.
+controller unchecked, and no prompt text reaches a log. Every call is counted in
+`lull:requests` with api="grpc" and its status name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import grpc
 
 from controller.gateway.protocol import ApiError, Authenticator, check_session_id, session_key
 from controller.gateway.service import GatewayCore
+from controller.telemetry.gateway_metrics import CountGrpcRequests
+from controller.telemetry.metrics import make_metrics
 from proto import session_pb2 as pb
 from proto import session_pb2_grpc as pb_grpc
 from proto import tiers_pb2
@@ -174,10 +177,19 @@ class RejectUndecodable(grpc.aio.ServerInterceptor):
         return handler
 
 
-async def start_grpc(core: GatewayCore, auth: Authenticator, port: int, host: str = "0.0.0.0") -> grpc.aio.Server:
-    """Serve SessionService on host:port from the running event loop."""
-    server = grpc.aio.server(interceptors=[RejectUndecodable()])
+def session_server(core: GatewayCore, auth: Authenticator, metrics: dict) -> grpc.aio.Server:
+    """A grpc.aio server with SessionService, not yet bound or started. Every call is
+    counted in ``metrics``' `lull:requests` (api="grpc"), undecodable requests included."""
+    server = grpc.aio.server(interceptors=[CountGrpcRequests(metrics), RejectUndecodable()])
     pb_grpc.add_SessionServiceServicer_to_server(SessionServicer(core, auth), server)
+    return server
+
+
+async def start_grpc(core: GatewayCore, auth: Authenticator, port: int, host: str = "0.0.0.0",
+                     metrics: dict | None = None) -> grpc.aio.Server:
+    """Serve SessionService on host:port from the running event loop. ``metrics``: the
+    process's `make_metrics()` when None, the same objects the REST middleware counts in."""
+    server = session_server(core, auth, make_metrics() if metrics is None else metrics)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise RuntimeError(f"cannot bind the gRPC session service to {host}:{port}; is the port in use?")
     await server.start()

@@ -17,17 +17,22 @@ so no call runs against empty books.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import ray
 
+from controller.autoscale import signals
 from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE
 from controller.policy import Location, PlannerConfig, Tier
+from controller.runtime.drain import DrainReport, drain_replica
 from controller.runtime.live import Admission, LiveController
 from controller.runtime.mover import GrpcMover
 from controller.telemetry.gateway_metrics import gauge_gpu_tiers_forever, session_on_arrival
 
 log = logging.getLogger(__name__)
+DRAIN_TIMEOUT_S = 60.0  # a drain's deadline; the engine's graceful shutdown waits a little longer
+KEEP_DRAIN_REPORTS = 100
 
 
 class ControllerNotStarted(RuntimeError):
@@ -54,6 +59,8 @@ class ControllerActor:
         self.controller = LiveController(self.mover, policy=policy, planner_config=planner_config, metrics=metrics)
         self.tick_s, self.bytes_per_token, self.planner_config = tick_s, bytes_per_token, planner_config
         self._tick: asyncio.Task | None = None
+        self._drains: dict[str, asyncio.Task] = {}  # replica -> its drain, shared by every caller
+        self._drained: dict[str, DrainReport] = {}  # the latest drains, for late callers and status
 
     async def start(self, replicas: list[tuple[str, str, int, int]], shared_tokens: int | None = 0) -> int:
         """Add ``(replica_id, node_id, gpu_tokens, dram_tokens)``s, rebuild from the
@@ -81,6 +88,7 @@ class ControllerActor:
             restored = self.controller.rebuild(reports, bytes_per_token=self.bytes_per_token or None)
             if self._tick is None:
                 self._tick = asyncio.get_running_loop().create_task(self.controller.run(self.tick_s))
+                self._publisher = asyncio.get_running_loop().create_task(self._publish_signals_forever())
                 if self.controller.metrics and self.bytes_per_token:  # set_policy swaps the controller: read it each time
                     self._gauges = asyncio.get_running_loop().create_task(
                         gauge_gpu_tiers_forever(lambda: self.controller, self.bytes_per_token))
@@ -109,6 +117,50 @@ class ControllerActor:
         self._ready()
         self.controller.remove_replica(replica_id)
         self._gauge_replicas()
+
+    async def drain_replica(self, replica_id: str, timeout_s: float = DRAIN_TIMEOUT_S) -> dict | None:
+        """Demote the replica's sessions to the shared tier, then remove it (``runtime.drain``).
+        Every caller of a replica's drain (its destructor, the gateway's sync) awaits the same
+        one; returns its report as a dict, or None for a replica this controller never had."""
+        self._ready()
+        task = self._drains.get(replica_id)
+        if task is None:
+            if replica_id in self._drained:
+                return dataclasses.asdict(self._drained[replica_id])
+            if replica_id not in self.controller.nodes:
+                return None
+            task = asyncio.get_running_loop().create_task(
+                drain_replica(self.controller, replica_id, timeout_s=timeout_s))
+            self._drains[replica_id] = task
+            task.add_done_callback(lambda done: self._drain_done(replica_id, done))
+            self._gauge_replicas()
+        report = await asyncio.shield(task)
+        return dataclasses.asdict(report)
+
+    def _drain_done(self, replica_id: str, task: asyncio.Task) -> None:
+        self._drains.pop(replica_id, None)
+        self._gauge_replicas()
+        if not task.cancelled() and task.exception() is None:
+            self._drained[replica_id] = task.result()
+            while len(self._drained) > KEEP_DRAIN_REPORTS:
+                self._drained.pop(next(iter(self._drained)))
+
+    async def drain_reports(self) -> list[dict]:
+        """The latest drains' reports, oldest first."""
+        return [dataclasses.asdict(r) for r in self._drained.values()]
+
+    async def _publish_signals_forever(self) -> None:
+        """The scaling signals for Serve's autoscaling policy (``controller.autoscale``)."""
+        failing = False
+        while True:
+            try:
+                signals.publish(signals.collect(self.controller))
+                failing = False
+            except Exception as error:  # the GCS restarting: the policy holds the count meanwhile
+                if not failing:
+                    log.warning("scaling signals not published: %s", error)
+                failing = True
+            await asyncio.sleep(signals.PERIOD_S)
 
     async def set_shared_capacity(self, tokens: int) -> None:
         self._ready()
@@ -178,8 +230,10 @@ class ControllerActor:
         log.info("policy switched from %s to %s", old.policy_name, policy)
 
     def _gauge_replicas(self) -> None:
-        if "lull:replicas" in self.controller.metrics:  # replicas registered with the controller run
-            self.controller.metrics["lull:replicas"].labels(state="running").set(len(self.controller.nodes))
+        if "lull:replicas" in self.controller.metrics:  # replicas registered with the controller
+            draining = len(self.controller.draining)
+            self.controller.metrics["lull:replicas"].labels(state="running").set(len(self.controller.nodes) - draining)
+            self.controller.metrics["lull:replicas"].labels(state="draining").set(draining)
 
 
 def launch_controller(agents: dict[str, str], *, detached: bool = False, **options) -> ray.actor.ActorHandle:

@@ -50,6 +50,7 @@ class LiveController:
         self.state = ClusterState([], 0, k=idleness_window)
         self.nodes: dict[str, str] = {}  # replica -> Ray node
         self.capacity: dict[Location, int] = {Location(Tier.SHARED): 0}  # as configured, for status
+        self.draining: set[str] = set()  # replicas being drained (runtime.drain), booked at zero capacity
         self._waiters: dict[str, _Waiter] = {}
         self._lock = asyncio.Lock()
         self._dirty = False
@@ -293,6 +294,11 @@ class LiveController:
             self.state.restore_session(place.session_id, where, place.tokens, now)
         self._kick()
         return placements
+
+    def gate_waits(self) -> list[float]:
+        """How long each gated request has waited so far, s (the autoscaler's signal)."""
+        now = self.clock()
+        return [now - waiter.arrived for waiter in self._waiters.values()]
 
     def check_integrity(self) -> None:
         self.state.check_integrity()

@@ -1,9 +1,11 @@
 """The gateway's `lull:*` metrics, recorded around `GatewayCore` without changing it.
 
 `MeteredController` and `MeteredEngines` wrap the controller client and the engine
-handle that the core calls; `count_rest_requests` is an HTTP middleware. Together
-they record requests by API and status, time to first token by the session's tier
-on arrival, time per output token, and recomputed prompt tokens.
+handle that the core calls; `count_rest_requests` is an HTTP middleware and
+`CountGrpcRequests` a gRPC server interceptor. Together they record requests by API
+and status (the HTTP status code on REST, the gRPC status name on gRPC), time to
+first token by the session's tier on arrival, time per output token, and recomputed
+prompt tokens.
 
 What the gateway can see bounds what it records:
 - TTFT and time per output token come from streamed calls only: a non-streamed call
@@ -18,9 +20,13 @@ What the gateway can see bounds what it records:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+import grpc
 
 # The tier label of a session the controller had never seen: its KV is nowhere yet.
 NEW_SESSION = "new"
@@ -94,6 +100,73 @@ def count_rest_requests(app, metrics: dict) -> None:
         if request.url.path.startswith("/v1/"):
             metrics["lull:requests"].labels(api="rest", code=str(response.status_code)).inc()
         return response
+
+
+class CountGrpcRequests(grpc.aio.ServerInterceptor):
+    """Count every gRPC call in `lull:requests` with api="grpc" and the name of the status
+    it ends with (OK, INVALID_ARGUMENT, ...). Put it first among the server's
+    interceptors, so it sees the statuses the others answer with. A call to a method
+    the server lacks counts as UNIMPLEMENTED.
+
+    The count comes when the handler finishes; a status sent by `context.abort` can
+    reach the client a moment before that."""
+
+    def __init__(self, metrics: dict):
+        self._requests = metrics["lull:requests"]
+
+    def _count(self, code: str) -> None:
+        self._requests.labels(api="grpc", code=code).inc()
+
+    @contextlib.contextmanager
+    def _counted(self, context):
+        error = None
+        try:
+            yield
+        except BaseException as raised:  # cancellation included: it ends the call too
+            error = raised
+            raise
+        finally:
+            self._count(_status_name(context, error))
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            self._count(grpc.StatusCode.UNIMPLEMENTED.name)
+            return handler
+        if handler.unary_stream is not None or handler.stream_stream is not None:
+            kind = "unary_stream" if handler.unary_stream is not None else "stream_stream"
+            behavior = getattr(handler, kind)
+
+            async def streamed(request, context):
+                with self._counted(context):
+                    async for item in behavior(request, context):
+                        yield item
+
+            return handler._replace(**{kind: streamed})
+        kind = "unary_unary" if handler.unary_unary is not None else "stream_unary"
+        behavior = getattr(handler, kind)
+
+        async def unary(request, context):
+            with self._counted(context):
+                return await behavior(request, context)
+
+        return handler._replace(**{kind: unary})
+
+
+def _status_name(context, error: BaseException | None) -> str:
+    """The gRPC status a call ends with: the code its handler set (`abort`, `set_code`),
+    else OK when it returned, CANCELLED or DEADLINE_EXCEEDED when it was cancelled, and
+    UNKNOWN when it raised (what gRPC answers for an unhandled exception)."""
+    code = context.code()
+    if code is not None:
+        return code.name
+    if error is None:
+        return grpc.StatusCode.OK.name
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return (grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED).name
+    return grpc.StatusCode.UNKNOWN.name
 
 
 def session_on_arrival(controller, session_id: str) -> tuple[str, int, float | None]:

@@ -7,13 +7,17 @@ multiprocess mode, as vLLM does); the node agent serves the merged registry, Lul
 Dashboards and alert rules may name only the metrics listed here (the tests check).
 
 Writers must set ``PROMETHEUS_MULTIPROC_DIR`` before importing prometheus_client:
-it picks its value storage at import.
+it picks its value storage at import. ``make_metrics`` creates a missing directory;
+one it cannot use (or an unset variable) leaves the process's metrics in memory,
+said once in the log, rather than failing on the first value written.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -109,12 +113,21 @@ def series_names() -> frozenset[str]:
     return frozenset().union(*(spec.series_names() for spec in CATALOGUE))
 
 
+# registry -> its metric objects: prometheus_client refuses a name twice in one registry,
+# so the gateway's REST middleware and gRPC interceptor must share one set.
+_MADE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def make_metrics(registry=None) -> dict[str, object]:
     """prometheus_client objects for the catalogue, by name, registered in ``registry``
-    (the default registry when None: in multiprocess mode values go to files)."""
+    (the default registry when None: in multiprocess mode values go to files).
+    Idempotent per registry: a second call returns the objects of the first."""
     import prometheus_client as pc
 
     registry = pc.REGISTRY if registry is None else registry
+    if registry in _MADE:
+        return _MADE[registry]
+    ensure_metrics_dir()
     made: dict[str, object] = {}
     for spec in CATALOGUE:
         common = dict(name=spec.name, documentation=spec.help, labelnames=spec.labels, registry=registry)
@@ -124,7 +137,40 @@ def make_metrics(registry=None) -> dict[str, object]:
             made[spec.name] = pc.Gauge(**common, multiprocess_mode=spec.multiprocess_mode)
         else:
             made[spec.name] = pc.Histogram(**common, buckets=spec.buckets)
+    _MADE[registry] = made
     return made
+
+
+def ensure_metrics_dir() -> str | None:
+    """The directory this process writes its metrics to (``PROMETHEUS_MULTIPROC_DIR``),
+    created when missing; None when the process keeps them in memory instead: the
+    variable is unset, or names a directory that cannot be made or written (then
+    prometheus_client would fail on the first value it writes, so this switches it to
+    in-memory values). Logs the outcome once per process; call before making metrics."""
+    return _usable_metrics_dir(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+@functools.cache
+def _usable_metrics_dir(value: str | None) -> str | None:
+    if value is None:
+        log.info("PROMETHEUS_MULTIPROC_DIR is unset: this process's metrics stay in its memory, "
+                 "and a node agent serves only its own")
+        return None
+    try:
+        if not value:
+            raise OSError("the value is empty")
+        Path(value).mkdir(parents=True, exist_ok=True)
+        if not os.access(value, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+        return value
+    except OSError as error:
+        from prometheus_client import values
+
+        values.ValueClass = values.MutexValue  # what prometheus_client uses with the variable unset
+        log.warning("PROMETHEUS_MULTIPROC_DIR=%r is not a usable directory (%s): this process's metrics stay in "
+                    "its memory and the node's endpoint will not show them; mount a writable directory there",
+                    value, error)
+        return None
 
 
 def serve_node_metrics(port: int, metrics_dir: str | os.PathLike[str], addr: str = "0.0.0.0"):
@@ -180,11 +226,12 @@ def serve_text_metrics(port: int, registry, addr: str = "0.0.0.0"):
 
 def serve_agent_metrics(port: int, registry, addr: str = "0.0.0.0"):
     """What a node agent serves on ``port``: the node's merged registry when
-    ``PROMETHEUS_MULTIPROC_DIR`` is set (multiprocess mode), else only ``registry``.
-    Several Ray nodes on one host share the directory and the port: the first agent
-    serves the host's metrics, the others log it and serve none (their values are in
-    the same directory). Returns (server, thread), or None when the port was taken."""
-    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    ``PROMETHEUS_MULTIPROC_DIR`` names a usable directory (multiprocess mode), else only
+    ``registry``. Several Ray nodes on one host share the directory and the port: the
+    first agent serves the host's metrics, the others log it and serve none (their
+    values are in the same directory). Returns (server, thread), or None when the port
+    was taken."""
+    metrics_dir = ensure_metrics_dir()
     try:
         if metrics_dir:
             return serve_node_metrics(port, metrics_dir, addr)

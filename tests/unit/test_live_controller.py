@@ -12,41 +12,18 @@ no sleep orders events: a test awaits the task or the planning step it depends o
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from dataclasses import dataclass
 
 import pytest
 
 from controller.policy import Location, Phase, Tier, UnknownSession
 from controller.runtime import GateTimeout, GrpcMover, LiveController, SessionClosed
 from proto import tiers_pb2
-from tests.support import FakeClock
+from tests.support import Engine, FakeClock
 from workers.dram_store import DramStore
 from workers.node_agent import NodeAgent
 from workers.node_agent_service import serve
 
 GPU, DRAM = 300, 300  # KV tokens per replica
-BLOCK_BYTES = 64
-
-
-@dataclass
-class Engine:
-    """Stands in for the engine's write-through (the KV connector's job)."""
-
-    store: DramStore
-    replica: str
-
-    def write_through(self, session_id: str, tokens: int, tier_label: str = "gpu") -> None:
-        hashes = [hashlib.sha1(f"{session_id}:{i}".encode()).hexdigest() for i in range(tokens // 32 + 1)]
-        label = "busy" if tier_label == "gpu" else "idle"  # as LullConnector.wait_for_save labels it
-        assert self.store.put_session(session_id, tenant="t", replica=self.replica, label=label, tokens=tokens,
-                                      block_hashes=hashes, blocks={h: b"k" * BLOCK_BYTES for h in hashes})
-
-    def finish(self, ctl: LiveController, session_id: str, tokens: int, *, written: bool = True,
-               tier_label: str = "gpu") -> None:
-        if written:
-            self.write_through(session_id, tokens, tier_label)
-        ctl.call_finished(session_id, tokens)
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ def test_make_metrics_registers_the_catalogue():
     metrics = make_metrics(registry)
     metrics["lull:kv_moves"].labels(kind="promote", src_tier="dram", dst_tier="gpu").inc()
     assert registry.get_sample_value("lull:kv_moves_total", {"kind": "promote", "src_tier": "dram", "dst_tier": "gpu"}) == 1
+    assert make_metrics(registry) is metrics, "a second call must share the objects, not register them twice"
 
 
 WRITER = textwrap.dedent("""
@@ -76,6 +77,47 @@ def test_node_endpoint_merges_every_process(tmp_path):
 def test_node_endpoint_needs_its_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="PROMETHEUS_MULTIPROC_DIR"):
         serve_node_metrics(0, tmp_path / "missing")
+
+
+AGENT = WRITER + textwrap.dedent("""
+    import logging, sys, urllib.request
+    from prometheus_client import CollectorRegistry
+    from controller.telemetry.metrics import serve_agent_metrics
+    own = CollectorRegistry()
+    make_metrics(own)["lull:kv_moves"].labels(kind="drop", src_tier="dram", dst_tier="waiting").inc()
+    server, _ = serve_agent_metrics(0, own, addr="127.0.0.1")
+    sys.stdout.write(urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10).read().decode())
+""")
+
+
+def run_agent(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A writer that then serves as a node agent would, logging to stderr."""
+    script = "import logging; logging.basicConfig(level=logging.INFO)\n" + AGENT
+    return subprocess.run([sys.executable, "-c", script], env={"PATH": "/usr/bin:/bin", **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_missing_metrics_dir_is_created_and_served(tmp_path):
+    metrics_dir = tmp_path / "not" / "yet"
+    done = run_agent({"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    assert done.returncode == 0, done.stderr
+    assert metrics_dir.is_dir() and list(metrics_dir.glob("*.db"))
+    assert re.search(r"^lull:recompute_tokens_total 128\.0$", done.stdout, re.M), done.stdout
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "empty", "unset"])
+def test_unusable_or_unset_metrics_dir_keeps_metrics_in_memory(tmp_path, where):
+    (tmp_path / "file").write_text("")
+    env = {"under-a-file": {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "file" / "metrics")},
+           "empty": {"PROMETHEUS_MULTIPROC_DIR": ""}, "unset": {}}[where]
+    done = run_agent(env)
+    assert done.returncode == 0, done.stderr
+    # The agent serves its own registry: its move, not the other objects' values.
+    assert re.search(r'^lull:kv_moves_total\{.*kind="drop".*\} 1\.0$', done.stdout, re.M), done.stdout
+    assert "lull:recompute_tokens_total 128" not in done.stdout
+    said = [line for line in done.stderr.splitlines() if "PROMETHEUS_MULTIPROC_DIR" in line]
+    assert len(said) == 1, done.stderr  # once per process, however many registries it makes
+    assert ("is unset" if where == "unset" else "not a usable directory") in said[0]
 
 
 @pytest.mark.parametrize(("env", "enabled"), [
