@@ -2,10 +2,15 @@
 the chart deploys with its default values (secrets excepted: the base expects
 Secrets `lull-api-keys` and `lull-redis-auth` to exist; see k8s/README.md).
 
-    .venv/bin/python scripts/render_k8s_base.py          # rewrite k8s/base/
-    .venv/bin/python scripts/render_k8s_base.py --check  # exit 1 if it drifted
+Also the gpu-multinode overlay's serve-config.yaml: Serve's config is one string in
+the RayService, so no patch can change only its build_app args (replica bounds, GPU
+nodes); the overlay replaces it with the chart's rendering for the overlay's
+config.yaml and worker pods.
 
-tests/test_k8s_manifests.py runs the check.
+    .venv/bin/python scripts/render_k8s_base.py          # rewrite both
+    .venv/bin/python scripts/render_k8s_base.py --check  # exit 1 if either drifted
+
+tests/unit/test_k8s_manifests.py runs the check.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "lull"
-BASE = ROOT / "k8s" / "base"
+K8S = ROOT / "k8s"
+BASE = K8S / "base"
+OVERLAY = K8S / "overlays" / "gpu-multinode"
 RELEASE, NAMESPACE = "lull", "lull"
 VALUES = {
     "apiKeys": {"existingSecret": "lull-api-keys"},
@@ -50,40 +57,57 @@ def _plain(obj: dict) -> dict:
     return obj
 
 
-def render() -> dict[str, str]:
-    """File name -> content of every object the chart renders."""
+def _dump(obj) -> str:
+    return HEADER + yaml.dump(obj, Dumper=_BlockDumper, sort_keys=False, width=120, allow_unicode=True)
+
+
+def _objects(values: dict) -> list[dict]:
     from helm_python import chart
 
-    manifests = chart.Chart.load(str(CHART)).render(VALUES, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    files: dict[str, str] = {}
-    for template, text in sorted(manifests.items()):
-        if not template.endswith((".yaml", ".yml")):
-            continue
-        for obj in yaml.safe_load_all(text):
-            if not obj:
-                continue
-            name = f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
-            files[name] = HEADER + yaml.dump(_plain(obj), Dumper=_BlockDumper, sort_keys=False, width=120, allow_unicode=True)
-    resources = "".join(f"  - {name}\n" for name in sorted(files))
-    files["kustomization.yaml"] = (
+    manifests = chart.Chart.load(str(CHART)).render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [obj for template, text in sorted(manifests.items()) if template.endswith((".yaml", ".yml"))
+            for obj in yaml.safe_load_all(text) if obj]
+
+
+def overlay_values() -> dict:
+    """The chart values the gpu-multinode overlay stands for: its config.yaml, and the GPUs
+    and node selector its gpu-workers.yaml patch gives the worker pods."""
+    pod = "/spec/rayClusterConfig/workerGroupSpecs/0/template/spec"
+    patched = {op["path"]: op["value"] for op in yaml.safe_load((OVERLAY / "gpu-workers.yaml").read_text())}
+    workers = {"gpusPerPod": patched[f"{pod}/containers/0/resources"]["limits"]["nvidia.com/gpu"],
+               "nodeSelector": patched[f"{pod}/nodeSelector"]}
+    return {**VALUES, "config": yaml.safe_load((OVERLAY / "config.yaml").read_text()), "ray": {"gpuWorkers": workers}}
+
+
+def render() -> dict[Path, str]:
+    """Path -> content of every file written: each object the chart renders, the base's
+    kustomization, and the overlay's Serve config patch."""
+    files: dict[Path, str] = {}
+    for obj in _objects(VALUES):
+        files[BASE / f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"] = _dump(_plain(obj))
+    resources = "".join(f"  - {path.name}\n" for path in sorted(files))
+    files[BASE / "kustomization.yaml"] = (
         HEADER + "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         f"namespace: {NAMESPACE}\nresources:\n{resources}"
     )
+    service = next(obj for obj in _objects(overlay_values()) if obj["kind"] == "RayService")
+    files[OVERLAY / "serve-config.yaml"] = _dump(
+        [{"op": "replace", "path": "/spec/serveConfigV2", "value": service["spec"]["serveConfigV2"]}])
     return files
 
 
-def drift(files: dict[str, str]) -> list[str]:
-    present = {p.name for p in BASE.glob("*.yaml")}
-    problems = [f"k8s/base/{n} is missing" for n in sorted(set(files) - present)]
-    problems += [f"k8s/base/{n} is not rendered by the chart" for n in sorted(present - set(files))]
-    problems += [f"k8s/base/{n} differs from the chart" for n in sorted(set(files) & present)
-                 if (BASE / n).read_text() != files[n]]
+def drift(files: dict[Path, str]) -> list[str]:
+    present = set(BASE.glob("*.yaml")) | {p for p in files if p.exists()}
+    problems = [f"{p.relative_to(ROOT)} is missing" for p in sorted(set(files) - present)]
+    problems += [f"{p.relative_to(ROOT)} is not rendered by the chart" for p in sorted(present - set(files))]
+    problems += [f"{p.relative_to(ROOT)} differs from the chart" for p in sorted(set(files) & present)
+                 if p.read_text() != files[p]]
     return problems
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="exit 1 if k8s/base drifted from the chart")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file drifted from the chart")
     args = parser.parse_args()
     files = render()
     if args.check:
@@ -93,8 +117,8 @@ def main() -> int:
         return 1 if problems else 0
     for old in BASE.glob("*.yaml"):
         old.unlink()
-    for name, text in files.items():
-        (BASE / name).write_text(text)
+    for path, text in files.items():
+        path.write_text(text)
     return 0
 
 

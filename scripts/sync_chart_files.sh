@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy platform/'s Serve config, dashboards and alert rules into the Helm chart,
 # which must be self-contained when packaged (.Files reads only inside the chart).
-# tests/test_helm_chart.py and tests/test_dashboards.py fail while the copies differ.
+# tests/unit/test_helm_chart.py and tests/unit/test_dashboards.py fail while the copies differ.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 files=deploy/helm/lull/files

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.serve.config import AutoscalingConfig
 
 from controller import names
 from controller.config import LullConfig, Secrets, from_dict
 from controller.config_export import expected_files
+from controller.gateway.app import PlatformSettings, engine_count
 from tests.k8s_validation import ROOT, load_all, validate
+from workers.engine_deployment import DRAIN_WAIT_S
 
 CHART = ROOT / "deploy" / "helm" / "lull"
 MULTINODE = CHART / "values-gpu-multinode.yaml"
@@ -42,6 +45,12 @@ def rendered(which: str) -> tuple[dict, ...]:
 
 def find(which: str, kind: str, name: str | None = None) -> list[dict]:
     return [o for o in rendered(which) if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def loaded_config(config_map: dict) -> LullConfig:
+    """The `lull-config` ConfigMap's config.yaml as controller/config.py loads it (keys
+    arrive at run time from the Secret; the config must accept the rest as is)."""
+    return from_dict(yaml.safe_load(config_map["data"]["config.yaml"]), Secrets(api_keys={"t": "key-from-secret"}))
 
 
 @pytest.mark.parametrize("which", VALUE_SETS)
@@ -84,6 +93,43 @@ def test_worker_group_has_autoscaling_bounds_gpus_and_placement():
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
 
 
+def metrics_dir_problems(service: dict) -> list[str]:
+    """What keeps a RayService's Lull processes from sharing a node's metrics directory:
+    every Ray pod template's ray container needs PROMETHEUS_MULTIPROC_DIR and an
+    emptyDir mounted there, and Serve's runtime_env (which overrides the container's
+    environment for the gateway and engines) must name the same directory."""
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [("head", cluster["headGroupSpec"])]
+    groups += [(f"worker group {g['groupName']}", g) for g in cluster.get("workerGroupSpecs", [])]
+    serve_env = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["runtime_env"]["env_vars"]
+    problems = []
+    for where, group in groups:
+        pod = group["template"]["spec"]
+        empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+        rays = [c for c in pod["containers"] if c["name"].startswith("ray-")]
+        if not rays:
+            problems.append(f"{where}: no ray container")
+        for container in rays:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            path = env.get("PROMETHEUS_MULTIPROC_DIR")
+            if not path:
+                problems.append(f"{where}: {container['name']} lacks PROMETHEUS_MULTIPROC_DIR")
+                continue
+            if not any(m["mountPath"] == path and m["name"] in empty_dirs for m in container.get("volumeMounts", [])):
+                problems.append(f"{where}: {container['name']} has no emptyDir mounted at {path}")
+            if serve_env.get("PROMETHEUS_MULTIPROC_DIR") != path:
+                problems.append(f"{where}: Serve's runtime_env sets PROMETHEUS_MULTIPROC_DIR="
+                                f"{serve_env.get('PROMETHEUS_MULTIPROC_DIR')!r}, the container {path!r}")
+    return problems
+
+
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_every_ray_container_shares_the_nodes_metrics_dir(which):
+    service = find(which, "RayService")[0]
+    assert service["spec"]["rayClusterConfig"]["workerGroupSpecs"], "no worker group to check"
+    assert metrics_dir_problems(service) == []
+
+
 @pytest.mark.parametrize("which", VALUE_SETS)
 def test_serve_config_is_platforms_with_the_configs_ports_and_names(which):
     serve = yaml.safe_load(find(which, "RayService")[0]["spec"]["serveConfigV2"])
@@ -96,18 +142,89 @@ def test_serve_config_is_platforms_with_the_configs_ports_and_names(which):
     assert serve["http_options"]["port"] == config["gateway"]["http_port"]
     assert "grpc_options" not in serve  # the gateway serves gRPC itself on gateway.grpc_port
     engine = deployments[names.ENGINE_DEPLOYMENT]
-    assert engine["num_replicas"] == config["replicas"]["initial"]
     assert engine["ray_actor_options"]["num_gpus"] == config["engine"]["tensor_parallel_size"]
     # Everything the chart does not set comes from platform/serve/lull.yaml unchanged.
     assert serve["proxy_location"] == platform_serve["proxy_location"]
     assert app["runtime_env"] == platform_serve["applications"][0]["runtime_env"]
+    assert platform_serve["applications"][0]["args"].keys() <= app["args"].keys()
+
+
+def engine_scaling_problems(serve: dict, config: LullConfig, workers: dict | None) -> list[str]:
+    """What keeps Serve from running the engine deployment as `build_app` means it to:
+    a num_replicas (Serve's config overrides the code's count and autoscaling), a
+    graceful shutdown no longer than the replica's drain, app args `build_app` rejects,
+    or args that disagree with the config's replica bounds and, on Kubernetes, with the
+    GPU worker group's pod spec (`workers`) the policy caps the count by."""
+    app = serve["applications"][0]
+    engine = next(d for d in app["deployments"] if d["name"] == names.ENGINE_DEPLOYMENT)
+    problems = []
+    if "num_replicas" in engine:
+        problems.append(f"{names.ENGINE_DEPLOYMENT} sets num_replicas, overriding build_app's count")
+    if not engine.get("graceful_shutdown_timeout_s", 0) > DRAIN_WAIT_S:
+        problems.append(f"graceful_shutdown_timeout_s {engine.get('graceful_shutdown_timeout_s')} cuts short "
+                        f"the replica's {DRAIN_WAIT_S} s drain")
+    try:
+        settings = PlatformSettings.from_args(app.get("args", {}))
+    except (TypeError, ValueError) as error:
+        return problems + [f"build_app rejects the app's args: {error}"]
+    bounds = (config.replicas.initial, config.replicas.min, config.replicas.max)
+    if (settings.replicas, *settings.bounds) != bounds:
+        problems.append(f"args' replicas, min, max {(settings.replicas, *settings.bounds)}; the config's {bounds}")
+    selector = None
+    if workers is not None:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(workers.get("nodeSelector", {}).items())) or None
+        pods = (selector, config.engine.tensor_parallel_size,
+                workers["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        given = (settings.gpu_node_selector, settings.gpus_per_replica, settings.gpus_per_pod)
+        if given != pods:
+            problems.append(f"args' node selector, GPUs per replica and per pod {given}; the worker group's {pods}")
+    count = engine_count(settings, config)
+    if config.replicas.min == config.replicas.max or not config.autoscaling.enabled:
+        return problems + ([] if count == {"num_replicas": config.replicas.initial} else [f"not fixed: {count}"])
+    if "autoscaling_config" not in count:
+        return problems + [f"the config autoscales, build_app does not: {count}"]
+    scaling = AutoscalingConfig(**count["autoscaling_config"])  # Serve's own validation
+    scaled = (scaling.initial_replicas, scaling.min_replicas, scaling.max_replicas)
+    if scaled != bounds:
+        problems.append(f"autoscaling_config's replicas, min, max {scaled}; the config's {bounds}")
+    kube = scaling.policy.policy_kwargs.get("kube") or {}
+    if kube.get("node_selector") != selector:
+        problems.append(f"the policy caps by nodes {kube.get('node_selector')!r}, the workers run on {selector!r}")
+    return problems
+
+
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_serve_runs_the_engines_as_build_app_means(which):
+    service = find(which, "RayService")[0]
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    config = loaded_config(find(which, "ConfigMap", "lull-config")[0])
+    assert config.replicas.min < config.replicas.max, "these values should exercise the autoscaler"
+    assert engine_scaling_problems(yaml.safe_load(service["spec"]["serveConfigV2"]), config, workers) == []
+
+
+def test_platform_serve_config_args_match_the_config_defaults():
+    serve = yaml.safe_load((ROOT / "platform" / "serve" / "lull.yaml").read_text())
+    assert engine_scaling_problems(serve, from_dict({}), workers=None) == []
+
+
+def test_gpu_node_selector_joins_every_label_sorted_by_key():
+    values = {"ray": {"gpuWorkers": {"nodeSelector": {"pool": "gpu", "cloud.io/accelerator": "h100"}}}}
+    manifests = helm().Chart.load(str(CHART)).render(values, name="lull", namespace="lull")
+    service = next(o for o in load_all(manifests["lull/templates/rayservice.yaml"]) if o["kind"] == "RayService")
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["gpu_node_selector"] == "cloud.io/accelerator=h100,pool=gpu"
+
+
+def test_chart_refuses_a_minimum_of_zero_engine_replicas():
+    # build_app keeps at least one engine replica (PlatformSettings), though the config allows 0.
+    values = {"config": {"replicas": {"min": 0, "initial": 0}}}
+    with pytest.raises(Exception, match="config.replicas.min"):
+        helm().Chart.load(str(CHART)).render(values, name="lull", namespace="lull")
 
 
 @pytest.mark.parametrize("which", VALUE_SETS)
 def test_rendered_lull_config_loads_with_controller_config(which):
-    text = find(which, "ConfigMap", "lull-config")[0]["data"]["config.yaml"]
-    # Keys arrive at run time from the Secret; the config must accept the rest as is.
-    config = from_dict(yaml.safe_load(text), Secrets(api_keys={"tenant": "key-from-the-secret"}))
+    config = loaded_config(find(which, "ConfigMap", "lull-config")[0])
     assert isinstance(config, LullConfig) and config.model.device == "gpu"
     assert config.tiers.redis_url == "redis://lull-redis:6379/0"
 

@@ -11,8 +11,8 @@ import subprocess
 import pytest
 import yaml
 
-from controller.config import Secrets, from_dict
 from tests.k8s_validation import ROOT, kubectl, load_all, validate
+from tests.unit.test_helm_chart import engine_scaling_problems, loaded_config, metrics_dir_problems
 
 TREES = ["k8s/base", "k8s/overlays/gpu-multinode"]
 
@@ -22,6 +22,10 @@ def kustomize(tree: str) -> tuple[dict, ...]:
     result = subprocess.run([kubectl(), "kustomize", str(ROOT / tree)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"kubectl kustomize {tree} failed: {result.stderr}"
     return tuple(load_all(result.stdout))
+
+
+def config_of(objs: tuple[dict, ...]):
+    return loaded_config(next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "lull-config"))
 
 
 def render_base_module():
@@ -46,6 +50,12 @@ def test_kustomize_renders_valid_objects_in_one_namespace(tree):
             assert obj["metadata"].get("namespace") == "lull", f"{obj['kind']} {obj['metadata']['name']}"
 
 
+@pytest.mark.parametrize("tree", TREES)
+def test_every_ray_container_shares_the_nodes_metrics_dir(tree):
+    service = next(o for o in kustomize(tree) if o["kind"] == "RayService")
+    assert metrics_dir_problems(service) == []
+
+
 def test_overlay_changes_workers_image_and_config():
     objs = kustomize("k8s/overlays/gpu-multinode")
     service = next(o for o in objs if o["kind"] == "RayService")
@@ -55,9 +65,18 @@ def test_overlay_changes_workers_image_and_config():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert container["image"] == "registry.example.com/ml/lull:0.1.0"
     assert any(o["kind"] == "ServiceMonitor" for o in objs)
-    config_map = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "lull-config")
-    config = from_dict(yaml.safe_load(config_map["data"]["config.yaml"]), Secrets(api_keys={"t": "key-from-secret"}))
+    config = config_of(objs)
     assert config.replicas.max == 32 and config.model.device == "gpu"
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_serve_runs_the_engines_as_build_app_means(tree):
+    """The overlay's Serve config carries its own config.yaml's bounds and its GPU nodes."""
+    objs = kustomize(tree)
+    service = next(o for o in objs if o["kind"] == "RayService")
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert engine_scaling_problems(serve, config_of(objs), workers) == []
 
 
 def _rules(obj: dict) -> list[tuple[set, set, set]]:
