@@ -98,6 +98,19 @@ class Completion:
     finish_reason: str | None
 
 
+class StreamEnd(list):
+    """The last item of ``LullEngine.stream``: no token ids (an empty list, so a reader that
+    only extends its output skips it), and the call's ``cached_tokens``: the prompt tokens
+    whose KV the engine reused, which the gateway reports in the stream's usage."""
+
+    def __init__(self, cached_tokens: int) -> None:
+        super().__init__()
+        self.cached_tokens = cached_tokens
+
+    def __reduce__(self):  # crosses Ray's process boundary with its attribute
+        return StreamEnd, (self.cached_tokens,)
+
+
 class EngineReplica:
     def __init__(self, settings: EngineSettings):
         from vllm.v1.engine.async_llm import AsyncLLM

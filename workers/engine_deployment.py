@@ -16,7 +16,7 @@ from ray import serve
 
 from controller.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE
 from workers.dram_store import node_dram_dir
-from workers.engine import EngineReplica, EngineSettings
+from workers.engine import EngineReplica, EngineSettings, StreamEnd
 
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,13 @@ class LullEngine:
         return dataclasses.asdict(done) | {"replica_id": self.replica_id()}
 
     async def stream(self, request: dict):
-        """The same call, streamed: yields lists of new token ids (use handle.options(stream=True))."""
+        """The same call, streamed: yields lists of new token ids (use handle.options(stream=True)),
+        then a `StreamEnd` (no ids) with the prompt tokens whose KV was reused."""
         async for ids, done in self.replica.stream(**_call_args(request)):
             if ids:
                 yield ids
+            if done is not None:
+                yield StreamEnd(done.cached_tokens)
 
     def metrics_text(self) -> str:
         """vLLM's own `vllm:*` metrics of this replica, in Prometheus text format."""

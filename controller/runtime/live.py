@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from controller.runtime.policies import LIVE_POLICIES, UNBOUNDED_TOKENS
 from controller.runtime.restore import Placement, placements_from_reports
 
 log = logging.getLogger(__name__)
+RECENT_WAITS_S = 5.0  # gate waits that count towards the autoscaler's signal after the request left the gate
 
 
 @dataclass
@@ -52,6 +54,7 @@ class LiveController:
         self.capacity: dict[Location, int] = {Location(Tier.SHARED): 0}  # as configured, for status
         self.draining: set[str] = set()  # replicas being drained (runtime.drain), booked at zero capacity
         self._waiters: dict[str, _Waiter] = {}
+        self._recent_waits: deque[tuple[float, float]] = deque(maxlen=10_000)  # (left the gate at, waited)
         self._lock = asyncio.Lock()
         self._dirty = False
         self._stepper: asyncio.Task | None = None
@@ -295,10 +298,14 @@ class LiveController:
         self._kick()
         return placements
 
-    def gate_waits(self) -> list[float]:
-        """How long each gated request has waited so far, s (the autoscaler's signal)."""
+    def gate_waits(self, horizon_s: float = RECENT_WAITS_S) -> list[float]:
+        """The autoscaler's signal, s: how long each gated request has waited so far, and the
+        waits of requests that left the gate in the last ``horizon_s`` (a queue that forms
+        and drains between two looks at it is still a queue)."""
         now = self.clock()
-        return [now - waiter.arrived for waiter in self._waiters.values()]
+        while self._recent_waits and now - self._recent_waits[0][0] > horizon_s:
+            self._recent_waits.popleft()
+        return [wait for _, wait in self._recent_waits] + [now - w.arrived for w in self._waiters.values()]
 
     def check_integrity(self) -> None:
         self.state.check_integrity()
@@ -336,5 +343,7 @@ class LiveController:
                 self.metrics["lull:sessions"].labels(tier=tier.name.lower()).set(count)
 
     def _observe_wait(self, waiter: _Waiter, outcome: str) -> None:
+        now = self.clock()
+        self._recent_waits.append((now, now - waiter.arrived))
         if "lull:gate_wait_seconds" in self.metrics:
-            self.metrics["lull:gate_wait_seconds"].labels(outcome=outcome).observe(self.clock() - waiter.arrived)
+            self.metrics["lull:gate_wait_seconds"].labels(outcome=outcome).observe(now - waiter.arrived)

@@ -79,8 +79,11 @@ class MeteredEngines:
         first_at = last_at = None
         first_tokens = total = 0
         async for ids in self._engines.stream(replica_id, request):
+            if not ids:  # the stream's end marker (workers.engine.StreamEnd): no token, no timing
+                yield ids
+                continue
             last_at = time.monotonic()
-            if first_at is None and ids:
+            if first_at is None:
                 first_at, first_tokens = last_at, len(ids)
                 if arrival:
                     self._metrics["lull:time_to_first_token_seconds"].labels(tier=arrival.tier).observe(

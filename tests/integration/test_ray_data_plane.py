@@ -87,10 +87,10 @@ def test_call_demote_over_grpc_and_resume_from_dram(cluster):
     resumed = handle.generate.remote({"prompt_token_ids": next_prompt, "session_id": "ray-1", "tenant": "t",
                                       "tier": "dram", "max_tokens": 8}).result()
     assert resumed["cached_tokens"] >= 192
-    streamed = [t for chunk in handle.options(stream=True).stream.remote(
-        {"prompt_token_ids": next_prompt, "session_id": "ray-1b", "tenant": "t2", "tier": "dram", "max_tokens": 8})
-        for t in chunk]
-    assert streamed == resumed["token_ids"]  # a recompute for another tenant gives the same greedy tokens
+    chunks = list(handle.options(stream=True).stream.remote(
+        {"prompt_token_ids": next_prompt, "session_id": "ray-1b", "tenant": "t2", "tier": "dram", "max_tokens": 8}))
+    assert [t for chunk in chunks for t in chunk] == resumed["token_ids"]  # a recompute for another tenant: same tokens
+    assert chunks[-1] == [] and chunks[-1].cached_tokens == 0  # the end marker: nothing of t's KV was reused
 
 
 def test_bad_inputs_get_clear_errors_and_the_plane_keeps_serving(cluster):

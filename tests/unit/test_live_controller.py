@@ -247,3 +247,24 @@ def test_lru_offload_admits_everything_at_once_sticky_and_moves_nothing(plane):
         ctl.check_integrity()
 
     run(scenario)
+
+
+def test_gate_waits_count_the_queue_now_and_the_waits_that_just_ended(plane):
+    """The autoscaler's signal: a gate queue that formed and drained between two of its
+    looks still shows, for ``RECENT_WAITS_S``; then it is forgotten."""
+    _, addresses, engines = plane
+
+    async def scenario():
+        ctl, clock = await s1_running(addresses)
+        assert ctl.gate_waits() == [0.0]  # s1's own admission, at once
+        waiting = await gated(ctl, "s2", 150)
+        clock.advance(2.0)
+        assert sorted(ctl.gate_waits()) == [0.0, 2.0]  # s2 has waited 2 s so far
+        engines["r1"].finish(ctl, "s1", 240)
+        await waiting
+        clock.advance(1.0)
+        assert sorted(ctl.gate_waits()) == [0.0, 2.0]  # s2 left the gate after 2 s, 1 s ago
+        clock.advance(10.0)
+        assert ctl.gate_waits() == []
+
+    run(scenario)
