@@ -37,7 +37,10 @@ def read_state() -> dict:
 def add_parser(subparsers):
     up = subparsers.add_parser("up", help="start a local Lull platform (Ray, Redis, controller, gateway, engines)")
     up.add_argument("--nodes", type=int, default=1, help="Ray nodes to start on this host")
-    up.add_argument("--replicas", type=int, default=1, help="engine replicas (vLLM on CPU, tiny local model)")
+    up.add_argument("--replicas", type=int, default=1, help="engine replicas at start (vLLM on CPU, tiny local model)")
+    up.add_argument("--min-replicas", type=int, default=None,
+                    help="the autoscaler's lower bound (default: --replicas); it runs when min < max")
+    up.add_argument("--max-replicas", type=int, default=None, help="the autoscaler's upper bound (default: --replicas)")
     up.add_argument("--policy", choices=("lull", "mori", "lru-offload"), default=None,
                     help="the controller's tier policy (default: policy.name of the config)")
     up.add_argument("--port", type=int, default=None, help="REST port (default: gateway.http_port)")
@@ -68,6 +71,10 @@ def cmd_up(args) -> int:
 
     if args.nodes < 1 or args.replicas < 1:
         raise ValueError("--nodes and --replicas must be >= 1")
+    low = args.replicas if args.min_replicas is None else args.min_replicas
+    high = args.replicas if args.max_replicas is None else args.max_replicas
+    if not 1 <= low <= args.replicas <= high:
+        raise ValueError(f"need 1 <= --min-replicas <= --replicas <= --max-replicas; got {low}, {args.replicas}, {high}")
     if state_path().exists():
         raise ValueError(f"a platform is already up ({state_path()}); run `lull down` first")
     config = load_config()
@@ -102,7 +109,8 @@ def cmd_up(args) -> int:
     from controller.app import build_app
 
     ray.init(address=state["address"], namespace=RAY_NAMESPACE, log_to_driver=False)
-    engine_cpus = args.engine_cpus or max(0.25, (cpus * args.nodes - 0.5) / args.replicas)
+    most = max(args.replicas, args.max_replicas or 0)
+    engine_cpus = args.engine_cpus or max(0.25, (cpus * args.nodes - 0.5) / most)
     serve.start(detached=True, http_options={"host": "127.0.0.1", "port": port})
     app_args = {"replicas": args.replicas, "engine_num_cpus": engine_cpus, "redis_url": state["redis_url"],
                 "cpu_kv_cache_gib": 1}
@@ -110,6 +118,10 @@ def cmd_up(args) -> int:
         app_args["policy"] = args.policy
     if args.gpu_tier_tokens:
         app_args["gpu_tier_tokens"] = args.gpu_tier_tokens
+    if args.min_replicas is not None:
+        app_args["min_replicas"] = args.min_replicas
+    if args.max_replicas is not None:
+        app_args["max_replicas"] = args.max_replicas
     print(f"starting {args.replicas} engine replica(s) on {args.nodes} Ray node(s); this takes a minute ...")
     serve.run(build_app(app_args), name=SERVE_APP, route_prefix="/")
     print(f"Lull is up: OpenAI-compatible API at http://127.0.0.1:{port}/v1 (Ray at {state['address']})")
@@ -156,16 +168,21 @@ def cmd_status(args) -> int:
 
 
 def _stop_cluster(temp_dir: str, grace_s: float = 10.0) -> None:
-    """Stop this platform's Ray processes only: those whose command line names its temp dir
-    (GCS, raylet, agents; workers die with their raylet). `ray stop` would stop every Ray
-    cluster on the host, other users' and other tests' included."""
+    """Stop this platform's Ray processes only: those whose command line or environment names
+    its temp dir. The command line names it for GCS and raylets; Ray's agents and workers
+    rename themselves (`ray::DashboardAgent`, `ray::NodeAgentActor`) and some outlive their
+    raylet, but all inherit `up`'s environment, whose PROMETHEUS_MULTIPROC_DIR is in the
+    temp dir. `ray stop` would stop every Ray cluster on the host, other users' and other
+    tests' included."""
     def ours() -> list[int]:
         pids = []
         for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
             try:
-                if entry.name.isdigit() and temp_dir.encode() in (entry / "cmdline").read_bytes():
+                if any(temp_dir.encode() in (entry / part).read_bytes() for part in ("cmdline", "environ")):
                     pids.append(int(entry.name))
-            except OSError:
+            except OSError:  # gone meanwhile, or another user's
                 continue
         return pids
 

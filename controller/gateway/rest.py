@@ -233,7 +233,7 @@ async def _sse(kind, cid, model, chunks, prompt_tokens, max_tokens, include_usag
         # The engine's stream carries tokens only: a call that used its whole budget hit the limit.
         yield event(choice("", "length" if produced >= max_tokens else "stop"))
         if include_usage:
-            yield event(None, _usage(prompt_tokens, produced, None))
+            yield event(None, _usage(prompt_tokens, produced, chunks.cached_tokens))
         yield "data: [DONE]\n\n"
     except Exception as error:
         log.warning("stream of session %s failed: %s", key, type(error).__name__)

@@ -25,8 +25,8 @@ from controller.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
-CONTROLLER_METHODS = ("add_replica", "remove_replica", "admit", "admit_observed", "call_finished", "call_failed",
-                      "tool_call_started", "tool_call_finished", "close_session", "snapshot")
+CONTROLLER_METHODS = ("add_replica", "remove_replica", "drain_replica", "admit", "admit_observed", "call_finished",
+                      "call_failed", "tool_call_started", "tool_call_finished", "close_session", "snapshot")
 # How long a call waits for a killed controller to come back (restarted by Ray, or relaunched here).
 CONTROLLER_RESTART_WAIT_S = 20.0
 ENGINE_RETRIES = 2  # a call whose engine replica died runs again, on another replica (twice: the router may
@@ -70,7 +70,7 @@ class ControllerClient:
         async def call(*args, **kwargs):
             if name == "add_replica":
                 self._replicas[args[0]] = args
-            elif name == "remove_replica":
+            elif name in ("remove_replica", "drain_replica"):
                 self._replicas.pop(args[0], None)
             if not self._is_actor:
                 result = getattr(self._target, name)(*args, **kwargs)
@@ -170,6 +170,20 @@ class CallResult:
     cached_tokens: int
     finish_reason: str | None
     waited_s: float
+
+
+class StreamedCall:
+    """A streamed call: `async for text, ids in call` yields (new text, new token ids). Once
+    they are all read, `cached_tokens` holds the prompt tokens whose KV the engine reused,
+    as its last chunk reports them (`workers.engine.StreamEnd`: no ids, `cached_tokens`);
+    None when the engine sent no such chunk."""
+
+    def __init__(self) -> None:
+        self.pieces: AsyncIterator[tuple[str, list[int]]] | None = None
+        self.cached_tokens: int | None = None
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, list[int]]]:
+        return self.pieces
 
 
 class GatewayCore:
@@ -289,13 +303,15 @@ class GatewayCore:
                           done["cached_tokens"], done["finish_reason"], admission.waited_s)
 
     async def stream(self, key: str, tenant: str, prompt_ids: list[int], max_tokens: int,
-                     temperature: float) -> AsyncIterator[tuple[str, list[int]]]:
-        """Admit first (errors surface before any byte is sent), then yield (new text, new ids)."""
+                     temperature: float) -> StreamedCall:
+        """Admit first (errors surface before any byte is sent), then stream (new text, new ids)."""
         admission = await self._admit(key, tenant, len(prompt_ids), max_tokens)
-        return self._stream(key, tenant, admission, prompt_ids, max_tokens, temperature)
+        call = StreamedCall()
+        call.pieces = self._stream(key, tenant, admission, prompt_ids, max_tokens, temperature, call)
+        return call
 
     async def _stream(self, key: str, tenant: str, admission: Any, prompt_ids: list[int], max_tokens: int,
-                      temperature: float):
+                      temperature: float, call: StreamedCall):
         ids: list[int] = []
         text = ""
         retries_left = ENGINE_RETRIES
@@ -309,6 +325,11 @@ class GatewayCore:
                                     temperature, span)
             try:
                 async for chunk in self.engines.stream(admission.replica_id, request):
+                    if not chunk:  # the stream's end, with the engine's final numbers when it sends them
+                        reused = getattr(chunk, "cached_tokens", None)
+                        if reused is not None:  # after a retry, of prompt + ids so far: count the prompt only
+                            call.cached_tokens = min(reused, len(prompt_ids))
+                        continue
                     ids.extend(chunk)
                     # Decode the whole output each time: byte-level BPE may split a character
                     # across tokens, so per-chunk decoding would emit broken text.

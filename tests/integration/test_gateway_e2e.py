@@ -5,50 +5,30 @@ client, unchanged."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import ray
 
-from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE
+from tests.integration.gateway_client import RawHttp, chat, check_grpc_bad_inputs, check_rest_bad_inputs, snapshot
 from tests.integration.live_platform import serve_platform
 
 PORT = 8766
 GRPC_PORT = 9766
 KEY, OTHER_KEY = "sk-acme-test", "sk-beta-test"
+MAX_MODEL_LEN = 1024
 
 
 @pytest.fixture(scope="module")
 def platform():
-    env = {"LULL_API_KEYS": f"acme:{KEY},beta:{OTHER_KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "1024",
+    env = {"LULL_API_KEYS": f"acme:{KEY},beta:{OTHER_KEY}", "LULL_ENGINE__MAX_MODEL_LEN": str(MAX_MODEL_LEN),
            "LULL_GATEWAY__GATE_TIMEOUT_S": "20"}
     with serve_platform(env, {"replicas": 2, "default_max_tokens": 8, "grpc_port": GRPC_PORT}, port=PORT):
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-def raw(method: str, path: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, dict, dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=120)
-    headers = {"content-type": "application/json"}
-    if key:
-        headers["authorization"] = f"Bearer {key}"
-    conn.request(method, path, body=body, headers=headers)
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, dict(response.getheaders()), json.loads(data) if data else {}
-
-
-def chat(client, session: str, text: str, **kwargs):
-    return client.chat.completions.create(model="lull", messages=[{"role": "user", "content": text}],
-                                          max_tokens=8, extra_headers={"x-session-id": session}, **kwargs)
-
-
-def snapshot() -> dict:
-    return ray.get(ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE).snapshot.remote())
+raw = RawHttp(PORT, KEY)
 
 
 def test_session_calls_with_a_tool_gap_reuse_the_kv(platform):
@@ -97,18 +77,7 @@ def test_two_concurrent_sessions_and_a_one_off(platform):
 
 
 def test_bad_inputs_get_clear_errors_and_the_platform_keeps_serving(platform):
-    status, _, body = raw("POST", "/v1/chat/completions", b'{"model": "lull", "messages": [')
-    assert status == 400 and "not valid JSON" in body["error"]["message"]
-    status, _, body = raw("POST", "/v1/chat/completions", b'{"model": "lull", "messages": "hi"}')
-    assert status == 422 and body["error"]["param"] == "messages"
-    status, _, body = raw("POST", "/v1/sessions/nobody/tool_call_finished")
-    assert status == 404 and "unknown session 'nobody'" in body["error"]["message"]
-    with pytest.raises(openai.AuthenticationError) as wrong_key:
-        openai.OpenAI(base_url=platform.base_url, api_key="sk-wrong", max_retries=0).models.list()
-    assert wrong_key.value.status_code == 401 and "invalid API key" in str(wrong_key.value)
-    with pytest.raises(openai.BadRequestError) as too_long:
-        chat(platform, "long", "word " * 2000)
-    assert "accepts at most 1023 prompt tokens" in str(too_long.value)
+    check_rest_bad_inputs(platform, raw, MAX_MODEL_LEN)
     # Another tenant's session of the same name is another session.
     status, _, _ = raw("GET", "/v1/sessions/stream-a", key=OTHER_KEY)
     assert status == 404
@@ -139,21 +108,6 @@ def test_grpc_session_service_generates_and_rejects_bad_input(platform):
     state = stub.GetSessionState(spb.GetSessionStateRequest(session_id=sid), metadata=auth, timeout=30)
     assert state.session_id == sid and state.kv_tokens >= 100
 
-    bad_calls = [
-        (grpc.StatusCode.UNAUTHENTICATED, lambda: stub.OpenSession(
-            spb.OpenSessionRequest(), metadata=(("authorization", "Bearer wrong"),), timeout=30)),
-        (grpc.StatusCode.INVALID_ARGUMENT, lambda: list(stub.Generate(
-            spb.GenerateRequest(session_id=sid), metadata=auth, timeout=30))),
-        (grpc.StatusCode.INVALID_ARGUMENT, lambda: list(stub.Generate(
-            spb.GenerateRequest(session_id="", text="hi"), metadata=auth, timeout=30))),
-        (grpc.StatusCode.INVALID_ARGUMENT, lambda: list(stub.Generate(
-            spb.GenerateRequest(session_id=sid, token_ids=spb.TokenIds(ids=[5] * 2000)), metadata=auth, timeout=30))),
-        (grpc.StatusCode.NOT_FOUND, lambda: stub.GetSessionState(
-            spb.GetSessionStateRequest(session_id="nobody"), metadata=auth, timeout=30)),
-    ]
-    for code, call in bad_calls:
-        with pytest.raises(grpc.RpcError) as error:
-            call()
-        assert error.value.code() == code and error.value.details()
+    check_grpc_bad_inputs(GRPC_PORT, KEY, sid, MAX_MODEL_LEN)
     assert stub.CloseSession(spb.CloseSessionRequest(session_id=sid), metadata=auth, timeout=30).was_open
     channel.close()

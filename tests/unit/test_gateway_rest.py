@@ -19,6 +19,7 @@ from controller.gateway.protocol import ANONYMOUS_TENANT, ApiError, Authenticato
 from controller.gateway.rest import create_app
 from controller.gateway.service import ControllerClient, GatewayCore, Limits
 from controller.runtime.live import LiveController
+from workers.engine import StreamEnd
 
 
 def test_session_id_sources_in_order():
@@ -116,6 +117,26 @@ def test_streaming_sends_sse_chunks_and_done(client):
         lines = [line for line in reply.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     assert '"completion_tokens": 4' in lines[-2]
+
+
+def test_streamed_usage_reports_the_cached_tokens_the_engine_sends_last(client, monkeypatch):
+    echo = client.engines.stream
+
+    async def stream_with_end(replica_id, request):
+        async for ids in echo(replica_id, request):
+            yield ids
+        yield StreamEnd(3)
+
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    with client.stream("POST", "/v1/chat/completions", json=body, headers={"x-session-id": "su"}) as reply:
+        plain = [json.loads(line[6:]) for line in reply.iter_lines() if line and line != "data: [DONE]"]
+    assert "prompt_tokens_details" not in plain[-1]["usage"]  # the engine did not say: no number made up
+    monkeypatch.setattr(client.engines, "stream", stream_with_end)
+    with client.stream("POST", "/v1/chat/completions", json=body, headers={"x-session-id": "su"}) as reply:
+        events = [json.loads(line[6:]) for line in reply.iter_lines() if line and line != "data: [DONE]"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+    assert events[-1]["usage"]["completion_tokens"] == 4
+    assert [e["choices"][0]["delta"] for e in events[:-1]] == [e["choices"][0]["delta"] for e in plain[:-1]]
 
 
 def test_return_token_ids_adds_output_ids_to_choices_and_stream_chunks(client):
