@@ -173,14 +173,14 @@ class TierPlanner:
     @staticmethod
     def _room_bounds(state: ClusterState, view: Overlay) -> dict[Location, int]:
         """The most HBM each GPU tier could offer in this plan: its capacity less
-        what displacement cannot move (sessions in an LLM call, or wanting HBM).
-        Promotion only lowers it: an admit pins what it takes, and a displacement
-        frees exactly what it moves out. So a need above it now fails all plan."""
+        what displacement cannot move (sessions in an LLM call; a session wanting HBM
+        may be displaced by a less idle request, see ``_room``). Promotion only lowers
+        it: an admit pins what it takes, and a displacement frees exactly what it
+        moves out. So a need above it now fails all plan."""
         bounds = {}
         for replica in state.replicas:
             where = Location(Tier.GPU, replica)
-            held = sum(view.footprint(s) for s in view.residents(where)
-                       if view.pinned(s) or view.record(s).waiting_for_gpu)
+            held = sum(view.footprint(s) for s in view.residents(where) if view.pinned(s))
             bounds[where] = state.capacity[where] - held
         return bounds
 
@@ -260,10 +260,13 @@ class TierPlanner:
         if not self.config.displacement:
             return False
         if view.record(requester).request is not None:
-            threshold = -1.0  # every resident in a tool call may go, most idle first
-        else:
-            threshold = view.idleness(requester) + self.config.displace_margin
-        return self._make_room(view, target, amount, threshold, MoveReason.DISPLACED, only_tool=True)
+            # Every resident in a tool call may go, most idle first; then residents that
+            # want HBM too but are more idle (two requests growing in one full tier would
+            # otherwise wait for each other until both time out).
+            return self._make_room(view, target, amount, -1.0, MoveReason.DISPLACED,
+                                   wanting_more_idle_than=view.idleness(requester))
+        threshold = view.idleness(requester) + self.config.displace_margin
+        return self._make_room(view, target, amount, threshold, MoveReason.DISPLACED, wanting_more_idle_than=None)
 
     def _make_room(
         self,
@@ -273,18 +276,22 @@ class TierPlanner:
         more_idle_than: float,
         reason: MoveReason,
         *,
-        only_tool: bool = False,
+        wanting_more_idle_than: float | None = -1.0,
     ) -> bool:
         """Free ``amount`` tokens in ``target`` by pushing residents more idle than
-        ``more_idle_than`` one tier down, most idle first. All or nothing: if the
-        room cannot be made in full, nothing moves."""
+        ``more_idle_than`` one tier down, most idle first. Residents that want HBM
+        themselves (last in the order) go only when more idle than
+        ``wanting_more_idle_than`` (None: never). All or nothing: if the room cannot
+        be made in full, nothing moves."""
         room = view.free(target)
         victims = []
         for session_id in self._demotion_order(view, target):
-            if room >= amount or view.idleness(session_id) <= more_idle_than:
+            iota = view.idleness(session_id)
+            if room >= amount or iota <= more_idle_than:
                 break
-            if only_tool and view.record(session_id).waiting_for_gpu:
-                break  # the order puts these last
+            if view.record(session_id).waiting_for_gpu and (
+                    wanting_more_idle_than is None or iota <= wanting_more_idle_than):
+                break  # the order puts these last, most idle first
             victims.append(session_id)
             room += view.footprint(session_id)
         if room < amount:

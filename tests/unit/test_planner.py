@@ -6,6 +6,7 @@ import pytest
 from controller.policy import (
     Location,
     MoveReason,
+    Phase,
     PlannerConfig,
     ReplicaSpec,
     StaleDecision,
@@ -265,3 +266,27 @@ def test_stale_decision_is_refused_whole():
     with pytest.raises(StaleDecision):
         driver.state.apply(plan, driver.clock.now)
     driver.state.check_integrity()
+
+
+def test_two_requests_growing_in_one_full_tier_do_not_wait_for_each_other():
+    """Both sessions hold HBM on r1 and come back needing 32 tokens more each; together
+    they do not fit. The less idle one runs: the more idle one goes to DRAM, still
+    waiting, and runs after. (Before, each counted the other as immovable and both
+    waited until their gate timeout.)"""
+    d = PolicyDriver.make({"r1": (640, 10_000)}, shared=10_000)
+    d.state.open_session("a", 0.0)
+    d.state.open_session("b", 0.0)
+    d.run_call("a", 292, 8, 1.0, 8)  # a holds 300 of r1's 640
+    d.run_call("b", 312, 8, 1.0, 8)  # b holds 320: 620 used
+    d.clock.advance(0.5)
+    d.state.request_arrived("a", d.clock.now, 324, 8)  # needs 332
+    d.state.request_arrived("b", d.clock.now, 344, 8)  # needs 352
+    first = "a" if d.state.get("a").idleness(d.clock.now) < d.state.get("b").idleness(d.clock.now) else "b"
+    second = "b" if first == "a" else "a"
+    plan = d.step()
+    assert [a.session_id for a in plan.admits] == [first]
+    assert d.tier_of(second) == "DRAM@r1" and d.state.get(second).phase is Phase.GATED
+    d.clock.advance(1.0)
+    d.state.call_finished(first, d.clock.now, d.state.get(first).request.need_tokens)
+    plan = d.step()
+    assert [a.session_id for a in plan.admits] == [second]
