@@ -26,7 +26,7 @@ from controller.autoscale import signals as scaling_signals
 from controller.autoscale.policy import AutoscaleSettings
 from controller.autoscale.serve_policy import engine_autoscaling_config
 from controller.config import GIB, LullConfig, load_config
-from controller.gateway.launch import ensure_controller, ensure_node_agents
+from controller.gateway.launch import alive_nodes, ensure_controller, ensure_node_agents, node_agent_address
 from controller.gateway.grpc_service import start_grpc
 from controller.gateway.protocol import Authenticator
 from controller.gateway.rest import create_app
@@ -168,7 +168,8 @@ class LullGateway:
         self.core = GatewayCore(MeteredController(self.controller, arrivals),
                                 MeteredEngines(self.engines, self.metrics, arrivals), tokenizer, limits)
         self.model_name = engine["served_model_name"]
-        self.registered: set[str] = set()
+        self.registered: dict[str, str] = {}  # replica -> its Ray node
+        self._agent_nodes: set[str] = set()  # nodes whose KV agent the controller knows
         self._drains: set[asyncio.Task] = set()
         grpc_port = self.config.gateway.grpc_port if self.settings.grpc_port is None else self.settings.grpc_port
         self.grpc_server = None
@@ -193,24 +194,44 @@ class LullGateway:
         return app
 
     async def sync_replicas(self) -> None:
-        """Register with the controller every engine replica the router knows and it does not;
-        remove those Serve no longer runs (died, scaled down), so no session is placed there."""
+        """Register with the controller every engine replica the router knows and it does not
+        (starting a KV agent on its node first, for a node that joined since launch); drain
+        those Serve no longer runs (scaled down, stopped, died), so no session is placed there."""
         known = known_replicas()
+        self._agent_nodes = set(await self.controller.agent_nodes())  # a restarted controller starts over
         for replica_id, node_id in known.items():
+            await self._ensure_agent(node_id)
             if replica_id not in self.registered:
                 await self.controller.add_replica(replica_id, node_id, *self.capacity)
-                self.registered.add(replica_id)
+                self.registered[replica_id] = node_id
                 log.info("registered engine replica %s on node %s", replica_id, node_id)
-        for gone in self.registered - set(known) if known else ():  # empty: no broadcast yet, not "all gone"
-            self.registered.discard(gone)
-            self._drains.add(asyncio.get_running_loop().create_task(self._drain(gone)))
+        for gone in set(self.registered) - set(known) if known else ():  # empty: no broadcast yet
+            node_id = self.registered.pop(gone)
+            self._drains.add(asyncio.get_running_loop().create_task(self._drain(gone, node_id)))
 
-    async def _drain(self, replica_id: str) -> None:
-        """Serve no longer routes to the replica (scaled down, stopped, died): the controller
-        drains its sessions' KV to the shared tier, from its node's DRAM, then forgets it."""
-        log.warning("engine replica %s left Serve; draining its sessions", replica_id)
+    async def _ensure_agent(self, node_id: str) -> None:
+        if node_id in self._agent_nodes or not node_id:
+            return
+        address = await asyncio.to_thread(node_agent_address, self.config, node_id, self.settings.dram_dir,
+                                          self.settings.redis_url or self.config.tiers.redis_url)
+        await self.controller.set_agent(node_id, address)
+        self._agent_nodes.add(node_id)
+        log.info("started the KV agent of new node %s at %s", node_id, address)
+
+    async def _drain(self, replica_id: str, node_id: str) -> None:
+        """Serve no longer routes to the replica. If its node lives, the controller drains its
+        sessions' KV from that node's DRAM to the shared tier, then forgets it; if the node
+        is gone, so is that KV: the replica is removed at once and the node's agent forgotten."""
         try:
-            await self.controller.drain_replica(replica_id)
+            if node_id and node_id not in await asyncio.to_thread(alive_nodes):
+                log.warning("engine replica %s left with its node %s; its sessions' local KV is lost",
+                            replica_id, node_id)
+                await self.controller.forget_agent(node_id)
+                self._agent_nodes.discard(node_id)
+                await self.controller.remove_replica(replica_id)
+            else:
+                log.warning("engine replica %s left Serve; draining its sessions", replica_id)
+                await self.controller.drain_replica(replica_id)
         except Exception as error:  # the core removed it first, after a call failed there
             log.info("replica %s not drained (%s)", replica_id, type(error).__name__)
         finally:

@@ -94,7 +94,8 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             yield pb.GenerateChunk(text=text, token_ids=ids)
         finish = "length" if completion >= max_tokens else "stop"
         yield pb.GenerateChunk(finish_reason=FINISH[finish], usage=pb.Usage(
-            prompt_tokens=len(prompt_ids), completion_tokens=completion))
+            prompt_tokens=len(prompt_ids), completion_tokens=completion,
+            cached_prompt_tokens=chunks.cached_tokens or 0))
 
     async def ToolCallStarted(self, request, context):
         return pb.ToolCallStartedResponse(applied=await self._tool_call(request, context, True),

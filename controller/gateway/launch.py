@@ -19,24 +19,35 @@ log = logging.getLogger(__name__)
 
 def ensure_node_agents(config: LullConfig, dram_dir: str, redis_url: str | None) -> dict[str, str]:
     """A KV agent on every alive Ray node; returns node id -> its gRPC address."""
+    agents = {node["NodeID"]: start_node_agent(config, node["NodeID"], dram_dir, redis_url)
+              for node in ray.nodes() if node["Alive"]}
+    addresses = dict(zip(agents, ray.get([a.address.remote() for a in agents.values()])))
+    log.info("node agents: %s", ", ".join(f"{n[:8]}={a}" for n, a in addresses.items()))
+    return addresses
+
+
+def start_node_agent(config: LullConfig, node_id: str, dram_dir: str, redis_url: str | None):
+    """The KV agent of Ray node ``node_id`` (named, detached, pinned there), started when absent."""
     from workers.node_agent_actor import NodeAgentActor
 
     if config.tiers.shared_capacity_gib <= 0:
         redis_url = None
-    agents = {}
-    for node in ray.nodes():
-        if not node["Alive"]:
-            continue
-        node_id = node["NodeID"]
-        agents[node_id] = NodeAgentActor.options(
-            name=node_agent_actor(node_id), namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(node_id, dram_dir, max(1, int(config.tiers.dram_capacity_gib * GIB)), redis_url=redis_url,
-                 shared_capacity_bytes=int(config.tiers.shared_capacity_gib * GIB) if redis_url else 0,
-                 metrics_port=config.telemetry.metrics_port)
-    addresses = dict(zip(agents, ray.get([a.address.remote() for a in agents.values()])))
-    log.info("node agents: %s", ", ".join(f"{n[:8]}={a}" for n, a in addresses.items()))
-    return addresses
+    return NodeAgentActor.options(
+        name=node_agent_actor(node_id), namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+    ).remote(node_id, dram_dir, max(1, int(config.tiers.dram_capacity_gib * GIB)), redis_url=redis_url,
+             shared_capacity_bytes=int(config.tiers.shared_capacity_gib * GIB) if redis_url else 0,
+             metrics_port=config.telemetry.metrics_port)
+
+
+def node_agent_address(config: LullConfig, node_id: str, dram_dir: str, redis_url: str | None) -> str:
+    """Start (or find) the node's agent and return its gRPC address (blocks: run off the loop)."""
+    return ray.get(start_node_agent(config, node_id, dram_dir, redis_url).address.remote(), timeout=120)
+
+
+def alive_nodes() -> set[str]:
+    """Ray's alive nodes (blocks: run off the loop)."""
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
 
 
 def ensure_controller(config: LullConfig, agents: dict[str, str], policy: str, bytes_per_token: int):

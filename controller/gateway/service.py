@@ -26,7 +26,8 @@ from controller.telemetry import tracing
 log = logging.getLogger(__name__)
 
 CONTROLLER_METHODS = ("add_replica", "remove_replica", "drain_replica", "admit", "admit_observed", "call_finished",
-                      "call_failed", "tool_call_started", "tool_call_finished", "close_session", "snapshot")
+                      "call_failed", "tool_call_started", "tool_call_finished", "close_session", "snapshot",
+                      "set_agent", "forget_agent", "agent_nodes")
 # How long a call waits for a killed controller to come back (restarted by Ray, or relaunched here).
 CONTROLLER_RESTART_WAIT_S = 20.0
 ENGINE_RETRIES = 2  # a call whose engine replica died runs again, on another replica (twice: the router may

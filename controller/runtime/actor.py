@@ -33,6 +33,8 @@ from controller.telemetry.gateway_metrics import gauge_gpu_tiers_forever, sessio
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 60.0  # a drain's deadline; the engine's graceful shutdown waits a little longer
 KEEP_DRAIN_REPORTS = 100
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node
+RESTART_REPORT_S = 3.0  # how long a restarting controller waits for one node agent's report
 
 
 class ControllerNotStarted(RuntimeError):
@@ -76,15 +78,8 @@ class ControllerActor:
                 self.controller.set_shared_capacity(shared_tokens)
             if self._started:
                 return 0
-            reports = []
-            for node_id in sorted(self.mover.addresses):
-                try:
-                    report = await self.mover.report(node_id)
-                except Exception as e:  # a dead node keeps nothing; its sessions come back as new
-                    log.warning("node %s sent no occupancy report: %s", node_id, e)
-                    continue
-                await self.mover.abort(node_id, list(report.prepared_move_ids), "controller restarted")
-                reports.append(report)
+            reports = [r for r in await asyncio.gather(*map(self._report_for_restart, sorted(self.mover.addresses)))
+                       if r is not None]
             restored = self.controller.rebuild(reports, bytes_per_token=self.bytes_per_token or None)
             if self._tick is None:
                 self._tick = asyncio.get_running_loop().create_task(self.controller.run(self.tick_s))
@@ -97,6 +92,19 @@ class ControllerActor:
                      len(restored))
             return len(restored)
 
+    async def _report_for_restart(self, node_id: str):
+        """The node's occupancy report, its agent's half-done moves aborted; None when the
+        agent does not answer within ``RESTART_REPORT_S`` (a dead node keeps nothing: its
+        sessions come back as new). Asked of every agent at once, so one vanished host
+        delays the restart by that timeout, not by a timeout per node."""
+        try:
+            report = await asyncio.wait_for(self.mover.report(node_id), RESTART_REPORT_S)
+            await self.mover.abort(node_id, list(report.prepared_move_ids), "controller restarted")
+            return report
+        except Exception as e:
+            log.warning("node %s sent no occupancy report: %s", node_id, e or type(e).__name__)
+            return None
+
     async def launch_options(self) -> dict:
         """What a new controller is launched with, should this one be killed for good."""
         return {**self._options, "shared_tokens": self.shared_tokens}
@@ -107,6 +115,12 @@ class ControllerActor:
 
     async def set_agent(self, node_id: str, address: str) -> None:
         self.mover.set_agent(node_id, address)
+
+    async def forget_agent(self, node_id: str) -> None:
+        self.mover.forget_agent(node_id)
+
+    async def agent_nodes(self) -> list[str]:
+        return sorted(self.mover.addresses)
 
     async def add_replica(self, replica_id: str, node_id: str, gpu_tokens: int, dram_tokens: int) -> None:
         self._ready()
@@ -239,5 +253,6 @@ class ControllerActor:
 def launch_controller(agents: dict[str, str], *, detached: bool = False, **options) -> ray.actor.ActorHandle:
     """Start (or find) the named controller actor; call ``start`` on it next."""
     lifetime = "detached" if detached else None
+    # On the head node: it outlives worker nodes (GPU pods come and go with the autoscaler).
     return ControllerActor.options(name=CONTROLLER_ACTOR, namespace=RAY_NAMESPACE, lifetime=lifetime,
-                                   get_if_exists=True).remote(agents, **options)
+                                   get_if_exists=True, resources={HEAD_RESOURCE: 0.001}).remote(agents, **options)

@@ -43,6 +43,13 @@ class GrpcMover:
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.NodeAgentServiceStub]] = {}
         self._retired: list[grpc.aio.Channel] = []
 
+    def forget_agent(self, node_id: str) -> None:
+        """The node is gone: its agent is asked nothing again (cluster-wide moves go elsewhere)."""
+        self.addresses.pop(node_id, None)
+        old = self._stubs.pop(node_id, None)
+        if old is not None:
+            self._retired.append(old[0])
+
     def set_agent(self, node_id: str, address: str) -> None:
         """A node's agent (re)started at ``address``."""
         self.addresses[node_id] = address
