@@ -91,6 +91,8 @@ async def http_call(port: int, session: str, prompt: list[int], max_tokens: int,
     finally:
         writer.close()
     status_line, _, rest = raw.partition(b"\r\n")
+    if not status_line.startswith(b"HTTP/"):
+        raise ConnectionError(f"the gateway closed the connection without a response ({len(raw)} bytes)")
     status = int(status_line.split()[1])
     payload = rest.partition(b"\r\n\r\n")[2]
     if status != 200:

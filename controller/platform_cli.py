@@ -111,7 +111,9 @@ def cmd_up(args) -> int:
     ray.init(address=state["address"], namespace=RAY_NAMESPACE, log_to_driver=False)
     most = max(args.replicas, args.max_replicas or 0)
     engine_cpus = args.engine_cpus or max(0.25, (cpus * args.nodes - 0.5) / most)
-    serve.start(detached=True, http_options={"host": "127.0.0.1", "port": port})
+    # One HTTP proxy, on the head: every Ray node here shares this host, and a proxy per node
+    # would share the port, so a node's death would drop the connections its proxy held.
+    serve.start(detached=True, http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     app_args = {"replicas": args.replicas, "engine_num_cpus": engine_cpus, "redis_url": state["redis_url"],
                 "cpu_kv_cache_gib": 1}
     if args.policy:
