@@ -344,4 +344,6 @@ class TierPlanner:
 
 
 def _too_large(need: int, largest: int) -> str:
+    if largest == 0:
+        return "no engine replica is running"
     return f"needs {need} KV tokens; the largest replica holds {largest}"

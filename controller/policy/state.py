@@ -167,7 +167,7 @@ class ClusterState:
         if prompt_tokens < 1 or max_output_tokens < 1:
             raise ValueError("prompt_tokens and max_output_tokens must be >= 1")
         need = prompt_tokens + max_output_tokens
-        if need > self.largest_gpu():
+        if 0 < self.largest_gpu() < need:  # with no replica at all, the request waits for one
             raise ValueError(
                 f"request needs {need} KV tokens (prompt + max output); the largest "
                 f"replica holds {self.largest_gpu()}: shorten the prompt or max_tokens"

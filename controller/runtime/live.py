@@ -132,7 +132,7 @@ class LiveController:
             raise ValueError("prompt_tokens and max_tokens must be >= 1")
         need = prompt_tokens + max_tokens
         largest = max((c for w, c in self.capacity.items() if w.tier is Tier.GPU), default=0)
-        if need > largest:
+        if need > largest and largest > 0:  # none at all (all died, or scaled to zero): wait for one
             raise ValueError(f"request needs {need} KV tokens (prompt + max_tokens); the largest replica "
                              f"holds {largest}: shorten the prompt or max_tokens")
 

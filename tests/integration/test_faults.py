@@ -130,9 +130,22 @@ def engine_replica_actors() -> list[str]:
             if a["namespace"] == "serve" and f"#{ENGINE_DEPLOYMENT}#" in a["name"]]
 
 
+def serving_replicas() -> int:
+    """Engine replicas registered with the controller: running, not merely starting."""
+    snap = ray.get(ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE).snapshot.remote(), timeout=30)
+    return sum(1 for t in snap["tiers"] if t["tier"] == "gpu")
+
+
+def wait_for_two_serving(timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (len(engine_replica_actors()) < 2 or serving_replicas() < 2) and time.monotonic() < deadline:
+        time.sleep(1)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_engine_replica_killed_mid_call_no_session_fails(platform, stream):
     sessions = [f"kill-{int(stream)}-{i}" for i in range(4)]
+    wait_for_two_serving()  # a replica killed by the test before may still be starting again
     # Long calls (300 tokens), so the kill lands while calls run on the victim.
     reference = run_sessions(sessions, 1, max_tokens=300, stream=stream)
     results: dict = {}
@@ -155,8 +168,6 @@ def test_engine_replica_killed_mid_call_no_session_fails(platform, stream):
     for s in sessions:  # greedy: the retried (or continued) call gives the same text
         assert results[s][0] == reference[s][0]
     # Serve replaces the replica; the platform ends with two again and keeps serving.
-    deadline = time.monotonic() + 120
-    while len(engine_replica_actors()) < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert victim not in engine_replica_actors()
+    wait_for_two_serving()
+    assert victim not in engine_replica_actors() and serving_replicas() == 2
     assert call("kill-after", prompt_of(99))

@@ -268,3 +268,22 @@ def test_gate_waits_count_the_queue_now_and_the_waits_that_just_ended(plane):
         assert ctl.gate_waits() == []
 
     run(scenario)
+
+
+def test_with_no_replica_a_request_waits_for_one_instead_of_being_refused(plane):
+    """All replicas died (or none has started yet): the request waits at the gate and
+    runs on the first replica that registers; it is not refused as too large."""
+    _, addresses, _ = plane
+
+    async def scenario():
+        ctl, _ = controller(addresses, replicas=())
+        waiting = asyncio.create_task(ctl.admit("s1", "t", 200, 50, timeout_s=5))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and ctl.state.get("s1").phase is Phase.GATED
+        ctl.add_replica("r1", "n1", GPU, DRAM)
+        assert (await waiting).replica_id == "r1"
+        with pytest.raises(GateTimeout, match="no engine replica is running"):
+            ctl.remove_replica("r1")
+            await ctl.admit("s2", "t", 10, 5, timeout_s=0.05)
+
+    run(scenario)
