@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from controller.registry import Registry
+from proto.registry import Registry
 
 TRACE_DIR_ENV = "LULL_TRACE_DIR"
 _HOW_TO_POINT = f"pass another folder (--dir, or the trace_dir argument) or set {TRACE_DIR_ENV}"

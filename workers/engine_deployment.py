@@ -14,7 +14,7 @@ import logging
 import ray
 from ray import serve
 
-from controller.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE
+from proto.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE
 from workers.dram_store import node_dram_dir
 from workers.engine import EngineReplica, EngineSettings, StreamEnd
 
@@ -27,7 +27,7 @@ DRAIN_WAIT_S = 70.0  # the controller's drain deadline (60 s), plus its last mov
                   graceful_shutdown_timeout_s=DRAIN_WAIT_S + 10)
 class LullEngine:
     def __init__(self, settings: dict):
-        from controller.telemetry.metrics import ensure_metrics_dir
+        from proto.telemetry.metrics import ensure_metrics_dir
 
         ensure_metrics_dir()  # vLLM's metrics go to the node's multiprocess directory: make sure it exists
         replica_id = serve.get_replica_context().replica_id.unique_id

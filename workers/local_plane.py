@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from controller.policy.types import Tier
+from proto.tiers import Tier
 from workers.dram_store import DramStore
 from workers.engine import EngineReplica, EngineSettings
 from workers.node_agent import MoveKind, NodeAgent

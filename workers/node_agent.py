@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from enum import Enum
 
-from controller.policy.types import Tier
+from proto.tiers import Tier
 from workers.dram_store import PINNED, DramStore
 from workers.kv_connector import release_sessions
 from workers.shared_tier import SharedTier, TierError

@@ -13,7 +13,7 @@ import time
 import ray
 from prometheus_client import CollectorRegistry, generate_latest
 
-from controller.telemetry.metrics import make_metrics, serve_agent_metrics
+from proto.telemetry.metrics import make_metrics, serve_agent_metrics
 
 from workers.dram_store import DramStore, node_dram_dir
 from workers.node_agent import NodeAgent

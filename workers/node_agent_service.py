@@ -13,7 +13,7 @@ from concurrent import futures
 
 import grpc
 
-from controller.policy.types import Tier
+from proto.tiers import Tier
 from proto import node_agent_pb2 as pb
 from proto import node_agent_pb2_grpc as pb_grpc
 from proto import tiers_pb2
@@ -22,9 +22,7 @@ from workers.shared_tier import TierError
 
 log = logging.getLogger(__name__)
 
-TIER_TO_PB = {Tier.GPU: tiers_pb2.TIER_GPU, Tier.DRAM: tiers_pb2.TIER_DRAM,
-              Tier.SHARED: tiers_pb2.TIER_SHARED, Tier.WAITING: tiers_pb2.TIER_WAITING}
-TIER_FROM_PB = {v: k for k, v in TIER_TO_PB.items()}
+KNOWN_TIERS = frozenset(t.pb for t in Tier)
 KIND_FROM_PB = {pb.MOVE_KIND_DEMOTE: MoveKind.DEMOTE, pb.MOVE_KIND_PROMOTE: MoveKind.PROMOTE,
                 pb.MOVE_KIND_DROP: MoveKind.DROP}
 STATE_TO_PB = {"committed": pb.MOVE_STATE_COMMITTED, "aborted": pb.MOVE_STATE_ABORTED,
@@ -35,7 +33,7 @@ MAX_LEASE_S = 600.0
 class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
     def __init__(self, agent: NodeAgent, clock=time.monotonic, metrics: dict | None = None):
         self.agent, self.clock = agent, clock
-        self.metrics = metrics or {}  # from controller.telemetry.metrics.make_metrics
+        self.metrics = metrics or {}  # from proto.telemetry.metrics.make_metrics
         self._lock = threading.Lock()  # the agent is a plain class: one call at a time
         self._prepared_at: dict[str, float] = {}
 
@@ -64,7 +62,7 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
                 local.add(place.session_id)
                 report.sessions.append(pb.SessionKv(
                     session_id=place.session_id,
-                    location=tiers_pb2.KvLocation(tier=TIER_TO_PB[place.tier], replica_id=place.replica_id,
+                    location=tiers_pb2.KvLocation(tier=place.tier.pb, replica_id=place.replica_id,
                                                   node_id=self.agent.node_id),
                     kv_bytes=place.kv_bytes, kv_tokens=place.kv_tokens, pinned_by_move_id=place.pinned_by_move_id))
             for session_id, nbytes in shared_sessions.items():
@@ -94,7 +92,7 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
             try:
                 move = self.agent.prepare(
                     request.move_id, request.session_id, KIND_FROM_PB[request.kind],
-                    TIER_FROM_PB[request.src.tier], TIER_FROM_PB[request.dst.tier],
+                    Tier.from_pb(request.src.tier), Tier.from_pb(request.dst.tier),
                     request.src.replica_id or request.dst.replica_id, request.lease_s, self.clock())
             except Refused as r:
                 return pb.PrepareMoveResponse(move_id=request.move_id, refused=pb.Refusal(
@@ -112,7 +110,7 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
             if move is not None and state == "committed":
                 self._count_move(move, failed=False)
         return pb.CompleteMoveResponse(state=STATE_TO_PB[state],
-                                       location=tiers_pb2.KvLocation(tier=TIER_TO_PB[tier], node_id=self.agent.node_id))
+                                       location=tiers_pb2.KvLocation(tier=tier.pb, node_id=self.agent.node_id))
 
     def AbortMove(self, request, context):
         if not request.move_id:
@@ -160,7 +158,7 @@ def _check_prepare(request) -> str:
         return "move_id and session_id are required"
     if request.kind not in KIND_FROM_PB:
         return f"kind must be DEMOTE, PROMOTE or DROP, got {request.kind}"
-    if request.src.tier not in TIER_FROM_PB or request.dst.tier not in TIER_FROM_PB:
+    if not {request.src.tier, request.dst.tier} <= KNOWN_TIERS:
         return "src.tier and dst.tier must be set"
     if request.src.tier == request.dst.tier:
         return "src and dst tiers must differ"

@@ -37,10 +37,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from controller.config_checks import ConfigError
+from proto.config_checks import ConfigError
 
 if TYPE_CHECKING:
-    from controller.config import LullConfig
+    from proto.config import LullConfig
 
 __all__ = ["AutoscaleSettings", "Reason", "ReplicaLoad", "ScaleDecision", "ScalerState", "ScalingSnapshot", "decide"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 
-from controller.names import RAY_NAMESPACE
+from proto.names import RAY_NAMESPACE
 from controller.policy import Location, Phase, Tier
 
 KEY = b"scaling-signals"

@@ -16,11 +16,12 @@ import grpc
 
 from controller.gateway.protocol import ApiError, Authenticator, check_session_id, session_key
 from controller.gateway.service import GatewayCore
-from controller.telemetry.gateway_metrics import CountGrpcRequests
-from controller.telemetry.metrics import make_metrics
+from controller.gateway.metrics import CountGrpcRequests
+from proto.telemetry.metrics import make_metrics
 from proto import session_pb2 as pb
 from proto import session_pb2_grpc as pb_grpc
 from proto import tiers_pb2
+from proto.tiers import Tier
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ STATUS_OF_HTTP = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UN
                   404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
                   429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.RESOURCE_EXHAUSTED}
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
-TIERS = {"gpu": tiers_pb2.TIER_GPU, "dram": tiers_pb2.TIER_DRAM, "shared": tiers_pb2.TIER_SHARED,
-         "waiting": tiers_pb2.TIER_WAITING}
 PHASES = {"llm": tiers_pb2.PHASE_LLM, "tool": tiers_pb2.PHASE_TOOL, "gated": tiers_pb2.PHASE_GATED}
 
 
@@ -130,10 +129,18 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}")
         return pb.SessionState(
             session_id=request.session_id, tenant=key.partition("/")[0],
-            location=tiers_pb2.KvLocation(tier=TIERS.get(str(state.get("tier", "")).lower(), 0),
+            location=tiers_pb2.KvLocation(tier=_tier_pb(state.get("tier")),
                                           replica_id=str(state.get("replica") or "")),
             phase=PHASES.get(str(state.get("phase", "")).lower(), 0),
             idleness=float(state.get("idleness", 0.0)), kv_tokens=int(state.get("kv_tokens", 0) or 0))
+
+
+def _tier_pb(label) -> int:
+    """The wire value of a tier label; TIER_UNSPECIFIED for none."""
+    try:
+        return Tier.from_label(str(label or "").lower()).pb
+    except ValueError:
+        return tiers_pb2.TIER_UNSPECIFIED
 
 
 class _Undecodable:

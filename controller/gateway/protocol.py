@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from controller.config import Secrets
+from proto.config import Secrets
 
 # Checked in this order; the first one present wins.
 SESSION_HEADERS = ("x-session-id", "x-claude-code-session-id")
@@ -62,7 +62,7 @@ def check_session_id(value: str, source: str) -> str:
 
 
 class Authenticator:
-    """Bearer API keys per tenant (`controller.config.Secrets`).
+    """Bearer API keys per tenant (`proto.config.Secrets`).
 
     A wrong key is always refused. A missing key is refused when `required`, or
     when keys are configured at all; otherwise (a local platform with no keys)

@@ -30,7 +30,7 @@ from controller.gateway.protocol import (
     validation_message,
 )
 from controller.gateway.service import CallResult, GatewayCore
-from controller.telemetry import tracing
+from proto.telemetry import tracing
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from opentelemetry import trace
 
 from controller.gateway.protocol import ApiError
-from controller.telemetry import tracing
+from proto.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class ControllerClient:
         """Find the restarted controller (or launch one), give it the replicas, let it rebuild."""
         import ray
 
-        from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE
+        from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
         from controller.runtime.actor import launch_controller
 
         async with self._recovering:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proto.config import LullConfig
 from controller.policy.overlay import Overlay
 from controller.policy.state import ClusterState, SessionRecord
 from controller.policy.types import (
@@ -77,6 +78,12 @@ class PlannerConfig:
             raise ValueError(
                 f"displacement_candidates must be >= 1, got {self.displacement_candidates}"
             )
+
+    @classmethod
+    def from_config(cls, config: LullConfig) -> PlannerConfig:
+        """The planner for Lull's settings (``policy.*``; the shared tier is on when it has bytes)."""
+        return cls(displacement=config.policy.displacement, displace_margin=config.policy.displace_margin,
+                   prefetch=config.policy.prefetch, shared_tier=config.tiers.shared_capacity_gib > 0)
 
 
 class TierPlanner:

@@ -11,18 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-
-class Tier(enum.IntEnum):
-    """KV tiers, fastest first. The order is the demotion order."""
-
-    GPU = 0
-    DRAM = 1  # the node's host memory: belongs to one replica's node
-    SHARED = 2  # cluster-wide (Redis / LMCache server)
-    WAITING = 3  # KV dropped; the next call recomputes it. Unbounded.
-
-    @property
-    def per_replica(self) -> bool:
-        return self in (Tier.GPU, Tier.DRAM)
+from proto.tiers import Tier
 
 
 class Phase(enum.Enum):

@@ -23,12 +23,12 @@ import logging
 import ray
 
 from controller.autoscale import signals
-from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE
+from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
 from controller.policy import Location, PlannerConfig, Tier
 from controller.runtime.drain import DrainReport, drain_replica
 from controller.runtime.live import Admission, LiveController
 from controller.runtime.mover import GrpcMover
-from controller.telemetry.gateway_metrics import gauge_gpu_tiers_forever, session_on_arrival
+from controller.runtime.metrics import gauge_gpu_tiers_forever, session_on_arrival
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 60.0  # a drain's deadline; the engine's graceful shutdown waits a little longer
@@ -45,8 +45,8 @@ class ControllerNotStarted(RuntimeError):
 class ControllerActor:
     def __init__(self, agents: dict[str, str], *, policy: str = "lull", planner_config: PlannerConfig | None = None,
                  tick_s: float = 5.0, bytes_per_token: int = 0, metrics: bool = False) -> None:
-        from controller.telemetry.metrics import make_metrics
-        from controller.telemetry.tracing import setup_tracing
+        from proto.telemetry.metrics import make_metrics
+        from proto.telemetry.tracing import setup_tracing
 
         setup_tracing("lull-controller")  # KV move spans; exports only when OTEL_* ask for it
 

@@ -20,15 +20,13 @@ from collections.abc import Mapping
 import grpc
 
 from controller.policy import Location, Move, Tier
-from controller.telemetry import tracing
+from proto.telemetry import tracing
 from proto import node_agent_pb2 as pb
 from proto import node_agent_pb2_grpc as pb_grpc
 from proto import tiers_pb2
 
 log = logging.getLogger(__name__)
 
-_TIER = {Tier.GPU: tiers_pb2.TIER_GPU, Tier.DRAM: tiers_pb2.TIER_DRAM,
-         Tier.SHARED: tiers_pb2.TIER_SHARED, Tier.WAITING: tiers_pb2.TIER_WAITING}
 
 
 class GrpcMover:
@@ -75,8 +73,8 @@ class GrpcMover:
             src=_location(move.src, src_node), dst=_location(move.dst, dst_node),
             kv_bytes=move.tokens * self.bytes_per_token, lease_s=self.lease_s)
         with tracing.tracer().start_as_current_span(tracing.SPAN_KV_MOVE, attributes={
-                tracing.ATTR_SESSION: move.session_id, tracing.ATTR_SRC_TIER: move.src.tier.name.lower(),
-                tracing.ATTR_DST_TIER: move.dst.tier.name.lower(), tracing.ATTR_BYTES: request.kv_bytes}) as span:
+                tracing.ATTR_SESSION: move.session_id, tracing.ATTR_SRC_TIER: move.src.tier.label,
+                tracing.ATTR_DST_TIER: move.dst.tier.label, tracing.ATTR_BYTES: request.kv_bytes}) as span:
             committed = await self._two_phase(request, src_node or dst_node)
             span.set_attribute("lull.kv.committed", committed)
             return committed
@@ -149,5 +147,5 @@ class GrpcMover:
 
 
 def _location(where: Location, node: str | None) -> tiers_pb2.KvLocation:
-    return tiers_pb2.KvLocation(tier=_TIER[where.tier], replica_id=where.replica or "",
+    return tiers_pb2.KvLocation(tier=where.tier.pb, replica_id=where.replica or "",
                                 node_id=(node or "") if where.tier.per_replica else "")

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from controller.policy import ClusterState, Location, Move, MoveReason, Plan, PlannerConfig, Tier, TierPlanner
 from controller.policy.types import Admit, Phase, Release
-from controller.registry import Registry
+from proto.registry import Registry
 
 UNBOUNDED_TOKENS = 10**15  # a GPU tier the controller never fills (lru-offload)
 

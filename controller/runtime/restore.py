@@ -21,9 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from controller.policy import Location, Tier
-from proto import tiers_pb2
 
-_TIER = {tiers_pb2.TIER_GPU: Tier.GPU, tiers_pb2.TIER_DRAM: Tier.DRAM, tiers_pb2.TIER_SHARED: Tier.SHARED}
+RESTORABLE = {Tier.GPU.pb: Tier.GPU, Tier.DRAM.pb: Tier.DRAM, Tier.SHARED.pb: Tier.SHARED}  # WAITING holds no KV
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def placements_from_reports(reports: Iterable, replicas: set[str],
 
 
 def _placement(kv, replicas: set[str], bytes_per_token: int | None) -> Placement | None:
-    tier = _TIER.get(kv.location.tier)
+    tier = RESTORABLE.get(kv.location.tier)
     tokens = kv.kv_tokens
     if tier is Tier.SHARED and not tokens and bytes_per_token:
         tokens = -(-kv.kv_bytes // bytes_per_token)

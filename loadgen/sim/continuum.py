@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from loadgen.sim.lru import LruPolicy, _Replica
+from loadgen.sim.lru import LruPolicy, LruReplica
 from loadgen.sim.policies import POLICIES, Cluster
 from loadgen.sim.workload import CallSpec
 
@@ -89,7 +89,7 @@ class Continuum(LruPolicy):
         for replica in self.replicas.values():
             self._drain(replica, now)
 
-    def _enqueue(self, replica: _Replica, sid: str, call: CallSpec, now: float) -> None:
+    def _enqueue(self, replica: LruReplica, sid: str, call: CallSpec, now: float) -> None:
         key = (sid not in self.pinned_until, self.program_start[sid], next(self._order))
         self.queue_key[sid] = key
         for index, (other, _) in enumerate(replica.queue):
@@ -98,11 +98,11 @@ class Continuum(LruPolicy):
                 return
         replica.queue.append((sid, call))
 
-    def _evictable(self, replica: _Replica, sid: str, now: float) -> bool:
+    def _evictable(self, replica: LruReplica, sid: str, now: float) -> bool:
         if not replica.running:
             return True  # nothing runs that could free room: pins would deadlock
         return self.pinned_until.get(sid, -math.inf) <= now
 
-    def _started(self, replica: _Replica, sid: str, now: float) -> None:
+    def _started(self, replica: LruReplica, sid: str, now: float) -> None:
         self.pinned_until.pop(sid, None)
         self.queue_key.pop(sid, None)

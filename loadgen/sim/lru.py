@@ -18,7 +18,7 @@ from loadgen.sim.workload import CallSpec
 
 
 @dataclass
-class _Replica:
+class LruReplica:
     name: str
     hbm_cap: int
     dram_cap: int
@@ -41,11 +41,11 @@ class LruPolicy(SimPolicy):
         super().__init__(cluster)
         big = 10**15
         self.replicas = {
-            r: _Replica(r, big if self.unlimited else cluster.gpu_tokens,
+            r: LruReplica(r, big if self.unlimited else cluster.gpu_tokens,
                         cluster.dram_tokens if self.offload else 0)
             for r in cluster.replicas
         }
-        self.home: dict[str, _Replica] = {}
+        self.home: dict[str, LruReplica] = {}
 
     def open(self, sid: str, now: float) -> None:
         replica = min(self.replicas.values(), key=lambda r: (r.sessions, r.name))
@@ -79,20 +79,20 @@ class LruPolicy(SimPolicy):
 
     # -- hooks for the program-aware baselines built on this engine model --------
 
-    def _enqueue(self, replica: _Replica, sid: str, call: CallSpec, now: float) -> None:
+    def _enqueue(self, replica: LruReplica, sid: str, call: CallSpec, now: float) -> None:
         """Put a request in the engine's waiting queue: FCFS here."""
         replica.queue.append((sid, call))
 
-    def _evictable(self, replica: _Replica, sid: str, now: float) -> bool:
+    def _evictable(self, replica: LruReplica, sid: str, now: float) -> bool:
         """May the engine evict this idle session's cached KV now?"""
         return True
 
-    def _started(self, replica: _Replica, sid: str, now: float) -> None:
+    def _started(self, replica: LruReplica, sid: str, now: float) -> None:
         """The engine took the session's request off its waiting queue."""
 
     # -- the engine ----------------------------------------------------------------
 
-    def _drain(self, replica: _Replica, now: float) -> None:
+    def _drain(self, replica: LruReplica, now: float) -> None:
         while replica.queue:
             sid, call = replica.queue[0]
             cached = replica.idle.get(sid, 0)
@@ -114,7 +114,7 @@ class LruPolicy(SimPolicy):
                 cached = stored
             self.cluster.launch(sid, replica.name, cached, transfer, now)
 
-    def _make_room(self, replica: _Replica, tokens: int, keep: str, now: float) -> bool:
+    def _make_room(self, replica: LruReplica, tokens: int, keep: str, now: float) -> bool:
         """Evict LRU idle sessions' KV (not ``keep``'s, only evictable ones) until
         ``tokens`` fit; all or nothing. vLLM frees a finished request's blocks tail
         first, so eviction eats the tail of the least recently used session and its
@@ -136,7 +136,7 @@ class LruPolicy(SimPolicy):
                 del replica.idle[sid]
         return True
 
-    def _write_through(self, replica: _Replica, sid: str, tokens: int) -> None:
+    def _write_through(self, replica: LruReplica, sid: str, tokens: int) -> None:
         """Store the call's KV in DRAM (only the part not stored yet crosses PCIe),
         evicting LRU sessions there; KV larger than the tier is not stored."""
         stored = replica.dram.pop(sid, 0)

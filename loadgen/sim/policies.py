@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from controller.policy import ClusterState, PlannerConfig, ReplicaSpec, Tier, TierPlanner
 from controller.policy.types import Move
-from controller.registry import Registry
+from proto.registry import Registry
 from loadgen.sim.cost_model import CostModel, Link
 from loadgen.sim.workload import CallSpec
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 import ray
 
-from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE
+from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
 
 _DEFAULT = object()
 

@@ -1,4 +1,4 @@
-"""The Lull Serve platform in a test process: Ray, a real Redis, `controller.app:build_app`.
+"""The Lull Serve platform in a test process: Ray, a real Redis, `controller.assembly:build_app`.
 
 One piece of setup for every end-to-end module; each says only what differs
 (its LULL_* settings and app args). Starting it takes about a minute here.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import ray
 from ray import serve
 
-from controller.names import RAY_NAMESPACE, SERVE_APP
+from proto.names import RAY_NAMESPACE, SERVE_APP
 from workers.redis_server import LocalRedis
 
 BASE_ENV = {"LULL_TIERS__DRAM_CAPACITY_GIB": "0.05", "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05"}
@@ -59,7 +59,7 @@ def _environment(env: dict[str, str]) -> Iterator[str]:
 
 
 def _deploy(app_args: dict, dram_dir: str, redis: LocalRedis, port: int, **serve_options) -> None:
-    from controller.app import build_app
+    from controller.assembly import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port}, **serve_options)
     serve.run(build_app({**BASE_APP_ARGS, **app_args, "dram_dir": dram_dir, "redis_url": redis.url}),

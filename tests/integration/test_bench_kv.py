@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from controller.cli import main
-from workers.bench_kv import MOVES, TIERS
+from controller.cli.bench.kv import MOVES, TIERS
 
 BLOCK = 32
 

@@ -1,9 +1,9 @@
 """Elastic engine replicas on a live platform: Serve adds one under load, removes one when
 idle, and the removed replica's sessions are drained to the shared tier first.
 
-The platform (`controller.app:build_app`, vLLM on CPU, real Redis, real Ray) starts with
+The platform (`controller.assembly:build_app`, vLLM on CPU, real Redis, real Ray) starts with
 one engine replica and may grow to two; the autoscaling windows are seconds instead of
-minutes. The scenario is `lull bench-elastic`'s (`loadgen.bench_elastic`), driven here
+minutes. The scenario is `lull bench-elastic`'s (`controller.cli.bench.elastic`), driven here
 through the gateway's REST API; the test checks what the benchmark reports.
 """
 
@@ -14,8 +14,8 @@ import asyncio
 import pytest
 import ray
 
-from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE
-from loadgen.bench_elastic import ElasticBench
+from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
+from controller.cli.bench.elastic import ElasticBench
 from loadgen.clients import RestClient
 from tests.integration.live_platform import serve_platform
 

@@ -1,4 +1,4 @@
-"""Faults with nothing lost, on one live platform (the Serve app of `controller.app:build_app`,
+"""Faults with nothing lost, on one live platform (the Serve app of `controller.assembly:build_app`,
 two vLLM-on-CPU engine replicas, the controller actor, a node agent, a real Redis).
 
 - Controller killed: Ray restarts it; the gateway gives it the replicas and it rebuilds
@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import ray
 
-from controller.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE
+from proto.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE
 from tests.integration.live_platform import serve_platform
 
 PORT, GRPC_PORT = 8768, 9768

@@ -1,6 +1,6 @@
 """Bad input at volume: Hypothesis against the live gateway's REST and gRPC APIs.
 
-One platform (the Serve app of `controller.app:build_app`, one vLLM-on-CPU engine
+One platform (the Serve app of `controller.assembly:build_app`, one vLLM-on-CPU engine
 replica, a real Redis) takes malformed JSON, wrong types, huge numbers, unicode,
 missing fields, random headers and session ids on every endpoint, random and
 malformed gRPC messages, and raw bytes that are no protobuf at all. Required:

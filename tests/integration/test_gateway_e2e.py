@@ -1,4 +1,4 @@
-"""The REST gateway end to end on a local Ray cluster: the Serve app of `controller.app:build_app`
+"""The REST gateway end to end on a local Ray cluster: the Serve app of `controller.assembly:build_app`
 (gateway ingress, two vLLM-on-CPU engine replicas routed by `LullRouter`, the
 controller actor, a node agent) with a real Redis, and the official `openai`
 client, unchanged."""

@@ -1,4 +1,4 @@
-"""Metrics of a running platform: the Serve app of `controller.app:build_app` (gateway, one
+"""Metrics of a running platform: the Serve app of `controller.assembly:build_app` (gateway, one
 vLLM-on-CPU engine replica, controller actor, node agent) with a real Redis, every
 process writing to one prometheus_client multiprocess directory, and the node agent
 serving it merged on the metrics port. Traffic drives every tier (the GPU tier is
@@ -20,9 +20,9 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE
-from controller.telemetry.metrics import series_names
-from controller.telemetry.vllm_metrics import vllm_series_names
+from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
+from proto.telemetry.metrics import series_names
+from proto.telemetry.vllm_metrics import vllm_series_names
 from tests.promql import parse
 from workers.redis_server import free_port
 from tests.integration.live_platform import serve_platform
@@ -129,7 +129,7 @@ def abort_a_move(platform: Platform) -> None:
     as a controller that gives up does (lull:kv_move_failures)."""
     import grpc
 
-    from controller.names import node_agent_actor
+    from proto.names import node_agent_actor
     from proto import node_agent_pb2 as pb
     from proto import node_agent_pb2_grpc, tiers_pb2
 

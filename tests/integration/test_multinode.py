@@ -27,7 +27,7 @@ import openai
 import pytest
 import ray
 
-from controller.names import GATEWAY_DEPLOYMENT, RAY_NAMESPACE, SERVE_APP, node_agent_actor
+from proto.names import GATEWAY_DEPLOYMENT, RAY_NAMESPACE, SERVE_APP, node_agent_actor
 from proto import session_pb2 as spb
 from proto import session_pb2_grpc
 from tests.integration.gateway_client import RawHttp, check_grpc_bad_inputs, check_rest_bad_inputs, snapshot

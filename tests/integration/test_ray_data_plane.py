@@ -12,7 +12,7 @@ import pytest
 import ray
 from ray import serve
 
-from controller.names import ENGINE_DEPLOYMENT, node_agent_actor
+from proto.names import ENGINE_DEPLOYMENT, node_agent_actor
 from proto import node_agent_pb2 as pb
 from proto import node_agent_pb2_grpc as pb_grpc
 from proto import tiers_pb2

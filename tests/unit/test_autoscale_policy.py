@@ -12,7 +12,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from controller.autoscale import AutoscaleSettings, Reason, ReplicaLoad, ScaleDecision, ScalerState, ScalingSnapshot, decide
-from controller.config import from_dict
+from proto.config import from_dict
 from tests.support import FakeClock
 
 CAP = 1_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controller.cli import build_parser, main
-from workers.bench_kv import MOVES, TIERS, BenchSettings, render, write_report
+from controller.cli.bench.kv import MOVES, TIERS, BenchSettings, render, write_report
 
 
 def parse(*argv: str):

@@ -1,4 +1,4 @@
-"""controller/config.py: defaults, validation messages, YAML + env loading, secrets
+"""proto/config.py: defaults, validation messages, YAML + env loading, secrets
 kept out of sight, and the Helm export derived from the same definitions."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import jsonschema
 import pytest
 import yaml
 
-from controller.config import SECTIONS, ConfigError, LullConfig, Secrets, from_dict, load_config
-from controller.config_export import chart_config, config_schema, documented_yaml
+from controller.policy import PlannerConfig
+from proto.config import SECTIONS, ConfigError, LullConfig, Secrets, from_dict, load_config
+from proto.config_export import chart_config, config_schema, documented_yaml
 
 KEY = "sk-very-secret-key-0123456789"
 
@@ -106,7 +107,7 @@ def test_bad_api_key_files_are_errors_that_never_quote_a_key(tmp_path, text):
 
 def test_planner_config_follows_the_policy_settings():
     config = from_dict({"policy": {"displacement": False, "displace_margin": 0.2}, "tiers": {"shared_capacity_gib": 0}})
-    planner = config.planner_config()
+    planner = PlannerConfig.from_config(config)
     assert (planner.displacement, planner.displace_margin, planner.shared_tier) == (False, 0.2, False)
 
 

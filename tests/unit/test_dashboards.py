@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller.telemetry.metrics import CATALOGUE, series_names
-from controller.telemetry.vllm_metrics import VLLM_METRICS, vllm_series_names
+from proto.telemetry.metrics import CATALOGUE, series_names
+from proto.telemetry.vllm_metrics import VLLM_METRICS, vllm_series_names
 from tests.promql import PromQLError, parse
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from controller.config import LullConfig
+from proto.config import LullConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

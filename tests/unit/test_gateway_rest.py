@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.datastructures import Headers
 
-from controller.config import Secrets
+from proto.config import Secrets
 from controller.gateway.protocol import ANONYMOUS_TENANT, ApiError, Authenticator, session_id_from
 from controller.gateway.rest import create_app
 from controller.gateway.service import ControllerClient, GatewayCore, Limits
@@ -187,7 +187,7 @@ def test_a_call_is_traced_from_the_callers_traceparent_to_the_engine(client, mon
     """Spans go to an in-memory exporter instead of OTLP; the engine stub records the headers it was sent."""
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from controller.telemetry import tracing
+    from proto.telemetry import tracing
 
     exporter = InMemorySpanExporter()
     provider = tracing.build_provider("lull-gateway", {}, exporter=exporter)

@@ -13,12 +13,12 @@ import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
 
-from controller.config import Secrets
+from proto.config import Secrets
 from controller.gateway.grpc_service import session_server, start_grpc
 from controller.gateway.protocol import Authenticator
 from controller.gateway.service import ControllerClient, GatewayCore, Limits
 from controller.runtime.live import LiveController
-from controller.telemetry.metrics import make_metrics
+from proto.telemetry.metrics import make_metrics
 from proto import session_pb2 as pb
 from proto import session_pb2_grpc as pb_grpc
 from tests.unit.test_gateway_rest import EchoEngines, NoMoves

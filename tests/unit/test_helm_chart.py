@@ -1,6 +1,6 @@
 """The Helm chart (deploy/helm/lull): lint, render with the default and the
 multi-node GPU values, validate every object offline (Kubernetes schemas, KubeRay
-CRDs), and check that it agrees with controller/config.py and platform/."""
+CRDs), and check that it agrees with proto/config.py and platform/."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import yaml
 from ray.serve.config import AutoscalingConfig
 
-from controller import names
-from controller.config import LullConfig, Secrets, from_dict
-from controller.config_export import expected_files
-from controller.gateway.app import PlatformSettings, engine_count
+from proto import names
+from proto.config import LullConfig, Secrets, from_dict
+from proto.config_export import expected_files
+from controller.assembly.app import PlatformSettings, engine_count
 from tests.k8s_validation import ROOT, load_all, validate
 from workers.engine_deployment import DRAIN_WAIT_S
 
@@ -48,7 +48,7 @@ def find(which: str, kind: str, name: str | None = None) -> list[dict]:
 
 
 def loaded_config(config_map: dict) -> LullConfig:
-    """The `lull-config` ConfigMap's config.yaml as controller/config.py loads it (keys
+    """The `lull-config` ConfigMap's config.yaml as proto/config.py loads it (keys
     arrive at run time from the Secret; the config must accept the rest as is)."""
     return from_dict(yaml.safe_load(config_map["data"]["config.yaml"]), Secrets(api_keys={"t": "key-from-secret"}))
 
@@ -263,7 +263,7 @@ def test_values_schema_rejects_bad_values():
 
 def test_values_config_block_and_schema_match_controller_config():
     for path, text in expected_files(CHART).items():
-        assert path.read_text() == text, f"{path.name} drifted; run python -m controller.config_export --write"
+        assert path.read_text() == text, f"{path.name} drifted; run python -m proto.config_export --write"
 
 
 def test_chart_copies_of_platform_files_are_identical():

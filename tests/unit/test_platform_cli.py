@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 
-from controller.platform_cli import _stop_cluster
+from controller.assembly.local_platform import _stop_cluster
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 

@@ -14,8 +14,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import Gauge
 
-from controller.telemetry import tracing
-from controller.telemetry.metrics import BY_NAME, CATALOGUE, MetricSpec, make_metrics, serve_node_metrics
+from proto.telemetry import tracing
+from proto.telemetry.metrics import BY_NAME, CATALOGUE, MetricSpec, make_metrics, serve_node_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = {
@@ -52,7 +52,7 @@ def test_make_metrics_registers_the_catalogue():
 
 WRITER = textwrap.dedent("""
     from prometheus_client import Counter, Gauge
-    from controller.telemetry.metrics import make_metrics
+    from proto.telemetry.metrics import make_metrics
     m = make_metrics()
     m["lull:sessions"].labels(tier="gpu").set(7)
     m["lull:recompute_tokens"].inc(128)
@@ -82,7 +82,7 @@ def test_node_endpoint_needs_its_directory(tmp_path):
 AGENT = WRITER + textwrap.dedent("""
     import logging, sys, urllib.request
     from prometheus_client import CollectorRegistry
-    from controller.telemetry.metrics import serve_agent_metrics
+    from proto.telemetry.metrics import serve_agent_metrics
     own = CollectorRegistry()
     make_metrics(own)["lull:kv_moves"].labels(kind="drop", src_tier="dram", dst_tier="waiting").inc()
     server, _ = serve_agent_metrics(0, own, addr="127.0.0.1")

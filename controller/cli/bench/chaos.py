@@ -135,7 +135,7 @@ class Injector:
     async def replica(self) -> FaultRecord:
         import ray
 
-        from controller.names import ENGINE_DEPLOYMENT
+        from proto.names import ENGINE_DEPLOYMENT
 
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["namespace"] == "serve" and f"#{ENGINE_DEPLOYMENT}#" in a["name"]]
@@ -148,7 +148,7 @@ class Injector:
     async def controller(self) -> FaultRecord:
         import ray
 
-        from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE
+        from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
 
         ray.kill(ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE), no_restart=False)  # a crash
         return FaultRecord("controller", 0, target=CONTROLLER_ACTOR)
@@ -167,7 +167,7 @@ class Injector:
         redis = subprocess.Popen([sys.executable, "-m", "workers.redis_server", "--port", port,
                                   "--maxmemory", "512mb"], stdout=log, stderr=log, start_new_session=True)
         self.state["redis_pid"] = redis.pid
-        from controller.platform_cli import state_path
+        from controller.assembly.local_platform import state_path
 
         state_path().write_text(json.dumps(self.state))  # `lull down` stops the new Redis
         return FaultRecord("redis", 0, target=f"127.0.0.1:{port}", note=f"down {self.redis_down_s:g} s")
@@ -256,8 +256,8 @@ def parse_faults(text: str) -> list[str]:
 def cmd_chaos(args) -> int:
     import ray
 
-    from controller.names import RAY_NAMESPACE
-    from controller.platform_cli import read_state
+    from proto.names import RAY_NAMESPACE
+    from controller.assembly.local_platform import read_state
 
     faults = parse_faults(args.faults)
     if args.duration <= 0 or args.interval <= 0 or args.programs < 1 or args.redis_down < 0:

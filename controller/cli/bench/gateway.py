@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 from rich_argparse import RichHelpFormatter
 
-from controller.names import ENGINE_DEPLOYMENT, RAY_NAMESPACE, SERVE_APP
-from loadgen.bench_cli import _api_key
+from proto.names import ENGINE_DEPLOYMENT, RAY_NAMESPACE, SERVE_APP
+from controller.cli.bench.live import api_key
 
 PROMPT = [(i * 29) % 700 + 30 for i in range(64)]
 
@@ -44,14 +44,14 @@ def run(args) -> int:
     import ray
     from ray import serve
 
-    from controller.platform_cli import read_state
+    from controller.assembly.local_platform import read_state
 
     if args.calls < 10 or args.warmup < 0:
         raise ValueError("--calls must be >= 10 and --warmup >= 0")
     state = read_state()
     ray.init(address=state["address"], namespace=RAY_NAMESPACE, log_to_driver=False)
     engine = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=SERVE_APP)
-    key = _api_key(args)
+    key = api_key(args)
     http = httpx.Client(base_url=f"http://127.0.0.1:{state['port']}", timeout=120,
                         headers={"authorization": f"Bearer {key}"} if key else {})
 

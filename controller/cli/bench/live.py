@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich_argparse import RichHelpFormatter
 
-from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE, node_agent_actor
+from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE, node_agent_actor
 from loadgen.replay import ReplaySettings, replay
 from loadgen.sim.report import COLUMNS
 from loadgen.sim.workload import build_workload
@@ -57,17 +57,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
-    """Where the platform is: flags, else `lull up`'s state file (see ``_endpoints``)."""
+    """Where the platform is: flags, else `lull up`'s state file (see ``endpoints``)."""
     parser.add_argument("--url", default=None, help="REST base URL (default: the `lull up` platform's)")
     parser.add_argument("--api-key", default=os.environ.get("LULL_BENCH_API_KEY"),
                         help="bearer key (default: $LULL_BENCH_API_KEY, else the first configured key)")
     parser.add_argument("--ray-address", default=None, help="Ray address (default: the `lull up` platform's)")
 
 
-def _endpoints(args) -> tuple[str, str, str]:
+def endpoints(args) -> tuple[str, str, str]:
     """REST URL, gRPC target, Ray address: flags first, then `lull up`'s state file and the config."""
-    from controller.config import load_config
-    from controller.platform_cli import read_state
+    from proto.config import load_config
+    from controller.assembly.local_platform import read_state
 
     config = load_config()
     state = read_state() if args.url is None or args.ray_address is None else {}
@@ -76,10 +76,10 @@ def _endpoints(args) -> tuple[str, str, str]:
     return url, target, args.ray_address or state["address"]
 
 
-def _api_key(args) -> str | None:
+def api_key(args) -> str | None:
     if args.api_key:
         return args.api_key
-    from controller.config import load_config
+    from proto.config import load_config
 
     keys = load_config().secrets.api_keys
     return next(iter(keys.values()), None) if keys else None
@@ -122,7 +122,7 @@ class Platform:
         from prometheus_client.parser import text_string_to_metric_families
         from ray import serve
 
-        from controller.names import ENGINE_DEPLOYMENT, SERVE_APP
+        from proto.names import ENGINE_DEPLOYMENT, SERVE_APP
 
         try:
             replicas = [t["replica"] for t in (await self.snapshot())["tiers"] if t["tier"] == "gpu"]
@@ -178,7 +178,7 @@ async def bench(args, console: Console) -> list[dict]:
     unknown = [p for p in policies if p not in POLICIES]
     if not policies or unknown:
         raise ValueError(f"--policy takes a comma list of {', '.join(POLICIES)}; got {args.policy!r}")
-    url, target, address = _endpoints(args)
+    url, target, address = endpoints(args)
     platform = Platform(address)
     snap = await platform.snapshot()
     replicas, _ = _tiers(snap)
@@ -189,7 +189,7 @@ async def bench(args, console: Console) -> list[dict]:
     workload = build_workload(load_sessions(args.trace_dir, limit=args.trace_limit),
                               gpu_tokens=min(gpu_tokens, args.max_context), seed=args.seed,
                               token_scale=args.token_scale)
-    key = _api_key(args)
+    key = api_key(args)
     records = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[calls]} calls, "
                "{task.fields[errors]} errors"), TimeRemainingColumn())

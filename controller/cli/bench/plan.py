@@ -26,6 +26,7 @@ from rich.progress import Progress
 from rich_argparse import RichHelpFormatter
 
 from controller.policy import ClusterState, Phase, ReplicaSpec, TierPlanner
+from controller.cli.args import positive_int
 
 MAX_OUTPUT = 1024
 console = Console(stderr=True)
@@ -155,11 +156,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=RichHelpFormatter,
     )
-    parser.add_argument("--sessions", type=_positive, default=10_000)
-    parser.add_argument("--replicas", type=_positive, default=100)
-    parser.add_argument("--steps", type=_positive, default=1000, help="steady-state steps timed")
-    parser.add_argument("--bursts", type=_positive, default=10)
-    parser.add_argument("--burst-size", type=_positive, default=500, help="requests per burst")
+    parser.add_argument("--sessions", type=positive_int, default=10_000)
+    parser.add_argument("--replicas", type=positive_int, default=100)
+    parser.add_argument("--steps", type=positive_int, default=1000, help="steady-state steps timed")
+    parser.add_argument("--bursts", type=positive_int, default=10)
+    parser.add_argument("--burst-size", type=positive_int, default=500, help="requests per burst")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.set_defaults(func=run)
@@ -177,10 +178,3 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value

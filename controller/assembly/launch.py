@@ -11,8 +11,9 @@ import logging
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from controller.config import GIB, LullConfig
-from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE, node_agent_actor
+from controller.policy import PlannerConfig
+from proto.config import GIB, LullConfig
+from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE, node_agent_actor
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def ensure_controller(config: LullConfig, agents: dict[str, str], policy: str, b
         pass
     from controller.runtime.actor import launch_controller
 
-    actor = launch_controller(agents, detached=True, policy=policy, planner_config=config.planner_config(),
+    actor = launch_controller(agents, detached=True, policy=policy, planner_config=PlannerConfig.from_config(config),
                               tick_s=config.policy.tick_seconds, bytes_per_token=bytes_per_token, metrics=True)
     shared = int(config.tiers.shared_capacity_gib * GIB) // bytes_per_token
     restored = ray.get(actor.start.remote([], shared))

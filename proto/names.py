@@ -6,7 +6,7 @@ from __future__ import annotations
 
 RAY_NAMESPACE = "lull"
 SERVE_APP = "lull"
-SERVE_IMPORT_PATH = "controller.app:build_app"
+SERVE_IMPORT_PATH = "controller.assembly:build_app"
 GATEWAY_DEPLOYMENT = "LullGateway"  # ingress: REST on the HTTP port, gRPC session service
 ENGINE_DEPLOYMENT = "LullEngine"  # one replica per GPU, wraps vLLM's AsyncLLM
 CONTROLLER_ACTOR = "lull-controller"  # detached, named

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from controller.telemetry.metrics import exposed_series
+from proto.telemetry.metrics import exposed_series
 
 VLLM_METRICS: dict[str, Literal["counter", "gauge", "histogram"]] = {
     "vllm:num_requests_running": "gauge",

@@ -2,7 +2,7 @@
 
 `up` starts a local Ray cluster (`ray start --head`, plus `--nodes - 1` more Ray
 nodes joined with `ray start --address`), a local Redis unless `--redis-url` is
-given, then the Serve app (`controller.app:build_app`: node agents, controller
+given, then the Serve app (`controller.assembly:build_app`: node agents, controller
 actor, gateway, engine replicas). What `down` must stop is kept in a small JSON
 state file under LULL_STATE_DIR (default ~/.cache/lull).
 """
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from controller.names import CONTROLLER_ACTOR, RAY_NAMESPACE, SERVE_APP
+from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE, SERVE_APP
 
 STATE_ENV = "LULL_STATE_DIR"
 
@@ -66,7 +66,7 @@ def _ray(*args: str, env: dict | None = None) -> str:
 
 
 def cmd_up(args) -> int:
-    from controller.config import load_config
+    from proto.config import load_config
     from workers.redis_server import free_port
 
     if args.nodes < 1 or args.replicas < 1:
@@ -106,7 +106,7 @@ def cmd_up(args) -> int:
     import ray
     from ray import serve
 
-    from controller.app import build_app
+    from controller.assembly import build_app
 
     ray.init(address=state["address"], namespace=RAY_NAMESPACE, log_to_driver=False)
     most = max(args.replicas, args.max_replicas or 0)

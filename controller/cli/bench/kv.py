@@ -39,10 +39,10 @@ from rich.progress import Progress
 from rich.table import Table
 from rich_argparse import RichHelpFormatter
 
-from controller.policy.bench_plan import _positive
-from controller.policy.types import Tier
+from proto.tiers import Tier
 from workers.engine import CPU_BLOCK_SIZE
 from workers.tiny_model import TinyModelSpec
+from controller.cli.args import positive_int
 
 BLOCK = CPU_BLOCK_SIZE
 TOOL_RESULT_TOKENS = 16  # what the agent appends between calls, besides the model's output
@@ -410,10 +410,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     default = BenchSettings()
     parser.add_argument("--context", type=parse_contexts, default=default.contexts,
                         help="comma-separated prompt sizes in tokens (default: 256,1024,4096)")
-    parser.add_argument("--repeats", type=_positive, default=default.repeats, help="sessions per tier and context")
-    parser.add_argument("--max-tokens", type=_positive, default=default.max_tokens, help="output tokens per call")
-    parser.add_argument("--dram-capacity-mib", type=_positive, default=default.dram_capacity_bytes >> 20)
-    parser.add_argument("--shared-capacity-mib", type=_positive, default=default.shared_capacity_bytes >> 20)
+    parser.add_argument("--repeats", type=positive_int, default=default.repeats, help="sessions per tier and context")
+    parser.add_argument("--max-tokens", type=positive_int, default=default.max_tokens, help="output tokens per call")
+    parser.add_argument("--dram-capacity-mib", type=positive_int, default=default.dram_capacity_bytes >> 20)
+    parser.add_argument("--shared-capacity-mib", type=positive_int, default=default.shared_capacity_bytes >> 20)
     parser.add_argument("--seed", type=int, default=default.seed)
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--report", type=Path, help="write a markdown report and a PNG into this folder")

@@ -26,6 +26,7 @@ from loadgen.trace_stats import (
     compute_stats,
 )
 from loadgen.traces import TRACE_DIR_ENV, load_sessions, resolve_trace_dir
+from controller.cli.args import positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -46,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=RichHelpFormatter,
     )
     stats.add_argument("--dir", type=Path, default=None, help=f"trace folder (default: ${TRACE_DIR_ENV} or the shared split)")
-    stats.add_argument("--limit", type=_positive, default=None, help="read only the first N files by name")
+    stats.add_argument("--limit", type=positive_int, default=None, help="read only the first N files by name")
     stats.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
     stats.set_defaults(func=run_stats)
     return parser
@@ -101,10 +102,3 @@ def _number(value: float | None) -> str:
     if abs(value) >= 1_000:
         return f"{value:,.0f}"
     return f"{value:.0f}"
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadgen.bench_cli import add_endpoint_args
+from controller.cli.bench.live import add_endpoint_args
 from loadgen.clients import RestClient
 from loadgen.replay import CallOutcome
 
@@ -207,7 +207,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from loadgen.bench_cli import Platform, _api_key, _endpoints  # Ray and the config: only when it runs
+    from controller.cli.bench.live import Platform, api_key, endpoints  # Ray and the config: only when it runs
 
     for name in ("sessions", "max_tokens", "spread_calls"):
         if getattr(args, name) < 1:
@@ -215,11 +215,11 @@ def run(args) -> int:
     if not 0 <= args.gap <= 60 or not 10 <= args.deadline <= 7200:
         raise ValueError("--gap must be in [0, 60] s and --deadline in [10, 7200] s")
     args.grpc_target = None
-    url, _, address = _endpoints(args)
+    url, _, address = endpoints(args)
     platform = Platform(address)
 
     async def main() -> dict:
-        client = RestClient(url, _api_key(args))
+        client = RestClient(url, api_key(args))
         try:
             bench = ElasticBench(client, platform.controller, sessions=args.sessions, max_tokens=args.max_tokens,
                                  gap_s=args.gap, spread_calls=args.spread_calls, deadline_s=args.deadline)

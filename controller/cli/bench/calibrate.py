@@ -147,13 +147,13 @@ def simulate(workload: Workload, gpu, programs: int, duration_s: float, gpu_toke
 
 
 async def _live(args, workload: Workload, console: Console) -> tuple[dict, dict, int, int]:
-    from loadgen.bench_cli import Platform, _api_key, _endpoints
+    from controller.cli.bench.live import Platform, api_key, endpoints
     from loadgen.clients import RestClient
     from loadgen.replay import ReplaySettings, replay
 
-    url, _, address = _endpoints(args)
+    url, _, address = endpoints(args)
     platform = Platform(address)
-    client = RestClient(url, _api_key(args))
+    client = RestClient(url, api_key(args))
     try:
         await platform.switch("lull")
         console.print("probing prefill and decode times ...")

@@ -1,6 +1,6 @@
 """Lull's configuration: one typed, documented, validated definition per setting
 (STYLE 8). The Helm chart's ``values.yaml`` block and ``values.schema.json`` are
-generated from these definitions (``python -m controller.config_export``).
+generated from these definitions (``python -m proto.config_export``).
 
 Sources, later ones winning: the defaults here; a YAML file (``--config`` or
 ``LULL_CONFIG``); environment variables ``LULL_<SECTION>__<SETTING>``, e.g.
@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from controller.config_checks import (
+from proto.config_checks import (
     PORT,
     Check,
     ConfigError,
@@ -255,17 +255,6 @@ class LullConfig:
     @property
     def max_prompt_tokens(self) -> int:
         return self.gateway.max_prompt_tokens or self.engine.max_model_len - 1
-
-    def planner_config(self) -> Any:
-        """The policy core's ``PlannerConfig`` for these settings."""
-        from controller.policy import PlannerConfig
-
-        return PlannerConfig(
-            displacement=self.policy.displacement,
-            displace_margin=self.policy.displace_margin,
-            prefetch=self.policy.prefetch,
-            shared_tier=self.tiers.shared_capacity_gib > 0,
-        )
 
 
 def from_dict(data: Mapping[str, Any], secrets: Secrets | None = None) -> LullConfig:

@@ -16,16 +16,16 @@ from collections.abc import Sequence
 from rich_argparse import RichHelpFormatter
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "loadgen.traces_cli",
-    "controller.policy.bench_plan",
-    "loadgen.sim_cli",
-    "loadgen.bench_cli",
-    "loadgen.bench_gateway",
-    "loadgen.bench_elastic",
-    "loadgen.calibrate",
-    "workers.bench_kv",
-    "controller.platform_cli",
-    "controller.chaos_cli",
+    "controller.cli.traces",
+    "controller.cli.bench.plan",
+    "controller.cli.sim",
+    "controller.cli.bench.live",
+    "controller.cli.bench.gateway",
+    "controller.cli.bench.elastic",
+    "controller.cli.bench.calibrate",
+    "controller.cli.bench.kv",
+    "controller.assembly.local_platform",
+    "controller.cli.bench.chaos",
 )
 
 

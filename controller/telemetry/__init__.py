@@ -1,2 +1,0 @@
-"""Metrics (``metrics``: the ``lull:*`` catalogue, the node endpoint), vLLM's own
-metric names (``vllm_metrics``) and OpenTelemetry tracing (``tracing``)."""
