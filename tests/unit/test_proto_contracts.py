@@ -127,6 +127,8 @@ def test_session_messages_round_trip() -> None:
     )
     assert last.HasField("usage") and not session_pb2.GenerateChunk(text="x").HasField("usage")
 
+
+def test_session_state_messages_round_trip() -> None:
     started = _round_trip(
         session_pb2.ToolCallStartedRequest(session_id="s-1", tool_name="bash", client_time_s=1.5e9)
     )

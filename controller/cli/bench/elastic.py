@@ -108,7 +108,23 @@ class ElasticBench:
         self.logs = [self.session(f"{run}-{i}", context) for i in range(self.sessions)]
         self.say(f"{len(before)} replica(s), GPU tier {capacity} tokens each; {self.sessions} sessions of "
                  f"{context} tokens press on it")
+        new, up = await self._press_until_added(before)
+        late = [self.session(f"{run}-late-{i}", context) for i in range(max(1, self.sessions // 2))]
+        self.logs += late  # new sessions: they take the new replica's free HBM
+        peak, placed = await self._spread_then_quiet()
+        report, down = await self._wait_for_drain()
+        outcomes = await asyncio.gather(*(self.call(log) for log in self.logs))
+        for log in self.logs:
+            await self.client.close_session(log.session_id)
+        result = self._result(before, peak, new, report, placed, outcomes)
+        result.update(seconds_to_add=round(up["seconds"], 2), seconds_to_remove_after_quiet=round(down["seconds"], 2),
+                      decisions=dict(up=up["decision"], down=down["decision"]))
+        if up["decision"] and up["decision"]["target"] > up["decision"]["before"]:
+            result["seconds_from_up_decision_to_serving"] = round(up["wall"] - up["decision"]["at"], 2)
+        return result
 
+    async def _press_until_added(self, before: dict) -> tuple[set, dict]:
+        """Every session calls in a loop until a new replica serves; returns it and when."""
         started = time.monotonic()
         added = asyncio.Event()
 
@@ -125,20 +141,21 @@ class ElasticBench:
 
         new = await self.wait_for("new replica", grown, started)
         added.set()
-        up_at, up_wall = time.monotonic(), time.time()
-        up_decision = _decision()
+        up = dict(seconds=time.monotonic() - started, wall=time.time(), decision=_decision())
         await asyncio.gather(*pressing)
-        self.say(f"replica {sorted(new)} added {up_at - started:.1f} s after the first call")
+        self.say(f"replica {sorted(new)} added {up['seconds']:.1f} s after the first call")
+        return new, up
 
-        late = [self.session(f"{run}-late-{i}", context) for i in range(max(1, self.sessions // 2))]
-        self.logs += late  # new sessions: they take the new replica's free HBM
+    async def _spread_then_quiet(self) -> tuple[dict, dict]:
+        """Calls that spread the sessions over the replicas; then all but ``keep`` per replica
+        close, so the GPU tier is underused and a replica may go."""
         for _ in range(self.spread_calls):
             await asyncio.gather(*(self.call(log) for log in self.logs))
         # The controller names sessions "tenant/session id".
         placed = {s["session_id"].split("/", 1)[-1]: s["replica"] for s in (await self.snapshot())["sessions"]}
         peak = _gpu_replicas(await self.snapshot())
         kept = []
-        for replica in peak:  # the rest close: the GPU tier is underused, so a replica may go
+        for replica in peak:
             kept += [log for log in self.logs if placed.get(log.session_id) == replica][:self.keep]
         for log in self.logs:
             if log not in kept:
@@ -147,7 +164,9 @@ class ElasticBench:
         self.say(f"{len(peak)} replicas; sessions per replica: "
                  f"{ {r: sum(1 for p in placed.values() if p == r) for r in peak} }; "
                  f"now quiet, {len(kept)} session(s) kept in a tool call")
+        return peak, placed
 
+    async def _wait_for_drain(self) -> tuple[dict, dict]:
         quiet = time.monotonic()
         known = len(await self.controller.drain_reports.remote())
 
@@ -156,20 +175,10 @@ class ElasticBench:
             return reports[known:]
 
         report = (await self.wait_for("drain", drained, quiet))[0]
-        removed_at = time.monotonic()
-        down_decision = _decision()
+        down = dict(seconds=time.monotonic() - quiet, decision=_decision())
         self.say(f"replica {report['replica_id']} drained in {report['seconds']:.2f} s "
-                 f"({removed_at - quiet:.1f} s after the load stopped); resuming every session")
-
-        outcomes = await asyncio.gather(*(self.call(log) for log in self.logs))
-        for log in self.logs:
-            await self.client.close_session(log.session_id)
-        result = self._result(before, peak, new, report, placed, outcomes)
-        result.update(seconds_to_add=round(up_at - started, 2), seconds_to_remove_after_quiet=round(removed_at - quiet, 2),
-                      decisions=dict(up=up_decision, down=down_decision))
-        if up_decision and up_decision["target"] > up_decision["before"]:
-            result["seconds_from_up_decision_to_serving"] = round(up_wall - up_decision["at"], 2)
-        return result
+                 f"({down['seconds']:.1f} s after the load stopped); resuming every session")
+        return report, down
 
     def _result(self, before, peak, new, report, placed, outcomes) -> dict:
         drained = report["replica_id"]

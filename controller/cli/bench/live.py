@@ -196,43 +196,50 @@ async def bench(args, console: Console) -> list[dict]:
     with Progress(*columns, console=console) as progress:
         for index, policy in enumerate(policies):
             await platform.switch(policy)
-            # Token ids differ per run (seeded by the run), sizes and order do not: no run
-            # finds a previous run's prompts in the engine's prefix cache.
-            settings = ReplaySettings(programs=args.programs * replicas, duration_s=args.duration,
-                                      time_scale=args.time_scale, max_context=args.max_context,
-                                      max_output=args.max_output, seed=args.seed * 1000 + index,
-                                      session_prefix=f"bench-{policy}-{int(time.time())}")
             client = (RestClient(url, key) if args.api == "rest" else GrpcClient(target, key))
-            task = progress.add_task(policy, total=args.duration, calls=0, errors=0)
-            samples: list[tuple[float, int, int, int]] = []
-            began = time.monotonic()
-            counted = {"calls": 0}
-
-            def on_call(_record, task=task):
-                counted["calls"] += 1
-                progress.update(task, calls=counted["calls"])
-
-            async def sample(task=task, began=began):
-                while True:
-                    _, used = _tiers(await platform.snapshot())
-                    t = time.monotonic() - began
-                    samples.append((t, used["gpu"], used["dram"], used["shared"]))
-                    progress.update(task, completed=min(t, args.duration))
-                    await asyncio.sleep(SAMPLE_S)
-
-            before, cached_before = await platform.move_bytes(), await platform.engine_cached_tokens()
-            sampler = asyncio.create_task(sample())
-            try:
-                result = await replay(workload, client, settings, on_call=on_call)
-            finally:
-                sampler.cancel()
-                await client.close()
-            after, cached_after = await platform.move_bytes(), await platform.engine_cached_tokens()
-            progress.update(task, completed=args.duration, errors=len(result.errors))
-            cached = None if cached_before is None or cached_after is None else int(cached_after - cached_before)
-            records.append(_record(policy, args, replicas, result, _moved(before, after), cached, samples,
-                                   workload.notes, gpu_tokens))
+            records.append(await _run_policy(platform, client, policy, index, args, replicas, workload, progress,
+                                             gpu_tokens))
     return records
+
+
+async def _run_policy(platform, client, policy: str, index: int, args, replicas: int, workload, progress,
+                      gpu_tokens: int) -> dict:
+    """One policy's replay, with tier occupancy sampled throughout and the moves and cached
+    tokens counted around it."""
+    # Token ids differ per run (seeded by the run), sizes and order do not: no run
+    # finds a previous run's prompts in the engine's prefix cache.
+    settings = ReplaySettings(programs=args.programs * replicas, duration_s=args.duration,
+                              time_scale=args.time_scale, max_context=args.max_context,
+                              max_output=args.max_output, seed=args.seed * 1000 + index,
+                              session_prefix=f"bench-{policy}-{int(time.time())}")
+    task = progress.add_task(policy, total=args.duration, calls=0, errors=0)
+    samples: list[tuple[float, int, int, int]] = []
+    began = time.monotonic()
+    counted = {"calls": 0}
+
+    def on_call(_record):
+        counted["calls"] += 1
+        progress.update(task, calls=counted["calls"])
+
+    async def sample():
+        while True:
+            _, used = _tiers(await platform.snapshot())
+            t = time.monotonic() - began
+            samples.append((t, used["gpu"], used["dram"], used["shared"]))
+            progress.update(task, completed=min(t, args.duration))
+            await asyncio.sleep(SAMPLE_S)
+
+    before, cached_before = await platform.move_bytes(), await platform.engine_cached_tokens()
+    sampler = asyncio.create_task(sample())
+    try:
+        result = await replay(workload, client, settings, on_call=on_call)
+    finally:
+        sampler.cancel()
+        await client.close()
+    after, cached_after = await platform.move_bytes(), await platform.engine_cached_tokens()
+    progress.update(task, completed=args.duration, errors=len(result.errors))
+    cached = None if cached_before is None or cached_after is None else int(cached_after - cached_before)
+    return _record(policy, args, replicas, result, _moved(before, after), cached, samples, workload.notes, gpu_tokens)
 
 
 def _record(policy, args, replicas, result, moved, cached, samples, notes, gpu_tokens) -> dict:
