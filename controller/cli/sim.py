@@ -1,9 +1,11 @@
 """``lull sim``: compare cluster policies on the same seeded, simulated workload.
 
 Every policy replays the same trace sessions in the same order (MORI's closed-loop
-protocol, or Poisson session arrivals) on replicas timed by the roofline cost model;
-``lull`` and ``mori`` run the live controller's policy core. Everything it writes is
-marked simulated.
+protocol, or Poisson session arrivals) on replicas timed by the roofline cost model.
+The controller's policies (``lull``, ``mori``, ``lru-offload``) run from the same
+definitions and through the same plan driver as the live controller; the other names
+are models of baselines the controller does not run. Everything it writes is marked
+simulated.
 """
 
 from __future__ import annotations

@@ -1,16 +1,17 @@
-"""The live controller: a thin asyncio shell over ``ClusterState`` + a planner.
+"""The live controller: a thin asyncio shell over the core's ``PlanDriver``.
 
 Who calls what: the gateway calls ``admit`` once per request (it returns when the
 request may run, on which replica, with which engine tier label) and reports the
 call's end (``call_finished`` / ``call_failed``), tool-call hints and closures. Every
 event plans at once (policies that plan only on the tick excepted); ``run`` is the
-backstop tick. The controller owns the books; the ``Mover`` owns the bytes: a move is
-recorded only once the mover committed it, so a refused or failed move leaves the
-session where it was, and the next plan tries again.
+backstop tick. The driver owns the books and the event -> plan -> apply loop (the
+simulator runs the same one); here the ``Mover`` carries the bytes and admitted
+callers are woken: a move is recorded only once the mover committed it, so a refused
+or failed move leaves the session where it was, and the next plan tries again.
 
 One event loop, no Ray, no clock of its own (``clock`` is injected). Plans run one at
 a time under a lock; events that arrive while a plan awaits its moves are recorded at
-once, and each decision is re-checked against the books before it is carried out.
+once, and the driver re-checks each decision against the books before carrying it out.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from controller.policy import (
-    ClusterState, Location, Move, Phase, Plan, PlannerConfig, Release, ReplicaSpec, StaleDecision, Tier,
+    POLICY_DEFINITIONS, Admit, ClusterState, Location, Move, Phase, Plan, PlanDriver, Planner, PlannerConfig, Release,
+    Tier,
 )
 from controller.policy.idleness import DEFAULT_CYCLES
 from controller.runtime.contracts import Admission, GateTimeout, Mover, SessionClosed  # noqa: F401 (re-exported)
-from controller.runtime.policies import LIVE_POLICIES, UNBOUNDED_TOKENS
 from controller.runtime.restore import Placement, placements_from_reports
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,9 @@ class LiveController:
                  clock: Callable[[], float] = time.monotonic, idleness_window: int = DEFAULT_CYCLES,
                  metrics: dict | None = None) -> None:
         self.policy_name = policy
-        self.policy = LIVE_POLICIES.get(policy)
-        self.planner = self.policy.make_planner(planner_config or PlannerConfig())
+        self.policy = POLICY_DEFINITIONS.get(policy)
+        self.driver = PlanDriver(self.policy, _LiveMechanism(self), planner_config, k=idleness_window)
         self.mover, self.clock, self.metrics = mover, clock, metrics or {}
-        self.state = ClusterState([], 0, k=idleness_window)
         self.nodes: dict[str, str] = {}  # replica -> Ray node
         self.capacity: dict[Location, int] = {Location(Tier.SHARED): 0}  # as configured, for status
         self.draining: set[str] = set()  # replicas being drained (runtime.drain), booked at zero capacity
@@ -59,19 +59,27 @@ class LiveController:
         self._dirty = False
         self._stepper: asyncio.Task | None = None
 
+    @property
+    def state(self) -> ClusterState:
+        """The books (the driver's): read them, feed events through the methods below."""
+        return self.driver.state
+
+    @property
+    def planner(self) -> Planner:
+        return self.driver.planner
+
     # -- capacity -----------------------------------------------------------------
 
     def add_replica(self, replica_id: str, node_id: str, gpu_tokens: int, dram_tokens: int) -> None:
-        gpu = UNBOUNDED_TOKENS if self.policy.unbounded_gpu else gpu_tokens
-        self.state.set_replica(ReplicaSpec(replica_id, gpu, dram_tokens if self.policy.moves_kv else 0))
+        plan_now = self.driver.add_replica(replica_id, gpu_tokens, dram_tokens)
         self.nodes[replica_id] = node_id
         self.capacity[Location(Tier.GPU, replica_id)] = gpu_tokens
         self.capacity[Location(Tier.DRAM, replica_id)] = dram_tokens
-        self._kick()
+        self._kick(plan_now)
 
     def remove_replica(self, replica_id: str) -> None:
         now = self.clock()
-        self.state.remove_replica(replica_id, now)
+        plan_now = self.driver.remove_replica(replica_id, now)
         for tier in (Tier.GPU, Tier.DRAM):
             del self.capacity[Location(tier, replica_id)]
         del self.nodes[replica_id]
@@ -79,13 +87,13 @@ class LiveController:
         # nobody waits for them here: the gateway sees its engine call fail.
         for session_id, record in self.state.sessions.items():
             if record.phase is Phase.GATED and session_id not in self._waiters:
-                self.state.request_withdrawn(session_id, now)
-        self._kick()
+                self.driver.withdrawn(session_id, now)
+        self._kick(plan_now)
 
     def set_shared_capacity(self, tokens: int) -> None:
-        self.state.set_shared_capacity(tokens if self.policy.shared_tier else 0)
+        plan_now = self.driver.set_shared_capacity(tokens)
         self.capacity[Location(Tier.SHARED)] = tokens
-        self._kick()
+        self._kick(plan_now)
 
     # -- requests -------------------------------------------------------------------
 
@@ -98,14 +106,14 @@ class LiveController:
             raise ValueError(f"session {session_id!r} already has a request waiting")
         now = self.clock()
         if session_id not in self.state.sessions:
-            self.state.open_session(session_id, now)
-        self.state.request_arrived(session_id, now, prompt_tokens, max_tokens)
+            self.driver.open(session_id, now)
+        plan_now = self.driver.request(session_id, now, prompt_tokens, max_tokens)
         waiter = self._waiters[session_id] = _Waiter(asyncio.get_running_loop().create_future(), now)
-        if not self.policy.event_driven:
+        if not plan_now:
             waiter.reason = "waiting for the next planning tick"
         self._gauge_gated()
         try:
-            if self.policy.event_driven:
+            if plan_now:
                 await self.plan_step()
             await asyncio.wait({waiter.future}, timeout=timeout_s)
         except asyncio.CancelledError:
@@ -123,9 +131,9 @@ class LiveController:
             return
         waiter.future.cancel()
         self._waiters.pop(session_id, None)
-        self.state.request_withdrawn(session_id, self.clock())
+        plan_now = self.driver.withdrawn(session_id, self.clock())
         self._observe_wait(waiter, outcome)
-        self._kick()
+        self._kick(plan_now)
 
     def _check_size(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens < 1 or max_tokens < 1:
@@ -139,32 +147,28 @@ class LiveController:
     # -- session events ------------------------------------------------------------
 
     def call_finished(self, session_id: str, context_tokens: int) -> None:
-        self.state.call_finished(session_id, self.clock(), context_tokens)
-        self._kick()
+        self._kick(self.driver.finished(session_id, self.clock(), context_tokens))
 
     def call_failed(self, session_id: str) -> None:
         """The engine call failed (or never ran). Its KV is taken to be the prompt's."""
         record = self.state.get(session_id)
         if record.phase is Phase.LLM:
-            self.state.call_finished(session_id, self.clock(), max(1, record.context_tokens))
+            plan_now = self.driver.finished(session_id, self.clock(), max(1, record.context_tokens))
         elif record.phase is Phase.GATED and session_id not in self._waiters:
-            self.state.request_withdrawn(session_id, self.clock())
+            plan_now = self.driver.withdrawn(session_id, self.clock())
         else:
             raise ValueError(f"session {session_id!r} has no call running")
-        self._kick()
+        self._kick(plan_now)
 
     def tool_call_started(self, session_id: str) -> None:
         """A hint only: the gap since the last call already counts as tool time."""
-        self.state.get(session_id)
-        self._kick()
+        self._kick(self.driver.tool_started(session_id, self.clock()))
 
     def tool_call_finished(self, session_id: str) -> None:
-        self.state.tool_call_finished(session_id, self.clock())
-        self._kick()
+        self._kick(self.driver.tool_finished(session_id, self.clock()))
 
     def close_session(self, session_id: str) -> None:
-        self.state.close_session(session_id, self.clock())
-        self._kick()
+        self._kick(self.driver.close(session_id, self.clock()))
 
     # -- planning ---------------------------------------------------------------------
 
@@ -181,26 +185,7 @@ class LiveController:
         """Plan once, carry out what the mover commits, record it, wake admitted waiters."""
         async with self._lock:
             started = time.perf_counter()
-            now = self.clock()
-            plan = self.planner.plan(self.state, now)
-            for release in plan.releases:
-                await self._release(release.session_id, release.location, now)
-            for move in plan.moves:
-                await self._move(move)
-            now = self.clock()
-            for admit in plan.admits:
-                waiter = self._waiters.get(admit.session_id)
-                try:
-                    self.state.apply_admit(admit, now)
-                except StaleDecision as stale:
-                    log.debug("admit skipped: %s", stale)
-                    continue
-                if waiter is None:  # no one to run it (should not happen): give the room back
-                    self.call_failed(admit.session_id)
-                    continue
-                del self._waiters[admit.session_id]
-                waiter.future.set_result(Admission(admit.replica, self.policy.tier_label, now - waiter.arrived))
-                self._observe_wait(waiter, "admitted")
+            plan = await self.driver.step(self.clock(), self.clock)
             for gate in plan.gates:
                 if gate.session_id in self._waiters:
                     self._waiters[gate.session_id].reason = gate.reason
@@ -209,53 +194,12 @@ class LiveController:
                 self.metrics["lull:plan_step_seconds"].observe(time.perf_counter() - started)
             return plan
 
-    async def _move(self, move: Move) -> None:
-        if not self._applicable(move):
-            return  # an earlier move of this plan failed, or events changed the books
-        record = self.state.sessions[move.session_id]
-        needs_bytes = self.policy.moves_kv and move.src.tier is not Tier.WAITING and record.context_tokens > 0
-        if needs_bytes:
-            try:
-                done = await self.mover.move(move, self._node(move.src), self._node(move.dst))
-            except Exception:
-                log.exception("move of %s %s -> %s failed", move.session_id, move.src, move.dst)
-                done = False
-            if not done:
-                return
-        try:
-            self.state.apply_move(move)
-        except (StaleDecision, KeyError, ValueError) as stale:  # the books changed during the move
-            log.warning("move of %s committed but not recorded (%s); reconcile from reports",
-                        move.session_id, stale)
-
-    def _applicable(self, move: Move) -> bool:
-        record = self.state.sessions.get(move.session_id)
-        if record is None or record.location != move.src or record.phase is Phase.LLM:
-            return False
-        if move.dst.tier is Tier.WAITING:
-            return True
-        return move.dst in self.state.capacity and move.tokens <= self.state.free(move.dst)
-
-    async def _release(self, session_id: str, where: Location, now: float) -> None:
-        record = self.state.sessions[session_id]
-        has_kv = record.context_tokens > 0 and where.tier is not Tier.WAITING
-        self.state.apply(Plan(releases=(Release(session_id, where),)), now)
-        waiter = self._waiters.pop(session_id, None)
-        if waiter is not None:
-            waiter.future.set_exception(SessionClosed(f"session {session_id!r} was closed while gated"))
-            self._observe_wait(waiter, "closed")
-        if has_kv and self.policy.moves_kv:
-            try:
-                await self.mover.release(session_id, where, self._node(where))
-            except Exception:  # garbage the tiers' own capacity limits evict later
-                log.exception("release of %s in %s failed", session_id, where)
-
     def _node(self, where: Location) -> str | None:
         return self.nodes.get(where.replica) if where.replica is not None else None
 
-    def _kick(self) -> None:
-        """Plan soon (event-driven policies): one background stepper, coalescing events."""
-        if not self.policy.event_driven:
+    def _kick(self, plan_now: bool) -> None:
+        """Plan soon (when the policy plans on this event): one background stepper, coalescing events."""
+        if not plan_now:
             return
         self._dirty = True
         try:
@@ -289,13 +233,8 @@ class LiveController:
         now = self.clock()
         placements = placements_from_reports(reports, set(self.nodes), bytes_per_token)
         for place in placements:
-            where = place.where
-            if not self.policy.moves_kv and where.replica is not None:
-                where = Location(Tier.GPU, where.replica)  # lru-offload books every session on its replica
-            elif where.tier is Tier.SHARED and not self.policy.shared_tier:
-                where = Location(Tier.WAITING)
-            self.state.restore_session(place.session_id, where, place.tokens, now)
-        self._kick()
+            self.driver.restore(place.session_id, place.where, place.tokens, now)
+        self._kick(self.policy.event_driven)
         return placements
 
     def gate_waits(self, horizon_s: float = RECENT_WAITS_S) -> list[float]:
@@ -347,3 +286,40 @@ class LiveController:
         self._recent_waits.append((now, now - waiter.arrived))
         if "lull:gate_wait_seconds" in self.metrics:
             self.metrics["lull:gate_wait_seconds"].labels(outcome=outcome).observe(now - waiter.arrived)
+
+
+class _LiveMechanism:
+    """Carries the driver's plans out live: bytes through the controller's mover,
+    admissions and closures to the callers waiting at the gate."""
+
+    def __init__(self, live: LiveController) -> None:
+        self.live = live
+
+    async def release(self, release: Release, free_kv: bool) -> None:
+        live, session_id = self.live, release.session_id
+        waiter = live._waiters.pop(session_id, None)
+        if waiter is not None:
+            waiter.future.set_exception(SessionClosed(f"session {session_id!r} was closed while gated"))
+            live._observe_wait(waiter, "closed")
+        if free_kv:
+            try:
+                await live.mover.release(session_id, release.location, live._node(release.location))
+            except Exception:  # garbage the tiers' own capacity limits evict later
+                log.exception("release of %s in %s failed", session_id, release.location)
+
+    async def move(self, move: Move) -> bool:
+        live = self.live
+        try:
+            return bool(await live.mover.move(move, live._node(move.src), live._node(move.dst)))
+        except Exception:
+            log.exception("move of %s %s -> %s failed", move.session_id, move.src, move.dst)
+            return False
+
+    def admitted(self, admit: Admit, was: Location, kv_tokens: int, now: float) -> None:
+        live = self.live
+        waiter = live._waiters.pop(admit.session_id, None)
+        if waiter is None:  # no one to run it (should not happen): give the room back
+            live.call_failed(admit.session_id)
+            return
+        waiter.future.set_result(Admission(admit.replica, live.policy.tier_label, now - waiter.arrived))
+        live._observe_wait(waiter, "admitted")

@@ -5,8 +5,11 @@ cost model.
 - ``hardware``: model shapes and GPU specs (public figures, cited), in named registries.
 - ``cost_model``: a ``Profile`` (one GPU kind x one model x tensor parallelism) and a
   ``CostModel`` that turns it into engine step, prefill, recompute and transfer times.
-- ``policies`` (``lull``, ``mori``), ``lru``, ``continuum``, ``thunderagent``: the
-  simulated policies, registered by name in ``policies.POLICIES``.
+- ``policies``: the interface and registry (``POLICIES``) of simulated policies.
+- ``driven``: every policy the core defines (``lull``, ``mori``, ``lru-offload``),
+  run through the core's own driver and definitions.
+- ``lru``, ``continuum``, ``thunderagent``: models of the baselines the core does
+  not run (``vllm-lru``, ``infinite-hbm``, ``continuum``, ``thunderagent``, ``ta-offload``).
 
 The cost model carries no per-policy constants: every policy in a comparison is timed
 by the same formulas, and ``CostModel.describe()`` prints them into every report.
@@ -14,4 +17,4 @@ by the same formulas, and ``CostModel.describe()`` prints them into every report
 
 # The baselines register themselves on import; the package imports them so that
 # ``POLICIES`` is complete whichever module is imported first.
-from loadgen.sim import continuum, lru, thunderagent  # noqa: E402,F401
+from loadgen.sim import continuum, driven, lru, thunderagent  # noqa: E402,F401

@@ -32,7 +32,8 @@ class LruReplica:
 
 
 class LruPolicy(SimPolicy):
-    """Base of the LRU baselines; ``offload`` adds a write-through DRAM tier."""
+    """Base of the LRU baselines; ``offload`` adds a write-through DRAM tier. The
+    core's ``lru-offload`` runs on this engine model too (``loadgen.sim.driven``)."""
 
     offload = False
     unlimited = False
@@ -157,16 +158,6 @@ class VllmLru(LruPolicy):
     blocks stay cached in HBM and are evicted least recently used when new blocks are
     needed; no offload, no gating (requests queue in the engine). Modelled per
     session rather than per block."""
-
-
-@POLICIES.register("lru-offload")
-class LruOffload(LruPolicy):
-    """vLLM + LMCache (LMCache docs, "CPU offloading"): every finished call's KV is
-    written through to host DRAM; LRU eviction in HBM (free, the KV is in DRAM) and in
-    DRAM (drop); a request whose KV left HBM loads it back over PCIe before its
-    prefill. No gating. This is MORI's strongest baseline."""
-
-    offload = True
 
 
 @POLICIES.register("infinite-hbm")

@@ -28,7 +28,7 @@ Inference System" (arXiv:2602.13692), and its router
 
 Under the admission layer each backend is the ``vllm-lru`` engine model (prefix
 cache, LRU, FCFS queue); ``ta-offload`` (MORI's TA+O baseline) swaps in the
-``lru-offload`` engine: write-through to the node's DRAM, LRU at both tiers.
+engine model ``lru-offload`` runs on: write-through to the node's DRAM, LRU at both tiers.
 """
 
 from __future__ import annotations
