@@ -87,9 +87,9 @@ class Engine:
 
     def write_through(self, session_id: str, tokens: int, tier_label: str = "gpu") -> None:
         hashes = [hashlib.sha1(f"{session_id}:{i}".encode()).hexdigest() for i in range(tokens // 32 + 1)]
-        label = "busy" if tier_label == "gpu" else "idle"  # as LullConnector.wait_for_save labels it
-        assert self.store.put_session(session_id, tenant="t", replica=self.replica, label=label, tokens=tokens,
-                                      block_hashes=hashes, blocks={h: b"k" * BLOCK_BYTES for h in hashes})
+        label = "gpu" if tier_label == "gpu" else "dram"  # as LullConnector.wait_for_save labels it
+        self.store.put_session(session_id, tenant="t", replica=self.replica, label=label, tokens=tokens,
+                               block_hashes=hashes, blocks={h: b"k" * BLOCK_BYTES for h in hashes})  # or TierFull
 
     def finish(self, ctl: LiveController, session_id: str, tokens: int, *, written: bool = True,
                tier_label: str = "gpu") -> None:

@@ -12,29 +12,40 @@ per block, content-addressed by vLLM's block hash (which already includes the
 tenant's `cache_salt`, so tenants never share blocks), and an SQLite index
 whose transactions make capacity checks atomic across processes.
 
-Capacity is a hard limit: a write that does not fit evicts other sessions in
-Lull's order (inactive, then busy, then idle; oldest first within a label) and
-is refused if that is not enough. Never LRU alone: the label order comes from
-the controller's ranking.
+Each session's label is the tier the controller books it in, spelled `Tier.label`:
+- "dram": the controller placed the session in this node's DRAM tier; this copy is
+  its home, and the controller's books count it (within the tier's capacity);
+- "gpu": the session is in its replica's GPU tier; this copy is the write-through,
+  redundant while the engine holds the KV, and outside the controller's DRAM books;
+- "pinned" (not a tier): a prepared move owns the copy until it completes or aborts.
+
+Mechanism, not policy: the store never evicts on its own. Capacity is a hard limit:
+a write that does not fit raises `TierFull` and changes nothing, and so does a
+tmpfs that fills up below the capacity (no partial file is left). A caller may name
+sessions to drop for room (`put_session(evict=...)`); the store drops a named one
+only while it is a redundant "gpu" copy, and only if that makes the write fit.
+Which writes may do so is the callers' rule, `may_displace_redundant`, which
+`write_session` applies for them.
 """
 
 from __future__ import annotations
 
-import logging
+import errno
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from proto.tiers import Tier
+from workers.tier_errors import TierFull
 
-# Eviction order of the tier labels: a session whose KV also sits in GPU
-# ("busy") loses only a redundant copy; an "idle" session loses its only one.
-LABEL_EVICTION_ORDER = {"inactive": 0, "busy": 1, "idle": 2}
-PINNED = "pinned"  # mid-move: never evicted until the move completes or aborts
-LABELS = (*LABEL_EVICTION_ORDER, PINNED)
+REDUNDANT = Tier.GPU.label  # a GPU-tier session's write-through copy
+PINNED = "pinned"  # mid-move: a marker, not a tier; never dropped until the move completes or aborts
+LABELS = (Tier.GPU.label, Tier.DRAM.label, PINNED)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (hash TEXT PRIMARY KEY, nbytes INTEGER NOT NULL);
@@ -56,15 +67,41 @@ def node_dram_dir(root: str | Path, node_id: str) -> str:
     return str(Path(root) / node_id)
 
 
+def may_displace_redundant(label: str) -> bool:
+    """Whether a write labelled ``label`` may drop redundant copies when it does not fit.
+
+    The rule every caller follows, because the controller's planner is the only policy:
+    its books hold every session it places in DRAM, within the tier's capacity, and do
+    not hold the write-through copies of GPU-tier sessions. Hence:
+    - a copy the controller books in DRAM ("dram", or "pinned" by a move) is never
+      dropped by the data plane; only a move the controller orders removes it;
+    - a write the controller ordered (the write-through of a session it labelled
+      "dram", a promotion staged from the shared tier, "pinned") may drop redundant
+      "gpu" copies: those sessions keep their KV in HBM, and the books leave room for
+      what the controller placed;
+    - the write-through of a GPU-tier session ("gpu") is itself redundant: it drops
+      nothing, and when it does not fit it is skipped. A later demotion of that session
+      then finds an older copy or none (refused: the controller's books keep it in GPU).
+    """
+    if label not in LABELS:
+        raise ValueError(f"unknown tier label {label!r}; valid: {', '.join(LABELS)}")
+    return label != REDUNDANT
+
+
 @dataclass(frozen=True)
 class DramSession:
     session_id: str
     tenant: str
     tokens: int
-    label: str
+    label: str  # Tier.label of the tier the controller books it in, or PINNED
     replica: str
     block_hashes: tuple[str, ...]
     nbytes: int  # bytes of its blocks, shared ones counted in full
+
+
+class MissingBlocks(ValueError):
+    """A block of the chain is neither given nor stored: dropped since the caller looked.
+    Nothing changed; the caller may retry with the block, or skip the write."""
 
 
 class DramStore:
@@ -135,6 +172,11 @@ class DramStore:
         ids = [s for (s,) in self._db.execute("SELECT session FROM sessions ORDER BY session")]
         return [s for s in map(self.session, ids) if s is not None]
 
+    def redundant_copies(self) -> list[str]:
+        """Sessions whose copy here is a GPU-tier session's write-through, least recently written first."""
+        rows = self._db.execute("SELECT session FROM sessions WHERE label=? ORDER BY updated, session", (REDUNDANT,))
+        return [s for (s,) in rows]
+
     # ---- writes ----
     def put_session(
         self,
@@ -146,55 +188,81 @@ class DramStore:
         tokens: int,
         block_hashes: list[str],
         blocks: Mapping[str, bytes],
-    ) -> bool:
-        """Store (or replace) a session's chain. Returns False if it cannot fit.
+        evict: Sequence[str] = (),
+    ) -> list[str]:
+        """Store (or replace) a session's chain; returns the sessions dropped to make room.
 
-        `blocks` needs only the hashes not stored yet. Other sessions are
-        evicted in label order to make room; the session itself never is.
+        ``blocks`` needs only the hashes not stored yet. A chain that does not fit
+        raises TierFull and changes nothing. ``evict`` names the sessions the caller
+        lets go to make room, in its order: each is dropped only while it is a
+        redundant copy (label "gpu"), never the session written, and only if the
+        drops make the write fit. A session pinned by a move stays pinned. Raises
+        MissingBlocks if a block is neither given nor stored.
         """
         if label not in LABELS:
             raise ValueError(f"unknown tier label {label!r}; valid: {', '.join(LABELS)}")
         new = {h: blocks[h] for h in dict.fromkeys(block_hashes) if h in blocks}
-        written = self._write_files(new)  # outside the lock: the slow part, harmless if unused
-        stored = False
+        record = (session_id, tenant, tokens, label, replica)
+        written: list[str] = []  # files this call created; those left unindexed are removed below
         try:
+            self._write_files(new, written)  # outside the lock: the slow part, harmless if unused
             with self._transaction():
-                self._put_locked(session_id, tenant, replica, label, tokens, block_hashes, new)
-            stored = True
-        except _NoRoom:
-            pass
+                return self._put_locked(record, block_hashes, new, evict, written)
+        except OSError as e:
+            if e.errno not in _DISK_FULL:
+                raise
+            raise self._disk_full(new) from e
+        except sqlite3.OperationalError as e:  # the index itself on the full tmpfs
+            if "full" not in str(e):
+                raise
+            raise self._disk_full(new) from e
         finally:
             with self._transaction():  # under the lock, so a concurrent writer's commit is seen
                 self._unlink([h for h in written if not self._has_block(h)])
-        return stored
 
-    def _put_locked(self, session_id, tenant, replica, label, tokens, block_hashes, new) -> None:
+    def _put_locked(self, record, block_hashes, new, evict, written) -> list[str]:
+        session_id, tenant, tokens, label, replica = record
+        gone = [h for h in dict.fromkeys(block_hashes) if h not in new and not self._has_block(h)]
+        if gone:
+            raise MissingBlocks(f"{len(gone)} blocks of session {session_id} are neither given nor stored, "
+                                f"e.g. {gone[0][:12]}: dropped since the caller looked")
+        if self._label_locked(session_id) == PINNED:
+            label = PINNED  # the move owns the label until it completes or aborts
+        keep = set(block_hashes)
+        unlinked = self._forget_session_locked(session_id, keep)
         absent = [h for h in new if not self._has_block(h)]
-        if any(h not in new and not self._has_block(h) for h in block_hashes):
-            # Evicted by another process since the caller looked: the chain cannot be stored whole.
-            raise _NoRoom
         need = sum(len(new[h]) for h in absent)
         free = self.capacity_bytes - self.used_bytes()
-        unlinked: list[str] = []
+        dropped: list[str] = []
         if need > free:
-            unlinked = self._evict_locked(need - free, keep=session_id, also_keep=set(block_hashes))
+            dropped = self._drop_redundant_locked(evict, need - free, session_id, keep, unlinked)
             if need > self.capacity_bytes - self.used_bytes():
-                raise _NoRoom  # rolls the evictions back too: evicting for nothing helps no one
+                # Rolls the drops back too: dropping for nothing helps no one.
+                raise TierFull(need, free, tier="DRAM")
         # Files are only unlinked under this lock, so one written (or found) earlier may have
-        # been removed by an eviction since: rewrite it now that nobody else can.
-        self._write_files({h: new[h] for h in absent})
+        # been removed by another writer since: rewrite it now that nobody else can.
+        self._write_files({h: new[h] for h in absent}, written)
         self._db.executemany("INSERT INTO blocks VALUES (?, ?)", [(h, len(new[h])) for h in absent])
         self._add_used(need)
-        unlinked += self._forget_session_locked(session_id, keep=set(block_hashes))
-        self._db.execute(
-            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
-            (session_id, tenant, tokens, label, replica, time.time()),
-        )
-        self._db.executemany(
-            "INSERT INTO session_blocks VALUES (?, ?, ?)",
-            [(session_id, pos, h) for pos, h in enumerate(block_hashes)],
-        )
+        self._db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
+                         (session_id, tenant, tokens, label, replica, time.time()))
+        self._db.executemany("INSERT INTO session_blocks VALUES (?, ?, ?)",
+                             [(session_id, pos, h) for pos, h in enumerate(block_hashes)])
         self._unlink(unlinked)
+        return dropped
+
+    def _drop_redundant_locked(self, evict: Sequence[str], short: int, writing: str, keep: set[str],
+                               unlinked: list[str]) -> list[str]:
+        """Drop the named redundant copies, in order, until ``short`` bytes are freed."""
+        dropped, start = [], self.used_bytes()
+        for victim in dict.fromkeys(evict):
+            if start - self.used_bytes() >= short:
+                break
+            # Re-read under the lock: a move may have pinned it, or made DRAM its home, since.
+            if victim != writing and self._label_locked(victim) == REDUNDANT:
+                unlinked += self._forget_session_locked(victim, keep)
+                dropped.append(victim)
+        return dropped
 
     def set_label(self, session_id: str, label: str) -> bool:
         if label not in LABELS:
@@ -212,24 +280,33 @@ class DramStore:
             return before - self.used_bytes()
 
     def check_integrity(self) -> None:
-        """used == sum of block sizes <= capacity; every block has an owner and a file."""
+        """free + used == capacity with used == sum of block sizes (so used <= capacity); every
+        block has an owner and a file; every label is a tier label or PINNED."""
         with self._transaction():  # files change only under this lock: a stable view
             self._check_integrity_locked()
 
     def _check_integrity_locked(self) -> None:
         total = self._db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM blocks").fetchone()[0]
-        assert total == self.used_bytes(), f"accounting drift: blocks sum {total} != used {self.used_bytes()}"
-        assert total <= self.capacity_bytes, f"DRAM tier over capacity: {total} > {self.capacity_bytes}"
+        used = self.used_bytes()
+        assert total == used, f"accounting drift: blocks sum {total} != used {used}"
+        free = self.capacity_bytes - used
+        assert free >= 0 and free + used == self.capacity_bytes, f"over capacity: {used} > {self.capacity_bytes}"
         orphans = self._db.execute(
             "SELECT COUNT(*) FROM blocks WHERE hash NOT IN (SELECT hash FROM session_blocks)"
         ).fetchone()[0]
         assert orphans == 0, f"{orphans} blocks belong to no session"
+        labels = {label for (label,) in self._db.execute("SELECT DISTINCT label FROM sessions")}
+        assert labels <= set(LABELS), f"unknown labels {sorted(labels - set(LABELS))}"
         for (h,) in self._db.execute("SELECT hash FROM blocks"):
             assert (self.root / "blocks" / h).exists(), f"block {h[:12]} has no file"
 
     # ---- internals ----
     def _transaction(self):
         return _Immediate(self._db)
+
+    def _label_locked(self, session_id: str) -> str | None:
+        row = self._db.execute("SELECT label FROM sessions WHERE session=?", (session_id,)).fetchone()
+        return row[0] if row else None
 
     def _add_used(self, delta: int) -> None:
         self._db.execute("UPDATE meta SET value = value + ? WHERE key='used_bytes'", (delta,))
@@ -247,42 +324,49 @@ class DramStore:
                 freed.append(h)
         return freed
 
-    def _evict_locked(self, need: int, keep: str, also_keep: set[str]) -> list[str]:
-        order = " ".join(f"WHEN '{label}' THEN {rank}" for label, rank in LABEL_EVICTION_ORDER.items())
-        victims = self._db.execute(
-            f"SELECT session, label FROM sessions WHERE session != ? AND label != ? "
-            f"ORDER BY CASE label {order} END, updated",
-            (keep, PINNED),
-        ).fetchall()
-        unlinked: list[str] = []
-        start = self.used_bytes()
-        for victim, label in victims:
-            if start - self.used_bytes() >= need:
-                break
-            unlinked += self._forget_session_locked(victim, keep=also_keep)
-            log.info("DRAM tier evicted session %s (%s) to make room", victim, label)
-        return unlinked
-
-    def _write_files(self, blocks: Mapping[str, bytes]) -> list[str]:
-        """Write block files not yet on disk (atomic rename); returns those written."""
-        written = []
+    def _write_files(self, blocks: Mapping[str, bytes], written: list[str]) -> None:
+        """Write block files not yet on disk (atomic rename), adding each to ``written``."""
         for h, data in blocks.items():
             path = self.root / "blocks" / h
             if path.exists():
                 continue
-            tmp = path.with_name(f".{h}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            tmp.rename(path)
+            tmp = path.with_name(f".{h}.{os.getpid()}.{threading.get_ident()}.tmp")
+            try:
+                _write_file(tmp, data)
+                tmp.rename(path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a full tmpfs leaves a partial file: never keep it
+                raise
             written.append(h)
-        return written
+
+    def _disk_full(self, new: Mapping[str, bytes]) -> TierFull:
+        return TierFull(sum(map(len, new.values())), self.capacity_bytes - self.used_bytes(), tier="DRAM",
+                        detail=f"the filesystem under {self.root} is full below the tier's capacity: "
+                               "give /dev/shm more room or lower the DRAM tier's capacity")
 
     def _unlink(self, hashes: Iterable[str]) -> None:
         for h in hashes:
             (self.root / "blocks" / h).unlink(missing_ok=True)
 
 
-class _NoRoom(Exception):
-    """Raised inside a write transaction to roll it back when the session cannot fit."""
+def _write_file(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def write_session(store: DramStore, session_id: str, *, tenant: str, replica: str, label: str, tokens: int,
+                  block_hashes: list[str], blocks: Mapping[str, bytes]) -> list[str]:
+    """How callers write into the DRAM tier: put; if the chain does not fit and
+    `may_displace_redundant(label)`, put again letting go of the redundant copies,
+    least recently written first (any order keeps the controller's books: none of
+    them is in its DRAM books). Returns the sessions dropped; raises TierFull (or
+    MissingBlocks) as `put_session` does, and the caller decides what a refusal means."""
+    fields = dict(tenant=tenant, replica=replica, label=label, tokens=tokens, block_hashes=block_hashes, blocks=blocks)
+    try:
+        return store.put_session(session_id, **fields)
+    except TierFull:
+        if not may_displace_redundant(label):
+            raise
+    return store.put_session(session_id, **fields, evict=store.redundant_copies())
 
 
 class _Immediate:

@@ -7,7 +7,11 @@ What it does, per request that carries Lull's labels in `kv_transfer_params`
 (`{"lull": {"session": ..., "tenant": ..., "tier": "gpu" | "dram" | ...}}`):
 
 - **Write-through.** When a call finishes, the blocks of its KV that the node's
-  DRAM tier lacks are copied there (content-addressed by vLLM's block hash).
+  DRAM tier lacks are copied there (content-addressed by vLLM's block hash),
+  labelled with the session's tier ("gpu" or "dram"). When they do not fit, the
+  DRAM tier's rule decides (`workers.dram_store.write_session`): a "dram"
+  write may drop redundant "gpu" copies, a "gpu" write is skipped and counted;
+  never an error to the engine.
 - **GPU tier hold.** A session labelled `gpu` keeps its blocks after the call:
   `request_finished` returns delay-free, so vLLM cannot evict them, until the
   controller demotes the session (a `release` line from the node agent) or the
@@ -43,8 +47,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from workers.dram_store import DramStore
+from proto.tiers import Tier
+from workers.dram_store import DramStore, MissingBlocks, write_session
 from workers.kv_layout import KvLayout
+from workers.tier_errors import TierFull
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -56,7 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GPU_TIER = "gpu"
+GPU_TIER = Tier.GPU.label
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,8 @@ class LullConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._control_offset = 0
         self._stats = {"load_requests": 0, "loaded_tokens": 0, "loaded_bytes": 0, "load_seconds": 0.0,
-                       "saved_blocks": 0, "saved_bytes": 0, "save_seconds": 0.0, "save_refused": 0, "released": 0}
+                       "saved_blocks": 0, "saved_bytes": 0, "save_seconds": 0.0, "save_refused": 0, "released": 0,
+                       "redundant_dropped": 0}
 
     # ================= scheduler side =================
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
@@ -210,27 +217,42 @@ class LullConnector(KVConnectorBase_V1):
         for save in meta.saves:
             started = time.perf_counter()
             blocks = {h: self._layout.read_block(b) for b, h in zip(save.block_ids, save.hashes)}
-            label = "busy" if save.tier == GPU_TIER else "idle"
-            if self._store_session(save, label, blocks):
+            if self._store_session(save, blocks):
                 self._stats["saved_blocks"] += len(blocks)
                 self._stats["saved_bytes"] += sum(map(len, blocks.values()))
                 self._stats["save_seconds"] += time.perf_counter() - started
             else:
                 self._stats["save_refused"] += 1
-                log.warning("DRAM tier full: session %s not written through (%d blocks)", save.session, len(blocks))
             if save.tier == GPU_TIER:
                 self._held[save.req_id] = save.session
             else:
                 self._to_free.add(save.req_id)
 
-    def _store_session(self, save: BlockCopy, label: str, blocks: dict[str, bytes]) -> bool:
-        """Write through; a failure costs a future recompute, never the engine."""
+    def _store_session(self, save: BlockCopy, blocks: dict[str, bytes]) -> bool:
+        """Write through under the DRAM tier's rule; True if stored.
+
+        The copy is labelled with the tier the controller books the session in: "gpu"
+        (its KV stays held in HBM, so this copy is redundant) or "dram" (every other
+        label: the controller placed it in DRAM, and this copy is its home). When the
+        write does not fit, a "dram" write retries, letting go of redundant "gpu" copies
+        (`dram_store.write_session`); a "gpu" write, or a "dram" one that still does not
+        fit, is skipped and counted (`save_refused`). A copy the controller booked in DRAM
+        is never dropped. A skipped write costs a future recompute, never the engine.
+        """
+        label = GPU_TIER if save.tier == GPU_TIER else Tier.DRAM.label
         try:
-            return self.store.put_session(save.session, tenant=save.tenant, replica=self.replica_id, label=label,
-                                          tokens=save.tokens, block_hashes=list(save.chain), blocks=blocks)
+            dropped = write_session(self.store, save.session, tenant=save.tenant, replica=self.replica_id,
+                                    label=label, tokens=save.tokens, block_hashes=list(save.chain), blocks=blocks)
+            if dropped:
+                self._stats["redundant_dropped"] += len(dropped)
+                log.debug("DRAM tier: session %s dropped %d redundant copies to fit", save.session, len(dropped))
+            return True
+        except (TierFull, MissingBlocks) as e:
+            log.debug("DRAM tier: write-through of %s-tier session %s skipped (%d blocks): %s",
+                      label, save.session, len(blocks), e)
         except Exception:
             log.exception("DRAM tier write-through of session %s failed", save.session)
-            return False
+        return False
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         meta = self._get_connector_metadata() if self.has_connector_metadata() else None

@@ -12,10 +12,16 @@ Every move is prepare -> complete | abort, as in node_agent.proto:
 - a prepared move whose lease runs out is aborted.
 
 Where a session is, as the agent sees it:
-- DRAM index label `busy`: in the GPU tier of its replica (the DRAM copy is a
-  write-through copy);
-- label `idle`: in this node's DRAM tier;
+- DRAM index label "gpu" (`Tier.GPU.label`): in the GPU tier of its replica (the
+  DRAM copy is a write-through copy, redundant);
+- label "dram": in this node's DRAM tier;
+- label "pinned": where the move that pinned it started;
 - in the shared tier and not here: shared.
+
+The DRAM tier never evicts on its own (the planner is the only policy): a promotion
+from the shared tier that does not fit lets go of redundant "gpu" copies only
+(`dram_store.write_session`), and is refused if that is not enough; a copy the
+controller books in DRAM leaves only by a move the controller orders.
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ from dataclasses import dataclass
 from enum import Enum
 
 from proto.tiers import Tier
-from workers.dram_store import PINNED, DramStore
+from workers.dram_store import PINNED, DramStore, MissingBlocks, write_session
 from workers.kv_connector import release_sessions
-from workers.shared_tier import SharedTier, TierError
+from workers.shared_tier import SharedTier
+from workers.tier_errors import TierError, TierFull
 
 log = logging.getLogger(__name__)
 
-LABEL_OF_TIER = {Tier.GPU: "busy", Tier.DRAM: "idle"}
+DRAM_HOMES = (Tier.GPU, Tier.DRAM)  # tiers a DRAM copy's label can name
 
 
 class Refused(Exception):
@@ -123,8 +130,8 @@ class NodeAgent:
         if move is None:
             return "unknown", Tier.WAITING
         s = move.session_id
-        if move.dst in LABEL_OF_TIER:
-            self.dram.set_label(s, LABEL_OF_TIER[move.dst])
+        if move.dst in DRAM_HOMES:
+            self.dram.set_label(s, move.dst.label)
             if move.copied_to_dram and self.shared is not None:
                 self._shared_call(lambda: self.shared.drop_session(s), "drop after promote")
         else:
@@ -185,11 +192,18 @@ class NodeAgent:
             blocks = self.shared.get_blocks(self.dram.missing(remote.block_hashes))
         except TierError as e:
             raise _refusal(e) from None
-        if not self.dram.put_session(move.session_id, tenant=remote.tenant, replica=move.replica_id, label=PINNED,
-                                     tokens=remote.tokens, block_hashes=list(remote.block_hashes), blocks=blocks):
+        try:
+            # The controller ordered this promotion, so it may let redundant "gpu" copies go.
+            dropped = write_session(self.dram, move.session_id, tenant=remote.tenant, replica=move.replica_id,
+                                    label=PINNED, tokens=remote.tokens, block_hashes=list(remote.block_hashes),
+                                    blocks=blocks)
+            if dropped:
+                log.info("move %s: dropped %d redundant DRAM copies to stage session %s",
+                         move.move_id, len(dropped), move.session_id)
+        except (TierFull, MissingBlocks) as e:
             free = self.dram.capacity_bytes - self.dram.used_bytes()
             raise Refused("REFUSAL_REASON_INSUFFICIENT_CAPACITY",
-                          f"DRAM tier on {self.node_id} cannot fit session {move.session_id}", free)
+                          f"DRAM tier on {self.node_id} cannot fit session {move.session_id}: {e}", free) from None
         move.copied_to_dram = True
         move.reserved_bytes = remote.nbytes
 
@@ -204,9 +218,10 @@ class NodeAgent:
         pinned = {m.session_id: m.move_id for m in self.moves.values()}
         places = []
         for s in self.dram.sessions():
-            tier = Tier.GPU if s.label == "busy" else Tier.DRAM
             if s.label == PINNED:
                 tier = self.moves[pinned[s.session_id]].src if s.session_id in pinned else Tier.DRAM
+            else:
+                tier = Tier.from_label(s.label)
             places.append(SessionPlace(s.session_id, tier, s.replica, s.nbytes, s.tokens, pinned.get(s.session_id, "")))
         return places
 
@@ -221,7 +236,6 @@ class NodeAgent:
 
 
 def _refusal(error: TierError) -> Refused:
-    name = type(error).__name__
-    if name == "TierFull":
-        return Refused("REFUSAL_REASON_INSUFFICIENT_CAPACITY", str(error), getattr(error, "available", 0))
+    if isinstance(error, TierFull):
+        return Refused("REFUSAL_REASON_INSUFFICIENT_CAPACITY", str(error), error.available)
     return Refused("REFUSAL_REASON_DESTINATION_UNAVAILABLE", str(error))

@@ -6,7 +6,8 @@ when the last session referencing it drops. A session is an ordered list of
 block hashes plus its token count and tenant.
 
 Mechanism, not policy (STYLE 2): this class never chooses a victim. A put that
-would exceed the capacity raises ``TierFull``; the controller then calls
+would exceed the capacity raises ``TierFull`` (``workers/tier_errors.py``, the
+same type the DRAM tier raises); the controller then calls
 ``evict()`` with the sessions in its own order and retries (STYLE 6).
 
 Every mutation is one Lua script, so it is all or nothing and the byte count
@@ -36,6 +37,8 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from workers.tier_errors import TierError, TierFull
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,20 +136,6 @@ for _, h in ipairs(redis.call('HKEYS', KEYS[1])) do
 end
 return sizes
 """
-
-
-class TierError(Exception):
-    """Base of the shared tier's errors."""
-
-
-class TierFull(TierError):
-    """The put needs ``needed`` more bytes than the ``available`` ones; nothing changed.
-    ``evict(order, needed)`` then a retry is the intended answer."""
-
-    def __init__(self, needed: int, available: int) -> None:
-        super().__init__(f"shared tier full: the put needs {needed} bytes, {available} are free")
-        self.needed = needed
-        self.available = available
 
 
 class SharedTierUnavailable(TierError):

@@ -14,12 +14,12 @@ import pytest
 
 from controller.policy.types import Tier
 from tests.integration.engine_fixtures import start_data_plane, stop_data_plane, wait_until
-from workers.kv_connector import read_connector_stats
+from workers.kv_connector import read_connector_stats, release_sessions
 from workers.node_agent import MoveKind, NodeAgent, Refused
 from workers.shared_tier import SharedTier
 
 BLOCK = 32
-DRAM_CAPACITY = 4 << 20  # 64 blocks of the tiny model: small enough that the last test must evict
+DRAM_CAPACITY = 4 << 20  # 64 blocks of the tiny model: small enough that the last tests fill it
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def first_call(plane, session: str, seed: int):
 def test_session_demoted_to_dram_hits_its_prefix_and_outputs_match(plane):
     next_prompt = first_call(plane, "dram-1", seed=1)
     plane.move("dram-1", Tier.GPU, Tier.DRAM)
-    assert plane.dram.session("dram-1").label == "idle"
+    assert plane.dram.session("dram-1").label == "dram"
     plane.evict_from_engine()
 
     before = loaded_tokens(plane)
@@ -80,7 +80,7 @@ def test_session_demoted_to_shared_tier_is_prefetched_and_hits(plane):
 
     # The tool call returns: the controller promotes, the agent prefetches before the request runs.
     plane.move("shared-1", Tier.SHARED, Tier.GPU, kind=MoveKind.PROMOTE)
-    assert plane.dram.session("shared-1").label == "busy"
+    assert plane.dram.session("shared-1").label == "gpu"
     assert plane.shared.get_session("shared-1") is None
     before = loaded_tokens(plane)
     resumed = plane.call(next_prompt, "shared-1", tier="dram")
@@ -99,7 +99,7 @@ def test_move_refused_for_capacity_leaves_session_in_dram(plane):
         agent.prepare("m-refused", "refused-1", MoveKind.DEMOTE, Tier.DRAM, Tier.SHARED, plane.replica_id, 30,
                       time.monotonic())
     assert refused.value.reason == "REFUSAL_REASON_INSUFFICIENT_CAPACITY"
-    assert plane.dram.session("refused-1").label == "idle"
+    assert plane.dram.session("refused-1").label == "dram"
     assert tiny_shared.used_bytes() == 0
     plane.evict_from_engine()
     assert plane.call(next_prompt, "refused-1", tier="dram").cached_tokens >= 300 // BLOCK * BLOCK
@@ -113,7 +113,7 @@ def test_move_abandoned_halfway_rolls_back_on_lease_expiry(plane):
     assert plane.shared.get_session("halfway-1") is not None  # copied, not yet committed
     assert plane.agent.expire(now + 6) == ["m-halfway"]  # the controller never completed it
     assert plane.shared.get_session("halfway-1") is None
-    assert plane.dram.session("halfway-1").label == "idle"
+    assert plane.dram.session("halfway-1").label == "dram"
     assert plane.agent.complete("m-halfway", now + 7)[0] == "aborted"
 
 
@@ -138,15 +138,85 @@ def test_redis_outage_degrades_to_local_tiers(plane, caplog):
     assert plane.shared.get_session("outage-1") is not None
 
 
+def stats(plane) -> dict:
+    return {"save_seconds": 0.0, "save_refused": 0, "redundant_dropped": 0,
+            **read_connector_stats(plane.dram_dir, plane.replica_id)}
+
+
+def call_and_wait_for_write(plane, session: str, seed: int, tier: str) -> dict:
+    """One call; returns the connector's counters once its write-through was stored or skipped."""
+    before = stats(plane)
+    out = plane.call(prompt_for(seed), session, tier=tier)
+    assert out.token_ids  # served, whatever the DRAM tier did with its write-through
+
+    def landed() -> dict | None:
+        now = stats(plane)
+        changed = now["save_seconds"] > before["save_seconds"] or now["save_refused"] > before["save_refused"]
+        return now if changed else None
+
+    return wait_until(landed, what=f"{session} written through or skipped")
+
+
+def empty_dram(plane) -> None:
+    """As if the controller had moved every session out of the node's DRAM tier."""
+    for s in plane.dram.sessions():
+        plane.dram.drop_session(s.session_id)
+
+
+def labels(plane) -> dict[str, str]:
+    return {s.session_id: s.label for s in plane.dram.sessions()}
+
+
+def test_full_dram_tier_skips_gpu_write_throughs_and_drops_only_redundant_copies(plane):
+    """The planner is the only policy: the connector's write-throughs under the DRAM tier's rule."""
+    empty_dram(plane)
+    booked, seed = [], 200
+    while not booked or DRAM_CAPACITY - plane.dram.used_bytes() >= plane.dram.session(booked[0]).nbytes:
+        booked.append(f"booked-{seed}")
+        call_and_wait_for_write(plane, booked[-1], seed, "dram")
+        seed += 1
+    assert labels(plane) == dict.fromkeys(booked, "dram")
+
+    refused = stats(plane)["save_refused"]
+    after = call_and_wait_for_write(plane, "over-gpu", seed, "gpu")  # a redundant copy: skipped, counted
+    assert after["save_refused"] == refused + 1 and labels(plane) == dict.fromkeys(booked, "dram")
+    after = call_and_wait_for_write(plane, "over-dram", seed + 1, "dram")  # no redundant copy to let go
+    assert after["save_refused"] == refused + 2 and labels(plane) == dict.fromkeys(booked, "dram")
+    plane.dram.check_integrity()
+
+    for session in booked[:2]:  # the controller moves two booked sessions out (e.g. to the shared tier)
+        plane.dram.drop_session(session)
+    call_and_wait_for_write(plane, "copy-a", seed + 2, "gpu")
+    call_and_wait_for_write(plane, "copy-b", seed + 3, "gpu")
+    assert labels(plane) == {**dict.fromkeys(booked[2:], "dram"), "copy-a": "gpu", "copy-b": "gpu"}
+    dropped = stats(plane)["redundant_dropped"]
+    after = call_and_wait_for_write(plane, "booked-new", seed + 4, "dram")  # does not fit: copy-a makes room
+    assert after["redundant_dropped"] == dropped + 1 and after["save_refused"] == refused + 2
+    assert labels(plane) == {**dict.fromkeys(booked[2:] + ["booked-new"], "dram"), "copy-b": "gpu"}
+    plane.dram.check_integrity()
+    release_sessions(plane.dram_dir, plane.replica_id, ["over-gpu", "copy-a", "copy-b"])
+    plane.evict_from_engine()
+
+
 def test_tiers_never_exceed_capacity(plane):
-    """Twelve sessions of 10+ blocks into a 64-block DRAM tier: it evicts, in label order, and never overflows."""
+    """Twelve sessions of 10+ blocks into a 64-block DRAM tier: it never overflows and never
+    evicts on its own; a DRAM-booked copy is never dropped; what does not fit is skipped and counted.
+
+    (It used to assert that the last session evicted its way in, in label order: that
+    order is gone by design; the store refuses and the caller follows the controller.)"""
+    empty_dram(plane)
+    before, booked = stats(plane), set()
     for i in range(12):
-        plane.call(prompt_for(100 + i), f"cap-{i}", tier="gpu" if i % 2 else "dram")
+        call_and_wait_for_write(plane, f"cap-{i}", 100 + i, "gpu" if i % 2 else "dram")
         plane.dram.check_integrity()
         assert plane.dram.used_bytes() <= DRAM_CAPACITY
-    wait_until(lambda: plane.dram.session("cap-11"), what="last session written through")
+        now_booked = {session for session, label in labels(plane).items() if label == "dram"}
+        assert booked <= now_booked, f"booked copies dropped: {booked - now_booked}"
+        booked = now_booked
     plane.dram.check_integrity()
-    kept = {s.session_id for s in plane.dram.sessions()}
-    assert "cap-11" in kept and len(kept) < 12
+    kept = {s.session_id for s in plane.dram.sessions() if s.session_id.startswith("cap-")}
+    after = stats(plane)
+    assert len(kept) < 12 and after["save_refused"] > before["save_refused"]
+    assert after["redundant_dropped"] > before["redundant_dropped"]  # DRAM-tier writes made room from GPU-tier copies
     plane.shared.check_integrity()
     assert plane.shared.used_bytes() <= plane.shared.capacity_bytes

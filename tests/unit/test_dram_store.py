@@ -1,18 +1,31 @@
-"""The node's DRAM tier store: capacity, label-ordered eviction, shared blocks, cross-process safety."""
+"""The node's DRAM tier store: capacity (a write that does not fit is refused, never an
+eviction in the store's own order), the callers' rule for redundant copies, shared
+blocks, a full tmpfs, cross-process safety."""
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import random
+import subprocess
 
 import pytest
 
-from workers.dram_store import PINNED, DramStore
+from proto.tiers import Tier
+from workers import dram_store
+from workers.dram_store import PINNED, DramStore, MissingBlocks, may_displace_redundant, write_session
+from workers.shared_tier import TierFull as SharedTierFull
+from workers.tier_errors import TierFull
 
 
-def put(store: DramStore, session: str, blocks: dict[str, int], label: str = "idle") -> bool:
-    return store.put_session(session, tenant="t", replica="r0", label=label, tokens=32 * len(blocks),
-                             block_hashes=list(blocks), blocks={h: bytes([len(h)]) * n for h, n in blocks.items()})
+def put(store: DramStore, session: str, blocks: dict[str, int], label: str = "dram") -> bool:
+    """Store a chain as the callers do (``write_session``); False if the tier refused it."""
+    try:
+        write_session(store, session, tenant="t", replica="r0", label=label, tokens=32 * len(blocks),
+                      block_hashes=list(blocks), blocks={h: bytes([len(h)]) * n for h, n in blocks.items()})
+    except TierFull:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -30,22 +43,8 @@ def test_shared_blocks_are_stored_once_and_freed_with_their_last_session(store):
     store.check_integrity()
 
 
-def test_eviction_order_is_inactive_then_busy_then_idle_never_pinned(store):
-    assert put(store, "idle", {"a1": 200}, "idle")
-    assert put(store, "busy", {"b1": 200}, "busy")
-    assert put(store, "inactive", {"c1": 200}, "inactive")
-    assert put(store, "pinned", {"d1": 200}, PINNED)
-    assert put(store, "new1", {"e1": 300})  # needs 100 more: evicts inactive only
-    assert {s.session_id for s in store.sessions()} == {"idle", "busy", "pinned", "new1"}
-    assert put(store, "new2", {"f1": 300})  # evicts busy: a redundant copy goes before an only copy
-    assert {s.session_id for s in store.sessions()} == {"idle", "pinned", "new1", "new2"}
-    assert put(store, "new3", {"g1": 200})  # then idle, oldest first
-    assert {s.session_id for s in store.sessions()} == {"pinned", "new1", "new2", "new3"}
-    store.check_integrity()
-
-
 def test_a_session_that_cannot_fit_evicts_nothing(store):
-    assert put(store, "a", {"a1": 400}, "busy")
+    assert put(store, "a", {"a1": 400}, "gpu")
     assert put(store, "p", {"p1": 500}, PINNED)
     assert not put(store, "big", {"g1": 600})
     assert {s.session_id for s in store.sessions()} == {"a", "p"}
@@ -53,10 +52,140 @@ def test_a_session_that_cannot_fit_evicts_nothing(store):
     store.check_integrity()
 
 
+def contents(store: DramStore) -> dict[str, tuple[str, tuple[str, ...]]]:
+    return {s.session_id: (s.label, s.block_hashes) for s in store.sessions()}
+
+
+def block_files(store: DramStore) -> set[str]:
+    return {p.name for p in (store.root / "blocks").iterdir()}
+
+
+def test_labels_are_the_tier_vocabulary_plus_the_move_marker():
+    assert (Tier.GPU.label, Tier.DRAM.label, PINNED) == ("gpu", "dram", "pinned")
+    assert may_displace_redundant("dram") and may_displace_redundant(PINNED) and not may_displace_redundant("gpu")
+    with pytest.raises(ValueError, match="label"):
+        may_displace_redundant("idle")
+
+
+def test_a_full_store_raises_tier_full_and_keeps_every_entry(store):
+    assert put(store, "home", {"a1": 300}, "dram")
+    assert put(store, "copy", {"b1": 300}, "gpu")
+    assert put(store, "moving", {"c1": 300}, PINNED)
+    before, files = contents(store), block_files(store)
+    for label in ("dram", "gpu", PINNED):  # the store alone evicts nothing, whatever the label
+        with pytest.raises(TierFull) as full:
+            store.put_session("new", tenant="t", replica="r0", label=label, tokens=32, block_hashes=["d1"],
+                              blocks={"d1": b"x" * 200})
+        assert (full.value.needed, full.value.available) == (200, 100)
+        assert isinstance(full.value, SharedTierFull)  # one type: callers handle both tiers alike
+    assert contents(store) == before and block_files(store) == files and store.used_bytes() == 900
+    store.check_integrity()
+
+
+def test_a_dram_booked_copy_is_never_dropped_to_make_room(store):
+    assert put(store, "home", {"a1": 400}, "dram")
+    assert put(store, "moving", {"p1": 400}, PINNED)
+    before = contents(store)
+    assert not put(store, "booked", {"n1": 300}, "dram")  # no redundant copy to let go: refused
+    with pytest.raises(TierFull):  # named by a careless caller: still kept
+        store.put_session("booked", tenant="t", replica="r0", label="dram", tokens=32, block_hashes=["n1"],
+                          blocks={"n1": b"x" * 300}, evict=["home", "moving"])
+    assert contents(store) == before
+    store.check_integrity()
+
+
+def test_a_redundant_gpu_copy_is_dropped_for_a_booked_write(store):
+    assert put(store, "old-copy", {"g1": 300}, "gpu")
+    assert put(store, "home", {"a1": 300}, "dram")
+    assert put(store, "new-copy", {"g2": 300}, "gpu")
+    assert put(store, "booked", {"n1": 300}, "dram")  # drops one redundant copy, the least recently written
+    assert set(contents(store)) == {"home", "new-copy", "booked"}
+    assert put(store, "staged", {"s1": 100, "g2": 300}, PINNED)  # a promotion's staging: shares g2, so 100 bytes
+    assert set(contents(store)) == {"home", "new-copy", "booked", "staged"}
+    assert not put(store, "staged2", {"s2": 200}, PINNED)  # new-copy's block is staged's too: dropping it frees 0
+    assert set(contents(store)) == {"home", "new-copy", "booked", "staged"}  # so it was not dropped for nothing
+    store.check_integrity()
+
+
+def test_a_dropped_copy_keeps_the_blocks_the_booked_chain_shares(store):
+    assert put(store, "copy", {"x1": 300, "x2": 300}, "gpu")
+    assert put(store, "home", {"a1": 300}, "dram")
+    dropped = write_session(store, "booked", tenant="t", replica="r0", label="dram", tokens=64,
+                            block_hashes=["x1", "n1"], blocks={"n1": b"n" * 300})  # x1 is stored: not sent
+    assert dropped == ["copy"] and store.session("booked").block_hashes == ("x1", "n1")
+    assert block_files(store) == {"x1", "a1", "n1"} and store.used_bytes() == 900
+    store.check_integrity()
+
+
+def test_a_gpu_write_through_that_does_not_fit_drops_nothing(store):
+    assert put(store, "copy", {"g1": 500}, "gpu")
+    assert put(store, "home", {"a1": 400}, "dram")
+    assert not put(store, "another-copy", {"g2": 200}, "gpu")  # redundant itself: skipped
+    assert set(contents(store)) == {"copy", "home"}
+    store.check_integrity()
+
+
+def test_a_block_dropped_since_the_caller_looked_is_missing_not_stored(store):
+    assert put(store, "a", {"a1": 100, "a2": 100})
+    store.drop_session("a")
+    with pytest.raises(MissingBlocks, match="neither given nor stored"):
+        store.put_session("b", tenant="t", replica="r0", label="gpu", tokens=64, block_hashes=["a1", "b1"],
+                          blocks={"b1": b"x" * 100})
+    assert contents(store) == {} and block_files(store) == set()
+    store.check_integrity()
+
+
+def test_a_write_through_never_unpins_a_session_mid_move(store):
+    assert put(store, "s", {"a1": 100}, PINNED)
+    assert put(store, "s", {"a1": 100, "a2": 100}, "gpu")
+    assert store.session("s").label == PINNED and store.redundant_copies() == []
+
+
+def test_a_full_tmpfs_leaves_no_partial_file_and_raises_tier_full(store, monkeypatch):
+    assert put(store, "a", {"a1": 100})
+    before, files = contents(store), block_files(store)
+
+    def enospc(path, data):  # what the kernel does: part of the bytes, then ENOSPC
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(dram_store, "_write_file", enospc)
+    with pytest.raises(TierFull, match="give /dev/shm more room"):
+        store.put_session("b", tenant="t", replica="r0", label="dram", tokens=64, block_hashes=["b1", "b2"],
+                          blocks={"b1": b"x" * 100, "b2": b"y" * 100})
+    assert contents(store) == before and block_files(store) == files and store.used_bytes() == 100
+    assert not [p for p in store.root.joinpath("blocks").iterdir() if p.name.endswith(".tmp")]
+    store.check_integrity()
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 512 KiB tmpfs (needs the right to mount: skipped where there is none)."""
+    root = tmp_path / "shm"
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(root)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield root
+    subprocess.run(["umount", "-l", str(root)], check=True)
+
+
+def test_a_real_tmpfs_filling_below_capacity_refuses_and_cleans_up(tiny_tmpfs):
+    store = DramStore(tiny_tmpfs, capacity_bytes=8 << 20)  # far above what the tmpfs holds
+    assert put(store, "a", {"a1": 100_000})
+    with pytest.raises(TierFull, match="full below the tier's capacity"):
+        store.put_session("b", tenant="t", replica="r0", label="dram", tokens=64, block_hashes=["b1", "b2"],
+                          blocks={"b1": b"x" * 300_000, "b2": b"y" * 300_000})
+    assert set(contents(store)) == {"a"} and block_files(store) == {"a1"} and store.used_bytes() == 100_000
+    store.check_integrity()
+    assert put(store, "c", {"c1": 100_000})  # the room the failed write took is back
+
+
 def test_replacing_a_session_keeps_blocks_it_still_uses(store):
     assert put(store, "a", {"a1": 300, "a2": 300})
-    assert store.put_session("a", tenant="t", replica="r0", label="busy", tokens=96,
-                             block_hashes=["a1", "a2", "a3"], blocks={"a3": b"x" * 300})
+    assert store.put_session("a", tenant="t", replica="r0", label="gpu", tokens=96,
+                             block_hashes=["a1", "a2", "a3"], blocks={"a3": b"x" * 300}) == []
     assert store.session("a").block_hashes == ("a1", "a2", "a3") and store.used_bytes() == 900
     assert store.matched_prefix(["a1", "a2", "zz", "a3"]) == 2
     store.check_integrity()
@@ -76,15 +205,15 @@ def _writer(root: str, worker: int) -> None:
         chain = {f"{rng.randrange(30):04x}": 100 + rng.randrange(3) * 100 for _ in range(rng.randrange(1, 6))}
         action = rng.random()
         if action < 0.7:
-            put(store, f"w{worker}-{rng.randrange(10)}", chain, rng.choice(["idle", "busy", "inactive"]))
+            put(store, f"w{worker}-{rng.randrange(10)}", chain, rng.choice(["dram", "gpu", "gpu"]))
         elif action < 0.9:
             store.drop_session(f"w{rng.randrange(3)}-{rng.randrange(10)}")
         else:
-            store.set_label(f"w{worker}-{rng.randrange(10)}", "idle")
+            store.set_label(f"w{worker}-{rng.randrange(10)}", "dram")
 
 
 def test_three_processes_writing_at_once_keep_the_store_consistent(tmp_path):
-    """Blocks are shared across processes (the same hashes), so evictions and writes race for real."""
+    """Blocks are shared across processes (the same hashes), so drops of redundant copies and writes race for real."""
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(str(tmp_path), w)) for w in range(3)]
     for p in procs:

@@ -102,7 +102,7 @@ def test_second_session_waits_until_the_first_is_demoted_in_its_tool_call(plane)
         admission = await waiting
         assert admission.replica_id == "r1" and admission.waited_s == 3.0
         assert where(ctl, "s1") == Location(Tier.DRAM, "r1") and where(ctl, "s2") == Location(Tier.GPU, "r1")
-        assert agents["n1"].dram.session("s1").label == "idle"  # the agent moved it: DRAM owns it now
+        assert agents["n1"].dram.session("s1").label == "dram"  # the agent moved it: DRAM owns it now
         ctl.check_integrity()
 
     run(scenario)
@@ -243,7 +243,7 @@ def test_lru_offload_admits_everything_at_once_sticky_and_moves_nothing(plane):
         engines["r1"].finish(ctl, "s1", 240, tier_label=first.tier_label)
         again = await ctl.admit("s1", "t", 245, 50, timeout_s=1)
         assert again.replica_id == "r1" and again.waited_s == 0.0  # sticky
-        assert agents["n1"].dram.session("s1").label == "idle"  # the controller never moved it
+        assert agents["n1"].dram.session("s1").label == "dram"  # the controller never moved it
         ctl.check_integrity()
 
     run(scenario)
