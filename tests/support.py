@@ -87,7 +87,7 @@ class Engine:
 
     def write_through(self, session_id: str, tokens: int, tier_label: str = "gpu") -> None:
         hashes = [hashlib.sha1(f"{session_id}:{i}".encode()).hexdigest() for i in range(tokens // 32 + 1)]
-        label = "gpu" if tier_label == "gpu" else "dram"  # as LullConnector.wait_for_save labels it
+        label = "gpu"  # as LullConnector labels every write-through: the session's call ran in the GPU tier
         self.store.put_session(session_id, tenant="t", replica=self.replica, label=label, tokens=tokens,
                                block_hashes=hashes, blocks={h: b"k" * BLOCK_BYTES for h in hashes})  # or TierFull
 

@@ -24,8 +24,8 @@ a write that does not fit raises `TierFull` and changes nothing, and so does a
 tmpfs that fills up below the capacity (no partial file is left). A caller may name
 sessions to drop for room (`put_session(evict=...)`); the store drops a named one
 only while it is a redundant "gpu" copy, and only if that makes the write fit.
-Which writes may do so is the callers' rule, `may_displace_redundant`, which
-`write_session` applies for them.
+The callers' rule (`may_displace_redundant`, applied by `write_session`): a write
+may let redundant copies go, least recently written first, never a booked one.
 """
 
 from __future__ import annotations
@@ -75,17 +75,15 @@ def may_displace_redundant(label: str) -> bool:
     not hold the write-through copies of GPU-tier sessions. Hence:
     - a copy the controller books in DRAM ("dram", or "pinned" by a move) is never
       dropped by the data plane; only a move the controller orders removes it;
-    - a write the controller ordered (the write-through of a session it labelled
-      "dram", a promotion staged from the shared tier, "pinned") may drop redundant
-      "gpu" copies: those sessions keep their KV in HBM, and the books leave room for
-      what the controller placed;
-    - the write-through of a GPU-tier session ("gpu") is itself redundant: it drops
-      nothing, and when it does not fit it is skipped. A later demotion of that session
-      then finds an older copy or none (refused: the controller's books keep it in GPU).
+    - any write may drop redundant "gpu" copies, least recently written first: those
+      sessions' KV is in the GPU tier (held in HBM, or, under lru-offload, left to the
+      engine's own LRU cache), and no booked session loses its home. A later demotion of
+      a session whose copy went finds none, and is refused: the books keep it in GPU.
+    So every write may; the function names the rule for callers and checks the label.
     """
     if label not in LABELS:
         raise ValueError(f"unknown tier label {label!r}; valid: {', '.join(LABELS)}")
-    return label != REDUNDANT
+    return True
 
 
 @dataclass(frozen=True)

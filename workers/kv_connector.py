@@ -8,9 +8,10 @@ What it does, per request that carries Lull's labels in `kv_transfer_params`
 
 - **Write-through.** When a call finishes, the blocks of its KV that the node's
   DRAM tier lacks are copied there (content-addressed by vLLM's block hash),
-  labelled with the session's tier ("gpu" or "dram"). When they do not fit, the
-  DRAM tier's rule decides (`workers.dram_store.write_session`): a "dram"
-  write may drop redundant "gpu" copies, a "gpu" write is skipped and counted;
+  labelled with the session's tier ("gpu": the controller has a session whose call
+  runs in the GPU tier). When they do not fit, the DRAM tier's rule decides
+  (`workers.dram_store.write_session`): older redundant "gpu" copies make room,
+  booked "dram" copies never do, and a write that still does not fit is skipped;
   never an error to the engine.
 - **GPU tier hold.** A session labelled `gpu` keeps its blocks after the call:
   `request_finished` returns delay-free, so vLLM cannot evict them, until the
@@ -231,15 +232,17 @@ class LullConnector(KVConnectorBase_V1):
     def _store_session(self, save: BlockCopy, blocks: dict[str, bytes]) -> bool:
         """Write through under the DRAM tier's rule; True if stored.
 
-        The copy is labelled with the tier the controller books the session in: "gpu"
-        (its KV stays held in HBM, so this copy is redundant) or "dram" (every other
-        label: the controller placed it in DRAM, and this copy is its home). When the
-        write does not fit, a "dram" write retries, letting go of redundant "gpu" copies
-        (`dram_store.write_session`); a "gpu" write, or a "dram" one that still does not
-        fit, is skipped and counted (`save_refused`). A copy the controller booked in DRAM
-        is never dropped. A skipped write costs a future recompute, never the engine.
+        The copy is labelled with the tier the controller books the session in. A call
+        runs only on a session the controller has in the GPU tier (lru-offload's
+        unbounded one included, whose requests say "dram" only to release the blocks
+        to vLLM's LRU after the call), so every write-through is a redundant "gpu"
+        copy; only a move the controller orders makes a copy a session's DRAM home
+        ("dram"). When the write does not fit it lets older redundant copies go, least
+        recently written first (`dram_store.write_session`), never a booked one; what
+        still does not fit is skipped and counted (`save_refused`). A skipped write
+        costs a future recompute, never the engine.
         """
-        label = GPU_TIER if save.tier == GPU_TIER else Tier.DRAM.label
+        label = GPU_TIER
         try:
             dropped = write_session(self.store, save.session, tenant=save.tenant, replica=self.replica_id,
                                     label=label, tokens=save.tokens, block_hashes=list(save.chain), blocks=blocks)

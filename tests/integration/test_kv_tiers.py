@@ -167,20 +167,27 @@ def labels(plane) -> dict[str, str]:
     return {s.session_id: s.label for s in plane.dram.sessions()}
 
 
-def test_full_dram_tier_skips_gpu_write_throughs_and_drops_only_redundant_copies(plane):
+def book_in_dram(plane, session: str) -> bool:
+    """As the node agent's GPU -> DRAM demotion does on the controller's order: the
+    write-through copy becomes the session's DRAM home."""
+    return plane.dram.set_label(session, Tier.DRAM.label)
+
+
+def test_full_dram_tier_lets_redundant_copies_go_and_keeps_booked_ones(plane):
     """The planner is the only policy: the connector's write-throughs under the DRAM tier's rule."""
     empty_dram(plane)
     booked, seed = [], 200
     while not booked or DRAM_CAPACITY - plane.dram.used_bytes() >= plane.dram.session(booked[0]).nbytes:
         booked.append(f"booked-{seed}")
-        call_and_wait_for_write(plane, booked[-1], seed, "dram")
+        call_and_wait_for_write(plane, booked[-1], seed, "dram")  # its blocks leave HBM, as a demotion's do
+        assert book_in_dram(plane, booked[-1])
         seed += 1
     assert labels(plane) == dict.fromkeys(booked, "dram")
 
     refused = stats(plane)["save_refused"]
-    after = call_and_wait_for_write(plane, "over-gpu", seed, "gpu")  # a redundant copy: skipped, counted
+    after = call_and_wait_for_write(plane, "over-gpu", seed, "gpu")  # no redundant copy to let go: skipped
     assert after["save_refused"] == refused + 1 and labels(plane) == dict.fromkeys(booked, "dram")
-    after = call_and_wait_for_write(plane, "over-dram", seed + 1, "dram")  # no redundant copy to let go
+    after = call_and_wait_for_write(plane, "over-dram", seed + 1, "dram")  # lru-offload's label: the same rule
     assert after["save_refused"] == refused + 2 and labels(plane) == dict.fromkeys(booked, "dram")
     plane.dram.check_integrity()
 
@@ -190,24 +197,27 @@ def test_full_dram_tier_skips_gpu_write_throughs_and_drops_only_redundant_copies
     call_and_wait_for_write(plane, "copy-b", seed + 3, "gpu")
     assert labels(plane) == {**dict.fromkeys(booked[2:], "dram"), "copy-a": "gpu", "copy-b": "gpu"}
     dropped = stats(plane)["redundant_dropped"]
-    after = call_and_wait_for_write(plane, "booked-new", seed + 4, "dram")  # does not fit: copy-a makes room
+    after = call_and_wait_for_write(plane, "copy-new", seed + 4, "dram")  # does not fit: copy-a, the oldest, goes
     assert after["redundant_dropped"] == dropped + 1 and after["save_refused"] == refused + 2
-    assert labels(plane) == {**dict.fromkeys(booked[2:] + ["booked-new"], "dram"), "copy-b": "gpu"}
+    assert labels(plane) == {**dict.fromkeys(booked[2:], "dram"), "copy-b": "gpu", "copy-new": "gpu"}
     plane.dram.check_integrity()
     release_sessions(plane.dram_dir, plane.replica_id, ["over-gpu", "copy-a", "copy-b"])
     plane.evict_from_engine()
 
 
 def test_tiers_never_exceed_capacity(plane):
-    """Twelve sessions of 10+ blocks into a 64-block DRAM tier: it never overflows and never
-    evicts on its own; a DRAM-booked copy is never dropped; what does not fit is skipped and counted.
+    """Twelve sessions of 10+ blocks into a 64-block DRAM tier, two in three then booked in
+    DRAM by a demotion (more than the tier holds): the tier never overflows and never evicts on its own; a booked
+    copy is never dropped; redundant copies make room; what does not fit is skipped and counted.
 
     (It used to assert that the last session evicted its way in, in label order: that
     order is gone by design; the store refuses and the caller follows the controller.)"""
     empty_dram(plane)
     before, booked = stats(plane), set()
     for i in range(12):
-        call_and_wait_for_write(plane, f"cap-{i}", 100 + i, "gpu" if i % 2 else "dram")
+        call_and_wait_for_write(plane, f"cap-{i}", 100 + i, "dram" if i % 3 else "gpu")
+        if i % 3:
+            book_in_dram(plane, f"cap-{i}")  # False when its write-through was skipped
         plane.dram.check_integrity()
         assert plane.dram.used_bytes() <= DRAM_CAPACITY
         now_booked = {session for session, label in labels(plane).items() if label == "dram"}
@@ -217,6 +227,6 @@ def test_tiers_never_exceed_capacity(plane):
     kept = {s.session_id for s in plane.dram.sessions() if s.session_id.startswith("cap-")}
     after = stats(plane)
     assert len(kept) < 12 and after["save_refused"] > before["save_refused"]
-    assert after["redundant_dropped"] > before["redundant_dropped"]  # DRAM-tier writes made room from GPU-tier copies
+    assert after["redundant_dropped"] > before["redundant_dropped"]  # later writes made room from older copies
     plane.shared.check_integrity()
     assert plane.shared.used_bytes() <= plane.shared.capacity_bytes

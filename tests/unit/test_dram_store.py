@@ -62,7 +62,7 @@ def block_files(store: DramStore) -> set[str]:
 
 def test_labels_are_the_tier_vocabulary_plus_the_move_marker():
     assert (Tier.GPU.label, Tier.DRAM.label, PINNED) == ("gpu", "dram", "pinned")
-    assert may_displace_redundant("dram") and may_displace_redundant(PINNED) and not may_displace_redundant("gpu")
+    assert all(may_displace_redundant(label) for label in ("gpu", "dram", PINNED))  # never a booked copy, though
     with pytest.raises(ValueError, match="label"):
         may_displace_redundant("idle")
 
@@ -117,11 +117,16 @@ def test_a_dropped_copy_keeps_the_blocks_the_booked_chain_shares(store):
     store.check_integrity()
 
 
-def test_a_gpu_write_through_that_does_not_fit_drops_nothing(store):
-    assert put(store, "copy", {"g1": 500}, "gpu")
+def test_a_gpu_write_through_lets_older_redundant_copies_go_never_a_booked_one(store):
+    """Write-through copies are an LRU cache among themselves (lru-offload's DRAM tier is
+    exactly this); booked copies stay."""
+    assert put(store, "old-copy", {"g1": 300}, "gpu")
     assert put(store, "home", {"a1": 400}, "dram")
-    assert not put(store, "another-copy", {"g2": 200}, "gpu")  # redundant itself: skipped
-    assert set(contents(store)) == {"copy", "home"}
+    assert put(store, "copy", {"g2": 200}, "gpu")
+    assert put(store, "newest", {"g3": 250}, "gpu")  # the least recently written copy goes
+    assert set(contents(store)) == {"home", "copy", "newest"}
+    assert not put(store, "too-big", {"g4": 700}, "gpu")  # even with every copy gone: skipped, nothing dropped
+    assert set(contents(store)) == {"home", "copy", "newest"}
     store.check_integrity()
 
 

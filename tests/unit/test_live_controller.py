@@ -243,7 +243,7 @@ def test_lru_offload_admits_everything_at_once_sticky_and_moves_nothing(plane):
         engines["r1"].finish(ctl, "s1", 240, tier_label=first.tier_label)
         again = await ctl.admit("s1", "t", 245, 50, timeout_s=1)
         assert again.replica_id == "r1" and again.waited_s == 0.0  # sticky
-        assert agents["n1"].dram.session("s1").label == "dram"  # the controller never moved it
+        assert agents["n1"].dram.session("s1").label == "gpu"  # the write-through's: the controller never moved it
         ctl.check_integrity()
 
     run(scenario)
