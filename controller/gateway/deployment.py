@@ -11,7 +11,7 @@ import ray
 from ray import serve
 
 from controller.assembly.launch import alive_nodes, node_agent_address
-from controller.assembly.settings import PlatformSettings, kv_bytes_per_token
+from controller.assembly.settings import kv_bytes_per_token
 from controller.autoscale import signals as scaling_signals
 from controller.gateway.grpc_service import start_grpc
 from controller.gateway.metrics import MeteredController, MeteredEngines, count_rest_requests
@@ -19,7 +19,7 @@ from controller.gateway.protocol import Authenticator
 from controller.gateway.rest import create_app
 from controller.gateway.router import known_replicas
 from controller.gateway.service import ControllerClient, GatewayCore, Limits
-from proto.config import GIB, load_config
+from proto.config import GIB, LullConfig
 from proto.names import CONTROLLER_ACTOR, GATEWAY_DEPLOYMENT, RAY_NAMESPACE
 from proto.telemetry.metrics import make_metrics
 from proto.telemetry.tracing import setup_tracing
@@ -49,26 +49,25 @@ class ServeEngines:
 @serve.deployment(name=GATEWAY_DEPLOYMENT, max_ongoing_requests=1000)
 @serve.ingress()
 class LullGateway:
-    async def __init__(self, engine_handle, settings: dict, engine: dict):
-        self.config = load_config()
+    async def __init__(self, engine_handle, config: LullConfig, engine: dict):
+        self.config = config  # build_app's, overrides included (its secrets are read again here)
         setup_tracing("lull-gateway")  # exports only when the OTEL_* variables ask for it
-        self.settings = PlatformSettings(**settings)
         self.controller = ControllerClient(ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE))
         self.engines = ServeEngines(engine_handle)
         self.metrics = make_metrics()  # the process's registry: the node's multiprocess directory
-        self.metrics["lull:replicas_target"].set(self.settings.replicas)  # then the autoscaler's, once it decides
+        self.metrics["lull:replicas_target"].set(config.replicas.initial)  # then the autoscaler's, once it decides
         arrivals: dict = {}
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(engine["model"])
-        per_token = kv_bytes_per_token(engine["model"])
+        per_token = kv_bytes_per_token(engine["model"], engine["dtype"])
         physical = int(engine["cpu_kv_cache_gib"] * GIB) // per_token
         # A budget below the engine's cache makes tiering visible on a small machine: the
         # controller admits and demotes within it while vLLM keeps its whole cache.
-        gpu_tokens = min(physical, self.settings.gpu_tier_tokens or physical)
+        gpu_tokens = min(physical, config.tiers.gpu_tier_tokens or physical)
         self.capacity = (gpu_tokens, engine["dram_capacity_bytes"] // per_token)
         limits = Limits(max_model_len=engine["max_model_len"], max_prompt_tokens=self.config.max_prompt_tokens,
-                        default_max_tokens=self.settings.default_max_tokens,
+                        default_max_tokens=config.gateway.default_max_tokens,
                         gate_timeout_s=self.config.gateway.gate_timeout_s)
         self.core = GatewayCore(MeteredController(self.controller, arrivals),
                                 MeteredEngines(self.engines, self.metrics, arrivals), tokenizer, limits)
@@ -76,7 +75,7 @@ class LullGateway:
         self.registered: dict[str, str] = {}  # replica -> its Ray node
         self._agent_nodes: set[str] = set()  # nodes whose KV agent the controller knows
         self._drains: set[asyncio.Task] = set()
-        grpc_port = self.config.gateway.grpc_port if self.settings.grpc_port is None else self.settings.grpc_port
+        grpc_port = config.gateway.grpc_port
         self.grpc_server = None
         if grpc_port:
             auth = Authenticator(self.config.secrets, self.config.auth.required)
@@ -117,8 +116,7 @@ class LullGateway:
     async def _ensure_agent(self, node_id: str) -> None:
         if node_id in self._agent_nodes or not node_id:
             return
-        address = await asyncio.to_thread(node_agent_address, self.config, node_id, self.settings.dram_dir,
-                                          self.settings.redis_url or self.config.tiers.redis_url)
+        address = await asyncio.to_thread(node_agent_address, self.config, node_id)
         await self.controller.set_agent(node_id, address)
         self._agent_nodes.add(node_id)
         log.info("started the KV agent of new node %s at %s", node_id, address)

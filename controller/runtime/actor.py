@@ -24,7 +24,7 @@ import ray
 
 from controller.autoscale import signals
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
-from controller.policy import Location, PlannerConfig, Tier
+from controller.policy import DEFAULT_CYCLES, Location, PlannerConfig, Tier
 from controller.runtime.drain import DrainReport, drain_replica
 from controller.runtime.live import Admission, LiveController
 from controller.runtime.mover import GrpcMover
@@ -44,21 +44,23 @@ class ControllerNotStarted(RuntimeError):
 @ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=-1)
 class ControllerActor:
     def __init__(self, agents: dict[str, str], *, policy: str = "lull", planner_config: PlannerConfig | None = None,
-                 tick_s: float = 5.0, bytes_per_token: int = 0, metrics: bool = False) -> None:
+                 tick_s: float = 5.0, idleness_window: int = DEFAULT_CYCLES, bytes_per_token: int = 0,
+                 metrics: bool = False) -> None:
         from proto.telemetry.metrics import make_metrics
         from proto.telemetry.tracing import setup_tracing
 
         setup_tracing("lull-controller")  # KV move spans; exports only when OTEL_* ask for it
 
         self._options = dict(agents=dict(agents), policy=policy, planner_config=planner_config, tick_s=tick_s,
-                             bytes_per_token=bytes_per_token, metrics=metrics)
+                             idleness_window=idleness_window, bytes_per_token=bytes_per_token, metrics=metrics)
         self._started = False
         self._start_lock = asyncio.Lock()
         self.shared_tokens = 0
 
         self.mover = GrpcMover(agents, bytes_per_token=bytes_per_token)
         metrics = make_metrics() if metrics else None  # the process's registry (multiprocess dir)
-        self.controller = LiveController(self.mover, policy=policy, planner_config=planner_config, metrics=metrics)
+        self.controller = LiveController(self.mover, policy=policy, planner_config=planner_config,
+                                         idleness_window=idleness_window, metrics=metrics)
         self.tick_s, self.bytes_per_token, self.planner_config = tick_s, bytes_per_token, planner_config
         self._tick: asyncio.Task | None = None
         self._drains: dict[str, asyncio.Task] = {}  # replica -> its drain, shared by every caller

@@ -1,7 +1,8 @@
 """The Lull Serve platform in a test process: Ray, a real Redis, `controller.assembly:build_app`.
 
-One piece of setup for every end-to-end module; each says only what differs
-(its LULL_* settings and app args). Starting it takes about a minute here.
+One piece of setup for every end-to-end module; each says only what differs (its
+LULL_* settings, and its app args: config overrides ``{section: {setting: value}}``, as
+`build_app` takes them). Starting it takes about a minute here.
 
 `serve_platform` runs one Ray node; `serve_two_node_platform` runs two Ray nodes on
 this host (`ray.cluster_utils.Cluster`: a head and a worker, each its own raylet),
@@ -28,7 +29,7 @@ from proto.names import RAY_NAMESPACE, SERVE_APP
 from workers.redis_server import LocalRedis
 
 BASE_ENV = {"LULL_TIERS__DRAM_CAPACITY_GIB": "0.05", "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05"}
-BASE_APP_ARGS = {"engine_num_cpus": 0.5, "gateway_num_cpus": 0.25, "cpu_kv_cache_gib": 1}
+BASE_APP_ARGS = {"cluster": {"engine_cpus": 0.5, "gateway_cpus": 0.25}, "engine": {"cpu_kv_cache_space_gib": 1}}
 # Two nodes: each holds one engine (2 x 0.75 > 1) and the head holds the gateway beside it.
 NODE_CPUS, ENGINE_CPUS, GATEWAY_CPUS = 1.0, 0.75, 0.25
 
@@ -58,12 +59,21 @@ def _environment(env: dict[str, str]) -> Iterator[str]:
         shutil.rmtree(dram_dir, ignore_errors=True)
 
 
+def app_overrides(*layers: dict) -> dict:
+    """Config overrides merged setting by setting, later layers winning."""
+    merged: dict = {}
+    for layer in layers:
+        for section, values in layer.items():
+            merged.setdefault(section, {}).update(values)
+    return merged
+
+
 def _deploy(app_args: dict, dram_dir: str, redis: LocalRedis, port: int, **serve_options) -> None:
     from controller.assembly import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port}, **serve_options)
-    serve.run(build_app({**BASE_APP_ARGS, **app_args, "dram_dir": dram_dir, "redis_url": redis.url}),
-              name=SERVE_APP, route_prefix="/")
+    here = {"tiers": {"dram_dir": dram_dir, "redis_url": redis.url}}
+    serve.run(build_app(app_overrides(BASE_APP_ARGS, app_args, here)), name=SERVE_APP, route_prefix="/")
 
 
 @contextmanager
@@ -105,7 +115,8 @@ def serve_two_node_platform(env: dict[str, str], app_args: dict, *, port: int, r
             placeholder = _hold_cpus(worker.node_id, NODE_CPUS)
             releaser = threading.Thread(target=_release_when(_head_full, placeholder), daemon=True)
             releaser.start()
-            args = {**app_args, "replicas": 2, "engine_num_cpus": ENGINE_CPUS, "gateway_num_cpus": GATEWAY_CPUS}
+            args = app_overrides(app_args, {"replicas": {"initial": 2},
+                                            "cluster": {"engine_cpus": ENGINE_CPUS, "gateway_cpus": GATEWAY_CPUS}})
             # One proxy: a second one on this host could not bind the same port.
             _deploy(args, dram_dir, redis, port, proxy_location="HeadOnly")
             releaser.join()

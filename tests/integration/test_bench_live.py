@@ -23,7 +23,8 @@ SIM_KEYS = {"policy", "profile", "programs_per_replica", "replicas", "duration_s
 @pytest.fixture(scope="module")
 def platform():
     env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_GATEWAY__GATE_TIMEOUT_S": "60"}
-    with serve_platform(env, {"replicas": 1, "engine_num_cpus": 1, "grpc_port": GRPC_PORT}, port=PORT):
+    args = {"replicas": {"initial": 1}, "cluster": {"engine_cpus": 1.0}, "gateway": {"grpc_port": GRPC_PORT}}
+    with serve_platform(env, args, port=PORT):
         yield ray.get_runtime_context().gcs_address
 
 

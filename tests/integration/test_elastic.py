@@ -27,8 +27,8 @@ WINDOWS = {"LULL_AUTOSCALING__SCALE_UP_WINDOW_S": "2", "LULL_AUTOSCALING__SCALE_
 
 @pytest.fixture(scope="module")
 def platform():
-    args = {"replicas": 1, "max_replicas": 2, "gpu_tier_tokens": 2500, "default_max_tokens": 8,
-            "grpc_port": GRPC_PORT}
+    args = {"replicas": {"initial": 1, "max": 2}, "tiers": {"gpu_tier_tokens": 2500},
+            "gateway": {"default_max_tokens": 8, "grpc_port": GRPC_PORT}}
     with serve_platform(WINDOWS, args, port=PORT, redis_maxmemory="64mb") as redis:
         yield redis
 

@@ -31,7 +31,7 @@ KEY = "sk-faults-test"
 @pytest.fixture(scope="module")
 def platform():
     env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "1024", "LULL_GATEWAY__GATE_TIMEOUT_S": "60"}
-    args = {"replicas": 2, "default_max_tokens": 8, "grpc_port": GRPC_PORT}
+    args = {"replicas": {"initial": 2}, "gateway": {"default_max_tokens": 8, "grpc_port": GRPC_PORT}}
     with serve_platform(env, args, port=PORT, redis_maxmemory="32mb") as redis:
         yield redis
 

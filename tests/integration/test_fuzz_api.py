@@ -42,7 +42,7 @@ FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthC
 @pytest.fixture(scope="module")
 def platform():
     env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "512", "LULL_GATEWAY__GATE_TIMEOUT_S": "30"}
-    args = {"replicas": 1, "default_max_tokens": 3, "grpc_port": GRPC_PORT}
+    args = {"replicas": {"initial": 1}, "gateway": {"default_max_tokens": 3, "grpc_port": GRPC_PORT}}
     with serve_platform(env, args, port=PORT, redis_maxmemory="32mb"):
         yield
 

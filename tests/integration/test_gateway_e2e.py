@@ -24,7 +24,8 @@ MAX_MODEL_LEN = 1024
 def platform():
     env = {"LULL_API_KEYS": f"acme:{KEY},beta:{OTHER_KEY}", "LULL_ENGINE__MAX_MODEL_LEN": str(MAX_MODEL_LEN),
            "LULL_GATEWAY__GATE_TIMEOUT_S": "20"}
-    with serve_platform(env, {"replicas": 2, "default_max_tokens": 8, "grpc_port": GRPC_PORT}, port=PORT):
+    args = {"replicas": {"initial": 2}, "gateway": {"default_max_tokens": 8, "grpc_port": GRPC_PORT}}
+    with serve_platform(env, args, port=PORT):
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 

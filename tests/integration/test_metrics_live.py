@@ -86,7 +86,8 @@ def platform():
     port, metrics_port = free_port(), free_port()
     env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "1024", "LULL_GATEWAY__GATE_TIMEOUT_S": "30",
            "LULL_TELEMETRY__METRICS_PORT": str(metrics_port), "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
-    args = {"replicas": 1, "engine_num_cpus": 1, "default_max_tokens": 8, "grpc_port": 0}
+    args = {"replicas": {"initial": 1}, "cluster": {"engine_cpus": 1.0},
+            "gateway": {"default_max_tokens": 8, "grpc_port": 0}}
     try:
         with serve_platform(env, args, port=port):
             yield Platform(port, metrics_port, metrics_dir)

@@ -49,7 +49,7 @@ raw = RawHttp(PORT, KEY)
 def platform():
     env = {"LULL_API_KEYS": f"acme:{KEY},beta:{OTHER_KEY}", "LULL_ENGINE__MAX_MODEL_LEN": str(MAX_MODEL_LEN),
            "LULL_GATEWAY__GATE_TIMEOUT_S": "90"}
-    args = {"default_max_tokens": 8, "grpc_port": GRPC_PORT, "gpu_tier_tokens": GPU_TIER_TOKENS}
+    args = {"gateway": {"default_max_tokens": 8, "grpc_port": GRPC_PORT}, "tiers": {"gpu_tier_tokens": GPU_TIER_TOKENS}}
     with serve_two_node_platform(env, args, port=PORT) as two_nodes:
         deadline = time.monotonic() + 30
         while len(engine_replicas()) < 2:  # the gateway registers replicas as Serve's broadcast reaches it

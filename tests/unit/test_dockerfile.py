@@ -10,7 +10,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from proto.config import LullConfig
+from proto.config_export import chart_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,7 +52,7 @@ def test_the_base_image_carries_the_gpu_extras_vllm():
 
 
 def test_metrics_dir_and_exposed_ports_are_the_configs():
-    config = LullConfig()
+    config = chart_config()  # the image's: the chart runs it
     env = " ".join(args_of("ENV"))
     assert f"PROMETHEUS_MULTIPROC_DIR={config.telemetry.metrics_dir}" in env
     assert any(f"mkdir -p {config.telemetry.metrics_dir}" in rest for rest in args_of("RUN"))

@@ -13,9 +13,9 @@ import yaml
 from ray.serve.config import AutoscalingConfig
 
 from proto import names
-from proto.config import LullConfig, Secrets, from_dict
+from proto.config import ConfigError, LullConfig, Secrets, from_dict, merge_overrides
 from proto.config_export import expected_files
-from controller.assembly.app import PlatformSettings, engine_count
+from controller.assembly.app import actor_options, engine_count
 from tests.k8s_validation import ROOT, load_all, validate
 from workers.engine_deployment import DRAIN_WAIT_S
 
@@ -47,10 +47,15 @@ def find(which: str, kind: str, name: str | None = None) -> list[dict]:
     return [o for o in rendered(which) if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
 
 
-def loaded_config(config_map: dict) -> LullConfig:
+def loaded_config(config_map: dict, overrides: dict | None = None) -> LullConfig:
     """The `lull-config` ConfigMap's config.yaml as proto/config.py loads it (keys
-    arrive at run time from the Secret; the config must accept the rest as is)."""
-    return from_dict(yaml.safe_load(config_map["data"]["config.yaml"]), Secrets(api_keys={"t": "key-from-secret"}))
+    arrive at run time from the Secret; the config must accept the rest as is), with
+    ``overrides`` (the Serve app's args) laid over it as build_app lays them."""
+    return config_of_data(yaml.safe_load(config_map["data"]["config.yaml"]), overrides)
+
+
+def config_of_data(data: dict, overrides: dict | None = None) -> LullConfig:
+    return from_dict(merge_overrides(data, overrides), Secrets(api_keys={"t": "key-from-secret"}))
 
 
 @pytest.mark.parametrize("which", VALUE_SETS)
@@ -141,20 +146,27 @@ def test_serve_config_is_platforms_with_the_configs_ports_and_names(which):
     assert set(deployments) == {names.GATEWAY_DEPLOYMENT, names.ENGINE_DEPLOYMENT}
     assert serve["http_options"]["port"] == config["gateway"]["http_port"]
     assert "grpc_options" not in serve  # the gateway serves gRPC itself on gateway.grpc_port
-    engine = deployments[names.ENGINE_DEPLOYMENT]
-    assert engine["ray_actor_options"]["num_gpus"] == config["engine"]["tensor_parallel_size"]
+    # Each replica's Ray resources are build_app's, from the config: an engine replica
+    # reserves all its tensor-parallel GPUs for vLLM's workers. A ray_actor_options here
+    # would override them.
+    assert all("ray_actor_options" not in d for d in deployments.values())
+    options = actor_options(loaded_config(find(which, "ConfigMap", "lull-config")[0]))
+    assert options["engine"]["num_gpus"] == config["engine"]["tensor_parallel_size"]
+    assert options["engine"]["num_cpus"] == config["cluster"]["engine_cpus"]
+    assert options["gateway"]["num_cpus"] == config["cluster"]["gateway_cpus"]
     # Everything the chart does not set comes from platform/serve/lull.yaml unchanged.
     assert serve["proxy_location"] == platform_serve["proxy_location"]
     assert app["runtime_env"] == platform_serve["applications"][0]["runtime_env"]
     assert platform_serve["applications"][0]["args"].keys() <= app["args"].keys()
 
 
-def engine_scaling_problems(serve: dict, config: LullConfig, workers: dict | None) -> list[str]:
+def engine_scaling_problems(serve: dict, config_data: dict, workers: dict | None) -> list[str]:
     """What keeps Serve from running the engine deployment as `build_app` means it to:
     a num_replicas (Serve's config overrides the code's count and autoscaling), a
     graceful shutdown no longer than the replica's drain, app args `build_app` rejects,
-    or args that disagree with the config's replica bounds and, on Kubernetes, with the
-    GPU worker group's pod spec (`workers`) the policy caps the count by."""
+    or a config (``config_data`` with the args laid over it) whose bounds do not reach
+    Serve and, on Kubernetes, that disagrees with the GPU worker group's pod spec
+    (`workers`) the policy caps the count by."""
     app = serve["applications"][0]
     engine = next(d for d in app["deployments"] if d["name"] == names.ENGINE_DEPLOYMENT)
     problems = []
@@ -164,21 +176,18 @@ def engine_scaling_problems(serve: dict, config: LullConfig, workers: dict | Non
         problems.append(f"graceful_shutdown_timeout_s {engine.get('graceful_shutdown_timeout_s')} cuts short "
                         f"the replica's {DRAIN_WAIT_S} s drain")
     try:
-        settings = PlatformSettings.from_args(app.get("args", {}))
-    except (TypeError, ValueError) as error:
+        config = config_of_data(config_data, app.get("args", {}))
+    except ConfigError as error:
         return problems + [f"build_app rejects the app's args: {error}"]
     bounds = (config.replicas.initial, config.replicas.min, config.replicas.max)
-    if (settings.replicas, *settings.bounds) != bounds:
-        problems.append(f"args' replicas, min, max {(settings.replicas, *settings.bounds)}; the config's {bounds}")
     selector = None
     if workers is not None:
         selector = ",".join(f"{k}={v}" for k, v in sorted(workers.get("nodeSelector", {}).items())) or None
-        pods = (selector, config.engine.tensor_parallel_size,
-                workers["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-        given = (settings.gpu_node_selector, settings.gpus_per_replica, settings.gpus_per_pod)
+        pods = (selector, workers["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        given = (config.cluster.gpu_node_selector, config.cluster.gpus_per_pod)
         if given != pods:
-            problems.append(f"args' node selector, GPUs per replica and per pod {given}; the worker group's {pods}")
-    count = engine_count(settings, config)
+            problems.append(f"the config's node selector and GPUs per pod {given}; the worker group's {pods}")
+    count = engine_count(config)
     if config.replicas.min == config.replicas.max or not config.autoscaling.enabled:
         return problems + ([] if count == {"num_replicas": config.replicas.initial} else [f"not fixed: {count}"])
     if "autoscaling_config" not in count:
@@ -190,6 +199,9 @@ def engine_scaling_problems(serve: dict, config: LullConfig, workers: dict | Non
     kube = scaling.policy.policy_kwargs.get("kube") or {}
     if kube.get("node_selector") != selector:
         problems.append(f"the policy caps by nodes {kube.get('node_selector')!r}, the workers run on {selector!r}")
+    if kube and kube.get("gpus_per_replica") != config.engine.tensor_parallel_size:
+        problems.append(f"the policy counts {kube.get('gpus_per_replica')} GPUs per replica, "
+                        f"engine.tensor_parallel_size is {config.engine.tensor_parallel_size}")
     return problems
 
 
@@ -197,26 +209,27 @@ def engine_scaling_problems(serve: dict, config: LullConfig, workers: dict | Non
 def test_serve_runs_the_engines_as_build_app_means(which):
     service = find(which, "RayService")[0]
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
-    config = loaded_config(find(which, "ConfigMap", "lull-config")[0])
+    data = yaml.safe_load(find(which, "ConfigMap", "lull-config")[0]["data"]["config.yaml"])
+    config = config_of_data(data)
     assert config.replicas.min < config.replicas.max, "these values should exercise the autoscaler"
-    assert engine_scaling_problems(yaml.safe_load(service["spec"]["serveConfigV2"]), config, workers) == []
+    assert engine_scaling_problems(yaml.safe_load(service["spec"]["serveConfigV2"]), data, workers) == []
 
 
 def test_platform_serve_config_args_match_the_config_defaults():
     serve = yaml.safe_load((ROOT / "platform" / "serve" / "lull.yaml").read_text())
-    assert engine_scaling_problems(serve, from_dict({}), workers=None) == []
+    assert engine_scaling_problems(serve, {}, workers=None) == []
 
 
 def test_gpu_node_selector_joins_every_label_sorted_by_key():
     values = {"ray": {"gpuWorkers": {"nodeSelector": {"pool": "gpu", "cloud.io/accelerator": "h100"}}}}
     manifests = helm().Chart.load(str(CHART)).render(values, name="lull", namespace="lull")
-    service = next(o for o in load_all(manifests["lull/templates/rayservice.yaml"]) if o["kind"] == "RayService")
-    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
-    assert args["gpu_node_selector"] == "cloud.io/accelerator=h100,pool=gpu"
+    config_map = next(o for o in load_all(manifests["lull/templates/config.yaml"]) if o["kind"] == "ConfigMap")
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    assert config["cluster"]["gpu_node_selector"] == "cloud.io/accelerator=h100,pool=gpu"
 
 
 def test_chart_refuses_a_minimum_of_zero_engine_replicas():
-    # build_app keeps at least one engine replica (PlatformSettings), though the config allows 0.
+    # build_app keeps at least one engine replica (replicas.min and initial are >= 1).
     values = {"config": {"replicas": {"min": 0, "initial": 0}}}
     with pytest.raises(Exception, match="config.replicas.min"):
         helm().Chart.load(str(CHART)).render(values, name="lull", namespace="lull")

@@ -24,8 +24,12 @@ def kustomize(tree: str) -> tuple[dict, ...]:
     return tuple(load_all(result.stdout))
 
 
+def config_map_of(objs: tuple[dict, ...]) -> dict:
+    return next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "lull-config")
+
+
 def config_of(objs: tuple[dict, ...]):
-    return loaded_config(next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "lull-config"))
+    return loaded_config(config_map_of(objs))
 
 
 def render_base_module():
@@ -76,7 +80,8 @@ def test_serve_runs_the_engines_as_build_app_means(tree):
     service = next(o for o in objs if o["kind"] == "RayService")
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
-    assert engine_scaling_problems(serve, config_of(objs), workers) == []
+    data = yaml.safe_load(config_map_of(objs)["data"]["config.yaml"])
+    assert engine_scaling_problems(serve, data, workers) == []
 
 
 def _rules(obj: dict) -> list[tuple[set, set, set]]:

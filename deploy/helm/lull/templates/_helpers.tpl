@@ -60,21 +60,30 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{/* Lull's config as every pod reads it: values.config with the chart's services. */}}
+{{/* Lull's config as every pod reads it: values.config with the chart's Redis, and the GPU
+worker group's nodes and GPUs per pod, which Lull's autoscaling policy caps the count by. */}}
 {{- define "lull.config" -}}
 {{- $config := deepCopy .Values.config -}}
 {{- if .Values.redis.enabled -}}
 {{- $_ := set $config.tiers "redis_url" (printf "redis://%s:6379/0" (include "lull.redisHost" .)) -}}
 {{- end -}}
-{{- if .Values.lmcache.enabled -}}
-{{- $_ := set $config.tiers "lmcache_url" (printf "tcp://%s-lmcache:%d" (include "lull.fullname" .) (.Values.lmcache.port | int)) -}}
+{{- $workers := .Values.ray.gpuWorkers -}}
+{{- $cluster := $config.cluster | default dict -}}
+{{- $_ := set $cluster "gpus_per_pod" ($workers.gpusPerPod | int) -}}
+{{- with $workers.nodeSelector -}}
+{{- $labels := list -}}
+{{- range $key := keys . | sortAlpha -}}
+{{- $labels = append $labels (printf "%s=%s" $key (index $workers.nodeSelector $key)) -}}
 {{- end -}}
+{{- $_ := set $cluster "gpu_node_selector" (join "," $labels) -}}
+{{- end -}}
+{{- $_ := set $config "cluster" $cluster -}}
 {{- toYaml $config -}}
 {{- end -}}
 
 {{/* Worker pods for N engine replicas: ceil(N x tensor_parallel_size / gpusPerPod). */}}
 {{- define "lull.workerPods" -}}
-{{- $gpus := mul .replicas .root.Values.config.engine.tensor_parallel_size -}}
+{{- $gpus := mul (.replicas | int) .root.Values.config.engine.tensor_parallel_size -}}
 {{- $perPod := .root.Values.ray.gpuWorkers.gpusPerPod | int -}}
 {{- div (add $gpus (sub $perPod 1)) $perPod -}}
 {{- end -}}

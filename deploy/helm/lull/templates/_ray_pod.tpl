@@ -39,8 +39,12 @@ ports:
   - {name: client, containerPort: 10001}
   {{- end }}
   - {name: serve, containerPort: {{ $cfg.gateway.http_port }}}
+  {{- if $cfg.gateway.grpc_port }}
   - {name: grpc, containerPort: {{ $cfg.gateway.grpc_port }}}
+  {{- end }}
+  {{- if $cfg.tiers.node_agent_port }}
   - {name: node-agent, containerPort: {{ $cfg.tiers.node_agent_port }}}
+  {{- end }}
   - {name: lull-metrics, containerPort: {{ $cfg.telemetry.metrics_port }}}
   - {name: metrics, containerPort: {{ $.Values.ray.metricsExportPort }}}
 volumeMounts:
@@ -84,35 +88,13 @@ volumeMounts:
 {{- end }}
 {{- end -}}
 
-{{/* Ray Serve's config (platform/serve/lull.yaml) with the ports, GPUs and build_app args of the values. */}}
+{{/* Ray Serve's config (platform/serve/lull.yaml) with the values' ports and metrics dir. The
+engine count and what each replica asks of Ray come from the config (build_app reads it). */}}
 {{- define "lull.serveConfig" -}}
 {{- $serve := .Files.Get "files/serve/lull.yaml" | fromYaml -}}
 {{- $cfg := .Values.config -}}
-{{- $workers := .Values.ray.gpuWorkers -}}
 {{- $_ := set $serve.http_options "port" ($cfg.gateway.http_port | int) -}}
 {{- $app := index $serve.applications 0 -}}
 {{- $_ := set $app.runtime_env.env_vars "PROMETHEUS_MULTIPROC_DIR" $cfg.telemetry.metrics_dir -}}
-{{- /* build_app's PlatformSettings: the engine count's bounds, and the GPU worker group's
-nodes so Lull's autoscaling policy caps the count at the replicas they hold. */ -}}
-{{- $args := $app.args | default dict -}}
-{{- $_ := set $args "replicas" ($cfg.replicas.initial | int) -}}
-{{- $_ := set $args "min_replicas" ($cfg.replicas.min | int) -}}
-{{- $_ := set $args "max_replicas" ($cfg.replicas.max | int) -}}
-{{- $_ := set $args "gpus_per_replica" ($cfg.engine.tensor_parallel_size | int) -}}
-{{- $_ := set $args "gpus_per_pod" ($workers.gpusPerPod | int) -}}
-{{- with $workers.nodeSelector -}}
-{{- $labels := list -}}
-{{- range $key := keys . | sortAlpha -}}
-{{- $labels = append $labels (printf "%s=%s" $key (index $workers.nodeSelector $key)) -}}
-{{- end -}}
-{{- $_ := set $args "gpu_node_selector" (join "," $labels) -}}
-{{- end -}}
-{{- $_ := set $app "args" $args -}}
-{{- range $app.deployments -}}
-{{- if eq .name "LullEngine" -}}
-{{- /* An engine replica reserves all its tensor-parallel GPUs for vLLM's workers. */ -}}
-{{- $_ := set .ray_actor_options "num_gpus" ($cfg.engine.tensor_parallel_size | int) -}}
-{{- end -}}
-{{- end -}}
 {{- toYaml $serve -}}
 {{- end -}}
