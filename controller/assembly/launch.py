@@ -1,16 +1,24 @@
 """Start what the Serve app needs beside itself: a node agent per Ray node and the controller actor.
 
+The controller owns replica membership; it gets from here what it needs to start the agent
+of a node that joins later (``agent_starter``), and each engine replica gets the
+capacity it registers with (``replica_capacity``).
+
 Both are named and found again when they exist (`get_if_exists`), so `build_app`
 may run again (a redeploy) without starting a second controller or agent.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from controller.assembly.settings import kv_bytes_per_token
 from controller.policy import PlannerConfig
 from proto.config import GIB, LullConfig
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE, node_agent_actor
@@ -41,17 +49,25 @@ def start_node_agent(config: LullConfig, node_id: str, dram_dir: str, redis_url:
              metrics_port=config.telemetry.metrics_port)
 
 
-def node_agent_address(config: LullConfig, node_id: str, dram_dir: str, redis_url: str | None) -> str:
-    """Start (or find) the node's agent and return its gRPC address (blocks: run off the loop)."""
-    return ray.get(start_node_agent(config, node_id, dram_dir, redis_url).address.remote(), timeout=120)
+def agent_starter(config: LullConfig, dram_dir: str, redis_url: str | None) -> Callable[[str], Any]:
+    """What the controller calls to start the agent of a node that joined after launch
+    (``node id -> agent handle``): the controller runtime never imports the workers."""
+    return functools.partial(start_node_agent, config, dram_dir=dram_dir, redis_url=redis_url)
 
 
-def alive_nodes() -> set[str]:
-    """Ray's alive nodes (blocks: run off the loop)."""
-    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+def replica_capacity(engine: dict, gpu_tier_tokens: int | None) -> dict[str, int]:
+    """The KV tokens the controller books on each engine replica, which the replica registers
+    with: its whole KV cache, or ``gpu_tier_tokens`` when smaller (a budget below the
+    engine's cache makes tiering visible on a small machine: the controller admits and
+    demotes within it while vLLM keeps its whole cache), and its node's DRAM tier."""
+    per_token = kv_bytes_per_token(engine["model"])
+    physical = int(engine["cpu_kv_cache_gib"] * GIB) // per_token
+    return {"gpu_tokens": min(physical, gpu_tier_tokens or physical),
+            "dram_tokens": engine["dram_capacity_bytes"] // per_token}
 
 
-def ensure_controller(config: LullConfig, agents: dict[str, str], policy: str, bytes_per_token: int):
+def ensure_controller(config: LullConfig, agents: dict[str, str], policy: str, bytes_per_token: int,
+                      start_agent: Callable[[str], Any] | None = None):
     """The named, detached controller actor, started (books rebuilt, tick running) when absent."""
     try:
         return ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE)
@@ -59,9 +75,10 @@ def ensure_controller(config: LullConfig, agents: dict[str, str], policy: str, b
         pass
     from controller.runtime.actor import launch_controller
 
-    actor = launch_controller(agents, detached=True, policy=policy, planner_config=PlannerConfig.from_config(config),
-                              tick_s=config.policy.tick_seconds, bytes_per_token=bytes_per_token, metrics=True)
     shared = int(config.tiers.shared_capacity_gib * GIB) // bytes_per_token
-    restored = ray.get(actor.start.remote([], shared))
+    actor = launch_controller(agents, detached=True, policy=policy, planner_config=PlannerConfig.from_config(config),
+                              tick_s=config.policy.tick_seconds, bytes_per_token=bytes_per_token, metrics=True,
+                              shared_tokens=shared, start_agent=start_agent)
+    restored = ray.get(actor.start.remote(shared))
     log.info("controller started (policy %s, %d sessions restored)", policy, restored)
     return actor
