@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from proto.engine_request import EngineRequest
 
 log = logging.getLogger(__name__)
 
@@ -128,42 +129,41 @@ class EngineReplica:
     def max_prompt_tokens(self) -> int:
         return self.settings.max_model_len - 1
 
-    async def stream(self, prompt_token_ids: list[int], *, session_id: str | None = None, tenant: str = "",
-                     tier: str = "gpu", max_tokens: int = 16, temperature: float = 0.0,
-                     request_id: str | None = None, trace_headers: dict[str, str] | None = None) -> AsyncIterator[tuple[list[int], "Completion | None"]]:
+    async def stream(self, request: EngineRequest) -> AsyncIterator[tuple[list[int], Completion | None]]:
         """Yield (new token ids, None) as tokens come, then ([], Completion) at the end.
 
-        `tenant` becomes vLLM's cache_salt: tenants never share KV blocks.
+        The request's `tenant` becomes vLLM's cache_salt: tenants never share KV blocks.
         """
         from vllm import SamplingParams
 
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_token_ids) + max_tokens > self.settings.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens + max_tokens {max_tokens} exceeds the "
+        prompt_ids = request.prompt_token_ids
+        if len(prompt_ids) + request.max_tokens > self.settings.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {request.max_tokens} exceeds the "
                              f"context limit of {self.settings.max_model_len} tokens")
         extra = {}
-        if session_id is not None and self.settings.connector:
-            extra["kv_transfer_params"] = {"lull": {"session": session_id, "tenant": tenant, "tier": tier}}
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, extra_args=extra or None)
-        prompt = {"prompt_token_ids": list(prompt_token_ids)}
-        if tenant:
-            prompt["cache_salt"] = tenant
+        if request.session_id is not None and self.settings.connector:
+            extra["kv_transfer_params"] = {"lull": {"session": request.session_id, "tenant": request.tenant,
+                                                    "tier": request.tier}}
+        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
+                                extra_args=extra or None)
+        prompt = {"prompt_token_ids": list(prompt_ids)}
+        if request.tenant:
+            prompt["cache_salt"] = request.tenant
         seen = 0
         final = None
         # trace_headers carry the gateway's W3C traceparent: vLLM's own spans join the call's trace.
-        async for out in self.engine.generate(prompt, params, request_id or uuid.uuid4().hex,
-                                              trace_headers=trace_headers):
+        headers = dict(request.trace_headers) if request.trace_headers else None
+        async for out in self.engine.generate(prompt, params, request.request_id, trace_headers=headers):
             ids = list(out.outputs[0].token_ids)
             if len(ids) > seen:
                 yield ids[seen:], None
                 seen = len(ids)
             final = out
-        yield [], Completion(list(final.outputs[0].token_ids), final.outputs[0].text, len(prompt_token_ids),
+        yield [], Completion(list(final.outputs[0].token_ids), final.outputs[0].text, len(prompt_ids),
                              final.num_cached_tokens or 0, final.outputs[0].finish_reason)
 
-    async def complete(self, prompt_token_ids: list[int], **kwargs) -> Completion:
-        async for _, done in self.stream(prompt_token_ids, **kwargs):
+    async def complete(self, request: EngineRequest) -> Completion:
+        async for _, done in self.stream(request):
             if done is not None:
                 return done
         raise RuntimeError("engine stream ended without a final output")

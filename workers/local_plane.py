@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from proto.engine_request import EngineRequest
 from proto.tiers import Tier
 from workers.dram_store import DramStore
 from workers.engine import EngineReplica, EngineSettings
@@ -72,8 +73,8 @@ class DataPlane:
         return self.engine.settings.replica_id
 
     def call(self, prompt: list[int], session: str, tier: str = "gpu", tenant: str = "t", max_tokens: int = 8):
-        return self.loop.run(self.engine.complete(prompt, session_id=session, tenant=tenant, tier=tier,
-                                                  max_tokens=max_tokens))
+        return self.loop.run(self.engine.complete(EngineRequest(prompt, max_tokens, session_id=session, tenant=tenant,
+                                                                tier=tier)))
 
     def reset_prefix_cache(self) -> bool:
         return self.loop.run(self.engine.reset_prefix_cache())

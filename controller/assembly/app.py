@@ -4,8 +4,10 @@
 config overrides, ``{section: {setting: value}}``, laid over `load_config()`; the one
 config that results is what every part is built from, the gateway included. The engine
 deployment routes with `LullRouter`, so a call reaches the replica the controller placed
-its session on. The controller is a named, detached Ray actor that outlives gateway
-restarts; `build_app` starts it, and a KV agent per Ray node, only when they are absent.
+its session on; each engine replica registers itself with the controller (with the
+capacity given here) and deregisters when it stops. The controller is a named, detached
+Ray actor that outlives gateway restarts; `build_app` starts it, and a KV agent per Ray
+node, only when they are absent.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import ray
 from ray.serve.config import RequestRouterConfig
 
-from controller.assembly.launch import ensure_controller, ensure_node_agents
+from controller.assembly.launch import agent_starter, ensure_controller, ensure_node_agents, replica_capacity
 from controller.assembly.settings import check_fits, engine_settings, kv_bytes_per_token, replica_asks
 from controller.autoscale.policy import AutoscaleSettings
 from controller.autoscale.serve_policy import engine_autoscaling_config
@@ -69,11 +71,11 @@ def build_app(args: dict[str, Any] | None = None):
         check_fits(replica_asks(config), ray.nodes())
     engine = engine_settings(config)
     agents = ensure_node_agents(config)
-    ensure_controller(config, agents, kv_bytes_per_token(engine["model"], engine["dtype"]))
+    ensure_controller(config, agents, kv_bytes_per_token(engine["model"], engine["dtype"]), agent_starter(config))
     options = actor_options(config)
     engines = LullEngine.options(
         **engine_count(config), ray_actor_options=options["engine"],
         request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
-    ).bind(engine)
+    ).bind(engine, replica_capacity(config, engine))
     gateway = LullGateway.options(ray_actor_options=options["gateway"])
     return gateway.bind(engines, config, engine)

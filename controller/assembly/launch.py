@@ -1,16 +1,24 @@
 """Start what the Serve app needs beside itself: a node agent per Ray node and the controller actor.
 
+The controller owns replica membership; it gets from here what it needs to start the agent
+of a node that joins later (``agent_starter``), and each engine replica gets the
+capacity it registers with (``replica_capacity``).
+
 Both are named and found again when they exist (`get_if_exists`), so `build_app`
 may run again (a redeploy) without starting a second controller or agent.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from controller.assembly.settings import kv_bytes_per_token
 from controller.policy import PlannerConfig
 from proto.config import GIB, LullConfig
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE, node_agent_actor
@@ -40,17 +48,25 @@ def start_node_agent(config: LullConfig, node_id: str):
              port=tiers.node_agent_port, metrics_port=config.telemetry.metrics_port)
 
 
-def node_agent_address(config: LullConfig, node_id: str) -> str:
-    """Start (or find) the node's agent and return its gRPC address (blocks: run off the loop)."""
-    return ray.get(start_node_agent(config, node_id).address.remote(), timeout=120)
+def agent_starter(config: LullConfig) -> Callable[[str], Any]:
+    """What the controller calls to start the agent of a node that joined after launch
+    (``node id -> agent handle``): the controller runtime never imports the workers."""
+    return functools.partial(start_node_agent, config)
 
 
-def alive_nodes() -> set[str]:
-    """Ray's alive nodes (blocks: run off the loop)."""
-    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+def replica_capacity(config: LullConfig, engine: dict) -> dict[str, int]:
+    """The KV tokens the controller books on each engine replica, which the replica registers
+    with: its whole KV cache, or ``tiers.gpu_tier_tokens`` when smaller (a budget below the
+    engine's cache makes tiering visible on a small machine: the controller admits and
+    demotes within it while vLLM keeps its whole cache), and its node's DRAM tier."""
+    per_token = kv_bytes_per_token(engine["model"], engine["dtype"])
+    physical = int(engine["cpu_kv_cache_gib"] * GIB) // per_token
+    budget = config.tiers.gpu_tier_tokens
+    return {"gpu_tokens": min(physical, budget or physical), "dram_tokens": engine["dram_capacity_bytes"] // per_token}
 
 
-def ensure_controller(config: LullConfig, agents: dict[str, str], bytes_per_token: int):
+def ensure_controller(config: LullConfig, agents: dict[str, str], bytes_per_token: int,
+                      start_agent: Callable[[str], Any] | None = None):
     """The named, detached controller actor, started (books rebuilt, tick running) when absent."""
     try:
         return ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE)
@@ -59,10 +75,11 @@ def ensure_controller(config: LullConfig, agents: dict[str, str], bytes_per_toke
     from controller.runtime.actor import launch_controller
 
     policy = config.policy.name
+    shared = int(config.tiers.shared_capacity_gib * GIB) // bytes_per_token
     actor = launch_controller(agents, detached=True, policy=policy, planner_config=PlannerConfig.from_config(config),
                               tick_s=config.policy.tick_seconds, idleness_window=config.policy.idleness_window,
-                              bytes_per_token=bytes_per_token, metrics=True)
-    shared = int(config.tiers.shared_capacity_gib * GIB) // bytes_per_token
-    restored = ray.get(actor.start.remote([], shared))
+                              bytes_per_token=bytes_per_token, metrics=True, shared_tokens=shared,
+                              start_agent=start_agent)
+    restored = ray.get(actor.start.remote(shared))
     log.info("controller started (policy %s, %d sessions restored)", policy, restored)
     return actor

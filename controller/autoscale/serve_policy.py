@@ -8,9 +8,9 @@ count needs. The policy reads the Lull controller's latest published signals
 the running replicas, and keeps ``decide``'s state in Serve's ``policy_state``.
 
 Serve, not the policy, chooses which replica stops on a scale-down. Whichever it is,
-its sessions are not lost: the replica's destructor (``LullEngine.__del__``) and the
-gateway's replica sync both ask the controller to drain it to the shared tier
-(``controller.runtime.drain``), and Serve's graceful shutdown waits for that.
+its sessions are not lost: the replica's destructor (``LullEngine.__del__``) deregisters
+it, the controller drains it to the shared tier (``controller.runtime.drain``), and
+Serve's graceful shutdown waits for that.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
-"""The gateway's `lull:*` metrics, recorded around `GatewayCore` without changing it.
+"""The gateway's `lull:*` metrics.
 
-`MeteredController` and `MeteredEngines` wrap the controller client and the engine
-handle that the core calls; `count_rest_requests` is an HTTP middleware and
-`CountGrpcRequests` a gRPC server interceptor. Together they record requests by API
-and status (the HTTP status code on REST, the gRPC status name on gRPC), time to
-first token by the session's tier on arrival, time per output token, and recomputed
-prompt tokens.
+`CallMetrics` is what `GatewayCore` records as a call runs; `count_rest_requests` is
+an HTTP middleware and `CountGrpcRequests` a gRPC server interceptor. Together they
+record requests by API and status (the HTTP status code on REST, the gRPC status name
+on gRPC), time to first token by the session's tier on arrival, time per output
+token, and recomputed prompt tokens.
 
 What the gateway can see bounds what it records:
 - TTFT and time per output token come from streamed calls only: a non-streamed call
@@ -15,7 +14,8 @@ What the gateway can see bounds what it records:
   cached-token count, and only for sessions whose KV sat outside HBM on arrival
   (dram, shared, waiting): a session in HBM keeps its prefix in vLLM's cache, and a
   gap there is only the last, partial block.
-- Arrival is when the core asks for admission (after tokenizing).
+- Arrival is when the core asks for admission (after tokenizing); the controller's
+  answer to `admit` carries the session's tier and context then.
 """
 
 from __future__ import annotations
@@ -23,85 +23,80 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 
 from controller.runtime.metrics import NEW_SESSION
 
 
-@dataclass
-class _Arrival:
-    at: float
-    tier: str  # the session's tier on arrival, or NEW_SESSION
-    context_tokens: int  # KV the session had on arrival (what a reuse could cover)
+class CallMetrics:
+    """Per-call metrics into ``metrics`` (the process's `make_metrics()`); None records nothing."""
+
+    def __init__(self, metrics: dict | None = None):
+        self._metrics = metrics
+
+    def completed(self, admitted, prompt_tokens: int, cached_tokens: int) -> None:
+        """A non-streamed call's recomputed prompt tokens: the KV the session had on arrival
+        (outside HBM) that the engine did not reuse."""
+        if self._metrics is None or admitted.arrival_tier in ("gpu", NEW_SESSION):
+            return
+        recomputed = max(0, min(prompt_tokens, admitted.arrival_context_tokens) - cached_tokens)
+        if recomputed:
+            self._metrics["lull:recompute_tokens"].inc(recomputed)
+
+    def stream(self, admitted, arrived_at: float) -> StreamTiming:
+        return StreamTiming(self._metrics, admitted.arrival_tier, arrived_at)
 
 
-class MeteredController:
-    """The controller client, with `admit` sent as the actor's `admit_observed`, which
-    also returns the session's tier and context on arrival (one call, no extra round
-    trip; the client's restart handling applies). Everything else is forwarded."""
+class StreamTiming:
+    """One engine stream's time to first token (from the call's arrival, by tier) and time
+    per output token after it."""
 
-    def __init__(self, client, arrivals: dict[str, _Arrival]):
-        self._client, self._arrivals = client, arrivals
+    def __init__(self, metrics: dict | None, tier: str, arrived_at: float):
+        self._metrics, self._tier, self._arrived_at = metrics, tier, arrived_at
+        self._first_at = self._last_at = None
+        self._first_tokens = self._total = 0
 
-    def __getattr__(self, name: str):
-        return getattr(self._client, name)
+    def tokens(self, count: int) -> None:
+        """``count`` new tokens arrived now."""
+        if self._metrics is None or not count:
+            return
+        self._last_at = time.monotonic()
+        if self._first_at is None:
+            self._first_at, self._first_tokens = self._last_at, count
+            self._metrics["lull:time_to_first_token_seconds"].labels(tier=self._tier).observe(
+                self._first_at - self._arrived_at)
+        self._total += count
 
-    async def admit(self, session_id: str, tenant: str, prompt_tokens: int, max_tokens: int, timeout_s: float):
-        arrived = time.monotonic()
-        admission, tier, context_tokens = await self._client.admit_observed(
-            session_id, tenant, prompt_tokens, max_tokens, timeout_s)
-        self._arrivals[session_id] = _Arrival(arrived, tier, context_tokens)
-        return admission
-
-
-class MeteredEngines:
-    """The engine replicas (`Engines`), timing each call against its session's arrival."""
-
-    def __init__(self, engines, metrics: dict, arrivals: dict[str, _Arrival]):
-        self._engines, self._metrics, self._arrivals = engines, metrics, arrivals
-
-    async def generate(self, replica_id: str, request: dict) -> dict:
-        arrival = self._arrivals.pop(request["session_id"], None)
-        done = await self._engines.generate(replica_id, request)
-        if arrival and arrival.tier not in ("gpu", NEW_SESSION):
-            expected = min(len(request["prompt_token_ids"]), arrival.context_tokens)
-            recomputed = max(0, expected - done["cached_tokens"])
-            if recomputed:
-                self._metrics["lull:recompute_tokens"].inc(recomputed)
-        return done
-
-    async def stream(self, replica_id: str, request: dict) -> AsyncIterator[list[int]]:
-        arrival = self._arrivals.pop(request["session_id"], None)
-        first_at = last_at = None
-        first_tokens = total = 0
-        async for ids in self._engines.stream(replica_id, request):
-            if not ids:  # the stream's end marker (workers.engine.StreamEnd): no token, no timing
-                yield ids
-                continue
-            last_at = time.monotonic()
-            if first_at is None:
-                first_at, first_tokens = last_at, len(ids)
-                if arrival:
-                    self._metrics["lull:time_to_first_token_seconds"].labels(tier=arrival.tier).observe(
-                        first_at - arrival.at)
-            total += len(ids)
-            yield ids
-        if first_at is not None and total > first_tokens:
-            self._metrics["lull:time_per_output_token_seconds"].observe((last_at - first_at) / (total - first_tokens))
+    def end(self) -> None:
+        if self._metrics is not None and self._first_at is not None and self._total > self._first_tokens:
+            self._metrics["lull:time_per_output_token_seconds"].observe(
+                (self._last_at - self._first_at) / (self._total - self._first_tokens))
 
 
 def count_rest_requests(app, metrics: dict) -> None:
     """Count every answered API request (paths under /v1/) by status code."""
+    app.add_middleware(CountRestRequests, requests=metrics["lull:requests"])
 
-    @app.middleware("http")
-    async def _count(request, call_next):
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            metrics["lull:requests"].labels(api="rest", code=str(response.status_code)).inc()
-        return response
+
+class CountRestRequests:
+    """The REST half of `lull:requests`, counted as the response starts. Plain ASGI:
+    Starlette's `BaseHTTPMiddleware` runs every request in an extra task."""
+
+    def __init__(self, app, requests) -> None:
+        self.app, self._requests = app, requests
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                self._requests.labels(api="rest", code=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 class CountGrpcRequests(grpc.aio.ServerInterceptor):

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
 from pydantic import BaseModel, ValidationError
 
 from controller.gateway.protocol import (
@@ -37,19 +38,7 @@ log = logging.getLogger(__name__)
 
 def create_app(core: GatewayCore, auth: Authenticator, model_name: str) -> FastAPI:
     app = FastAPI(title="Lull", docs_url=None, redoc_url=None)
-    # Opened with POST /v1/sessions but not yet called: the controller learns of a
-    # session at its first call, so until then only this gateway knows it exists.
-    opened: dict[str, float] = {}
-
-    @app.middleware("http")
-    async def _trace(request: Request, call_next):
-        """One span per request, a child of the caller's W3C traceparent when it sends one."""
-        parent = tracing.extract_context(request.headers)
-        with tracing.tracer().start_as_current_span(tracing.SPAN_GATEWAY, context=parent,
-                                                    attributes={"http.route": request.url.path}) as span:
-            response = await call_next(request)
-            span.set_attribute("http.status_code", response.status_code)
-            return response
+    app.add_middleware(TraceRequests)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError):
@@ -61,10 +50,50 @@ def create_app(core: GatewayCore, auth: Authenticator, model_name: str) -> FastA
         return JSONResponse(ApiError(500, f"internal error ({type(error).__name__}); the call was not completed",
                                      type="server_error").body(), status_code=500)
 
-    def tenant_of(request: Request) -> str:
-        return auth.tenant(request.headers.get("authorization"))
+    api = _Api(core, auth, model_name)
+    _call_routes(app, api)
+    _session_routes(app, api)
+    return app
 
-    async def parse(request: Request, model: type[BaseModel]) -> tuple[Any, dict]:
+
+class TraceRequests:
+    """One span per HTTP request, a child of the caller's W3C traceparent when it sends one.
+    Plain ASGI: Starlette's `BaseHTTPMiddleware` runs every request in an extra task."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        parent = tracing.extract_context(Headers(scope=scope))
+        with tracing.tracer().start_as_current_span(tracing.SPAN_GATEWAY, context=parent,
+                                                    attributes={"http.route": scope["path"]}) as span:
+            async def sending(message) -> None:
+                if message["type"] == "http.response.start":
+                    span.set_attribute("http.status_code", message["status"])
+                await send(message)
+
+            await self.app(scope, receive, sending)
+
+
+class _Api:
+    """What every route reads from a request: the tenant, the body, the session key."""
+
+    def __init__(self, core: GatewayCore, auth: Authenticator, model_name: str) -> None:
+        self.core, self.auth, self.model_name = core, auth, model_name
+        # Opened with POST /v1/sessions but not yet called: the controller learns of a
+        # session at its first call, so until then only this gateway knows it exists.
+        self.opened: dict[str, float] = {}
+
+    def tenant_of(self, request: Request) -> str:
+        return self.auth.tenant(request.headers.get("authorization"))
+
+    def session(self, request: Request, sid: str) -> str:
+        return session_key(self.tenant_of(request), check_session_id(sid, "session id"))
+
+    async def parse(self, request: Request, model: type[BaseModel]) -> tuple[Any, dict]:
         raw = await request.body()
         try:
             data = json.loads(raw)
@@ -78,101 +107,101 @@ def create_app(core: GatewayCore, auth: Authenticator, model_name: str) -> FastA
         except ValidationError as error:
             message, param = validation_message(error.errors(include_input=False))
             raise ApiError(422, message, param=param) from None
-        if body.model is not None and body.model != model_name:
-            raise ApiError(404, f"model {body.model!r} is not served here; use {model_name!r}",
+        if body.model is not None and body.model != self.model_name:
+            raise ApiError(404, f"model {body.model!r} is not served here; use {self.model_name!r}",
                            code="model_not_found", param="model")
         return body, data
 
-    def key_for(request: Request, tenant: str, data: dict) -> tuple[str, bool]:
+    def key_for(self, request: Request, tenant: str, data: dict) -> tuple[str, bool]:
         """The controller's session key, and whether the call is a one-off (no session id)."""
         sid = session_id_from(request.headers, data)
         if sid is None:
             return session_key(tenant, f"oneoff-{uuid.uuid4().hex}"), True
-        opened.pop(session_key(tenant, sid), None)
+        self.opened.pop(session_key(tenant, sid), None)
         return session_key(tenant, sid), False
 
-    async def run(request: Request, kind: str):
-        tenant = tenant_of(request)
-        body, data = await parse(request, ChatRequest if kind == "chat" else CompletionRequest)
+    async def run(self, request: Request, kind: str):
+        core = self.core
+        tenant = self.tenant_of(request)
+        body, data = await self.parse(request, ChatRequest if kind == "chat" else CompletionRequest)
         try:
             ids = core.chat_prompt(body.template_messages()) if kind == "chat" else core.text_prompt(body.prompt)
         except ValueError as error:
             raise ApiError(400, f"cannot build the prompt: {error}", param="messages") from None
         max_tokens = core.output_limit(len(ids), body.output_limit)
-        key, oneoff = key_for(request, tenant, data)
+        key, oneoff = self.key_for(request, tenant, data)
         headers = {"x-session-id": key.partition("/")[2]}
         # vLLM's extension: each choice also carries its output token ids.
         token_ids = data.get("return_token_ids") is True
         cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        try:
+        try:  # a one-off's session closes with its call_finished; only a failed one is closed here
             if body.stream:
-                chunks = await core.stream(key, tenant, ids, max_tokens, body.temperature)
-                events = _sse(kind, cid, model_name, chunks, len(ids), max_tokens, body.include_usage,
+                chunks = await core.stream(key, tenant, ids, max_tokens, body.temperature, close=oneoff)
+                events = _sse(kind, cid, self.model_name, chunks, len(ids), max_tokens, body.include_usage,
                               core if oneoff else None, key, token_ids)
                 return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-            result = await core.complete(key, tenant, ids, max_tokens, body.temperature)
+            result = await core.complete(key, tenant, ids, max_tokens, body.temperature, close=oneoff)
         except BaseException:
             if oneoff:
                 await _close_quietly(core, key)
             raise
-        if oneoff:
-            await _close_quietly(core, key)
-        return JSONResponse(_response(kind, cid, model_name, result, token_ids), headers=headers)
+        return JSONResponse(_response(kind, cid, self.model_name, result, token_ids), headers=headers)
 
+
+def _call_routes(app: FastAPI, api: _Api) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await run(request, "chat")
+        return await api.run(request, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await run(request, "text")
+        return await api.run(request, "text")
 
     @app.get("/v1/models")
     async def models(request: Request):
-        tenant_of(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "lull"}]}
+        api.tenant_of(request)
+        return {"object": "list", "data": [{"id": api.model_name, "object": "model", "created": 0,
+                                            "owned_by": "lull"}]}
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
+
+def _session_routes(app: FastAPI, api: _Api) -> None:
     @app.post("/v1/sessions")
     async def open_session(request: Request):
-        tenant = tenant_of(request)
+        tenant = api.tenant_of(request)
         sid = f"sess-{uuid.uuid4().hex}"
-        opened[session_key(tenant, sid)] = time.time()
+        api.opened[session_key(tenant, sid)] = time.time()
         return {"id": sid, "object": "session"}
 
     @app.delete("/v1/sessions/{sid}")
     async def close_session(sid: str, request: Request):
-        key = session_key(tenant_of(request), check_session_id(sid, "session id"))
-        if opened.pop(key, None) is None:
-            await core.close(key)
+        key = api.session(request, sid)
+        if api.opened.pop(key, None) is None:
+            await api.core.close(key)
         return {"id": sid, "object": "session", "deleted": True}
 
     @app.post("/v1/sessions/{sid}/tool_call_started")
     async def tool_call_started(sid: str, request: Request):
-        key = session_key(tenant_of(request), check_session_id(sid, "session id"))
-        await core.tool_call(key, started=True)
+        await api.core.tool_call(api.session(request, sid), started=True)
         return {"id": sid, "object": "session", "event": "tool_call_started"}
 
     @app.post("/v1/sessions/{sid}/tool_call_finished")
     async def tool_call_finished(sid: str, request: Request):
-        key = session_key(tenant_of(request), check_session_id(sid, "session id"))
-        await core.tool_call(key, started=False)
+        await api.core.tool_call(api.session(request, sid), started=False)
         return {"id": sid, "object": "session", "event": "tool_call_finished"}
 
     @app.get("/v1/sessions/{sid}")
     async def session_state(sid: str, request: Request):
-        key = session_key(tenant_of(request), check_session_id(sid, "session id"))
-        if key in opened:
+        key = api.session(request, sid)
+        if key in api.opened:
             return {"id": sid, "object": "session", "state": {"phase": "opened", "calls": 0}}
-        state = await core.session_state(key)
+        state = await api.core.session_state(key)
         if state is None:
             raise ApiError(404, f"unknown session {sid!r}", code="session_not_found")
         return {"id": sid, "object": "session", "state": {k: v for k, v in state.items() if k != "session_id"}}
-
-    return app
 
 
 async def _close_quietly(core: GatewayCore, key: str) -> None:
@@ -239,5 +268,5 @@ async def _sse(kind, cid, model, chunks, prompt_tokens, max_tokens, include_usag
         log.warning("stream of session %s failed: %s", key, type(error).__name__)
         yield f"data: {json.dumps(ApiError(500, 'the engine failed during the stream', type='server_error').body())}\n\n"
     finally:
-        if oneoff_core is not None:
+        if oneoff_core is not None and not chunks.finished:  # a finished one-off closed with its call
             await _close_quietly(oneoff_core, key)

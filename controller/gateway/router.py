@@ -3,7 +3,6 @@
 The gateway calls the engine deployment through a handle whose `session_id`
 option carries the target replica's unique id (the controller's placement, which
 is also the replica's KV connector id): `handle.options(session_id=replica_id)`.
-The engine's request dict stays exactly what `LullEngine` accepts.
 
 If that replica is gone (restarted, scaled down), the call goes to any replica:
 the KV is lost with the replica, so every replica is as good as another, and
@@ -11,40 +10,31 @@ the controller learns of the new placement from the replica id in the reply.
 A target that is alive but busy is waited for, never bypassed: going elsewhere
 would recompute a context whose KV sits on the target.
 
-The router also records every running replica and its Ray node in
-`REPLICAS` (this process only), which the gateway reads to register replicas
-with the controller. It is fed by Serve's own replica broadcast, so no second
-discovery mechanism can disagree with where requests are actually routed.
+A target this router has never seen is most likely a replica that registered with
+the controller (at the end of its constructor) before Serve's replica broadcast
+reached this process: the call waits for it, up to `NEW_REPLICA_WAIT_S`, and only
+then goes anywhere. Membership itself is the controller's (`controller.runtime.membership`);
+the router keeps no directory for anyone else to read.
 """
 
 from __future__ import annotations
 
+import time
+
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 ROUTER_CLASS = "controller.gateway.router.LullRouter"
-
-# replica unique_id -> Ray node id, as last broadcast by Serve to a LullRouter in this process.
-REPLICAS: dict[str, str] = {}
-
-
-def known_replicas() -> dict[str, str]:
-    """This process's replica directory (callers pickled by value must not read a copy of it)."""
-    from controller.gateway import router
-
-    return dict(router.REPLICAS)
+NEW_REPLICA_WAIT_S = 5.0  # Serve broadcasts a new replica within a second or two
 
 
 class LullRouter(RequestRouter):
+    def initialize_state(self, **kwargs) -> None:
+        super().initialize_state(**kwargs)
+        self.seen: set[str] = set()  # every replica id Serve has broadcast to this router
+
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        # Serve ships the router class pickled by value, so this class's globals are a
-        # copy: import the module to reach the directory the gateway reads.
-        from controller.gateway import router
-
-        current = {r.replica_id.unique_id: r.node_id or "" for r in replicas}
-        for gone in set(router.REPLICAS) - set(current):
-            del router.REPLICAS[gone]
-        router.REPLICAS.update(current)
+        self.seen.update(r.replica_id.unique_id for r in replicas)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -57,5 +47,7 @@ class LullRouter(RequestRouter):
             chosen = [r for r in candidate_replicas if r.replica_id.unique_id == target]
             if chosen:
                 return [chosen]
+            if target not in self.seen and time.time() - pending_request.created_at < NEW_REPLICA_WAIT_S:
+                return []  # not broadcast here yet: Serve asks again after a backoff
         # No target, or it is gone: Serve picks the least loaded of all.
         return [list(candidate_replicas)]

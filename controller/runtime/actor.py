@@ -1,98 +1,254 @@
-"""The controller as a Ray actor: a thin async shell over ``LiveController`` + ``GrpcMover``.
+"""The controller: ``Controller``, its API as a plain asyncio class over ``LiveController`` (the
+books and the planner) and ``Membership`` (the replicas and node agents), and
+``ControllerActor``, its Ray shell.
 
-Named ``CONTROLLER_ACTOR`` in namespace ``RAY_NAMESPACE`` (detached when asked), so the
-gateway finds it with ``ray.get_actor``. ``start`` rebuilds the books from every node
-agent's occupancy report (a restarted controller loses only idleness history), aborts
-the moves a previous controller left prepared, and starts the backstop tick.
-Every other method forwards to ``LiveController``; see it for the semantics. All are
-``async`` so that they run on the actor's event loop, where the controller lives.
+The actor is named ``CONTROLLER_ACTOR`` in namespace ``RAY_NAMESPACE`` (detached when
+asked), so the gateway and the engine replicas find it with ``ray.get_actor``. ``start``
+reads back the membership a previous controller left (``runtime.ray_cluster.GcsStore``),
+rebuilds the books from every node agent's occupancy report (a restarted controller loses
+only idleness history), aborts the moves a previous controller left prepared, and starts
+the backstop tick, the membership check and the published scaling signals.
 
-Restartable: Ray restarts a killed controller (``max_restarts``) by running
-``__init__`` again with the same arguments, which leaves it empty and not started.
-Until ``start`` runs again (the gateway's ``ControllerClient`` calls it with the
-replicas it registered), every call but ``start`` raises ``ControllerNotStarted``,
-so no call runs against empty books.
+Restartable: Ray restarts a killed controller (``max_restarts``) by running ``__init__``
+again with the same arguments; the restarted actor starts itself. Until ``start`` is
+done, every call but ``start`` raises ``ControllerNotStarted``, so no call runs against
+empty books; callers wait and call again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
+import warnings
+from dataclasses import asdict, dataclass
 
 import ray
 
 from controller.autoscale import signals
-from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
 from controller.policy import DEFAULT_CYCLES, Location, PlannerConfig, Tier
-from controller.runtime.drain import DrainReport, drain_replica
-from controller.runtime.live import Admission, LiveController
-from controller.runtime.mover import GrpcMover
+from controller.runtime.live import LiveController
+from controller.runtime.membership import Membership, Replica
 from controller.runtime.metrics import gauge_gpu_tiers_forever, session_on_arrival
+from controller.runtime.mover import GrpcMover
+from controller.runtime.ray_cluster import GcsStore, RayCluster
+from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
 
 log = logging.getLogger(__name__)
-DRAIN_TIMEOUT_S = 60.0  # a drain's deadline; the engine's graceful shutdown waits a little longer
-KEEP_DRAIN_REPORTS = 100
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node
 RESTART_REPORT_S = 3.0  # how long a restarting controller waits for one node agent's report
 
 
 class ControllerNotStarted(RuntimeError):
-    """The controller (re)started and has not rebuilt its books yet: call ``start``."""
+    """The controller (re)started and has not rebuilt its books yet: call again shortly."""
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """``admit``'s answer: where and how the call runs, and the session as it arrived (which
+    the gateway's metrics label by: its tier, ``NEW_SESSION`` for an unseen one, and the KV
+    tokens a reuse could cover)."""
+
+    replica_id: str
+    tier_label: str  # the engine request's tier: "gpu" holds KV in HBM after the call
+    waited_s: float  # gated time, on the controller's clock
+    arrival_tier: str
+    arrival_context_tokens: int
+
+
+class Controller:
+    """What the gateway and the engine replicas call; see ``LiveController`` for the
+    semantics of the session calls and ``Membership`` for the replica calls."""
+
+    def __init__(self, live: LiveController, membership: Membership | None = None, *,
+                 planner_config: PlannerConfig | None = None, started: bool = True) -> None:
+        """``membership`` None: an in-process controller whose replicas are added to ``live``
+        directly (replica calls then raise). ``planner_config``: ``live``'s, for a policy switch."""
+        self.controller, self.planner_config = live, planner_config
+        self.membership = membership
+        if membership is not None:
+            membership.on_change = self._gauge_replicas
+        self._started = started
+
+    def _ready(self) -> None:
+        if not self._started:
+            raise ControllerNotStarted("the controller is restarting and rebuilds its books; call again shortly")
+
+    def _members(self) -> Membership:
+        self._ready()
+        if self.membership is None:
+            raise RuntimeError("this controller has no replica membership; add replicas to its LiveController")
+        return self.membership
+
+    # -- replicas (engine replicas call these) -------------------------------------------------
+
+    async def register_replica(self, replica_id: str, node_id: str, gpu_tokens: int, dram_tokens: int,
+                               actor_name: str) -> None:
+        await self._members().register(Replica(replica_id, node_id, gpu_tokens, dram_tokens, actor_name))
+
+    async def deregister_replica(self, replica_id: str) -> dict | None:
+        """Drain the replica, then forget it; the drain's report, None for an unknown replica."""
+        report = await self._members().deregister(replica_id)
+        return None if report is None else asdict(report)
+
+    async def replicas(self) -> list[dict]:
+        return [asdict(r) for r in self._members().replicas.values()]
+
+    async def drain_reports(self) -> list[dict]:
+        """The latest drains' reports, oldest first."""
+        return [asdict(r) for r in self._members().drained.values()]
+
+    async def agent_nodes(self) -> list[str]:
+        return sorted(self._members().agents.addresses)
+
+    # -- sessions (the gateway calls these) -----------------------------------------------------
+
+    async def admit(self, session_id: str, tenant: str, prompt_tokens: int, max_tokens: int,
+                    timeout_s: float) -> Admitted:
+        """Wait until the call may run (``LiveController.admit``); records the session's idleness
+        on arrival and answers with its tier and context then."""
+        self._ready()
+        tier, context_tokens, idleness = session_on_arrival(self.controller, session_id)
+        if idleness is not None and "lull:session_idleness" in self.controller.metrics:
+            self.controller.metrics["lull:session_idleness"].labels(tier=tier).observe(idleness)
+        admission = await self.controller.admit(session_id, tenant, prompt_tokens, max_tokens, timeout_s)
+        return Admitted(admission.replica_id, admission.tier_label, admission.waited_s, tier, context_tokens)
+
+    async def call_finished(self, session_id: str, context_tokens: int, close: bool = False) -> None:
+        """The call ended with ``context_tokens`` of KV; ``close``: the session ends with it (a one-off)."""
+        self._ready()
+        self.controller.call_finished(session_id, context_tokens)
+        if close:
+            self.controller.close_session(session_id)
+
+    async def call_failed(self, session_id: str, lost_replica: str | None = None, dead: bool = False) -> None:
+        """The call failed. ``lost_replica``: its replica died (``dead``: the caller was told so)
+        or became unreachable under it, so membership looks at once, and a dead replica is
+        drained or removed before the call is retried."""
+        self._ready()
+        try:
+            self.controller.call_failed(session_id)
+        finally:
+            if lost_replica is not None and self.membership is not None:
+                await self.membership.lost(lost_replica, dead)
+
+    async def tool_call_started(self, session_id: str) -> None:
+        self._ready()
+        self.controller.tool_call_started(session_id)
+
+    async def tool_call_finished(self, session_id: str) -> None:
+        self._ready()
+        self.controller.tool_call_finished(session_id)
+
+    async def close_session(self, session_id: str) -> None:
+        self._ready()
+        self.controller.close_session(session_id)
+
+    async def session_state(self, session_id: str) -> dict | None:
+        """The session's entry of ``snapshot``, or None for a session the controller does not know."""
+        self._ready()
+        return next((s for s in self.controller.snapshot()["sessions"] if s["session_id"] == session_id), None)
+
+    async def snapshot(self) -> dict:
+        self._ready()
+        return self.controller.snapshot()
+
+    async def plan_step(self) -> None:
+        self._ready()
+        await self.controller.plan_step()
+
+    async def set_shared_capacity(self, tokens: int) -> None:
+        self._ready()
+        self.controller.set_shared_capacity(tokens)
+
+    async def set_policy(self, policy: str) -> None:
+        """Switch to ``policy`` between benchmark runs (``lull bench --policy a,b``): a fresh
+        ``LiveController`` over the same replicas, capacities and mover. Only on empty books:
+        a session's KV placement is the old policy's decision and cannot be handed over."""
+        old = self.controller
+        snap = old.snapshot()
+        if snap["sessions"] or snap["gated"]:
+            raise ValueError(f"cannot switch policy with {len(snap['sessions'])} session(s) open; close them first")
+        new = LiveController(old.mover, policy=policy, planner_config=self.planner_config,
+                             idleness_window=old.idleness_window, metrics=old.metrics)
+        for replica_id, node_id in old.nodes.items():
+            new.add_replica(replica_id, node_id, old.capacity[Location(Tier.GPU, replica_id)],
+                            old.capacity[Location(Tier.DRAM, replica_id)])
+        new.set_shared_capacity(old.capacity[Location(Tier.SHARED)])
+        self.controller = new
+        self._policy_switched(old, new)
+        log.info("policy switched from %s to %s", old.policy_name, policy)
+
+    def _policy_switched(self, old: LiveController, new: LiveController) -> None:
+        """The Ray shell moves its tick to the new books."""
+
+    def _gauge_replicas(self) -> None:
+        if "lull:replicas" in self.controller.metrics:  # replicas registered with the controller
+            draining = len(self.controller.draining)
+            self.controller.metrics["lull:replicas"].labels(state="running").set(len(self.controller.nodes) - draining)
+            self.controller.metrics["lull:replicas"].labels(state="draining").set(draining)
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=-1)
-class ControllerActor:
+class ControllerActor(Controller):
     def __init__(self, agents: dict[str, str], *, policy: str = "lull", planner_config: PlannerConfig | None = None,
                  tick_s: float = 5.0, idleness_window: int = DEFAULT_CYCLES, bytes_per_token: int = 0,
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, shared_tokens: int = 0, start_agent=None) -> None:
+        """``agents``: node id -> address of the agents started with the platform; ``start_agent``:
+        the assembly's ``node id -> agent actor handle``, for nodes that join later."""
         from proto.telemetry.metrics import make_metrics
         from proto.telemetry.tracing import setup_tracing
 
         setup_tracing("lull-controller")  # KV move spans; exports only when OTEL_* ask for it
-
         self._options = dict(agents=dict(agents), policy=policy, planner_config=planner_config, tick_s=tick_s,
-                             idleness_window=idleness_window, bytes_per_token=bytes_per_token, metrics=metrics)
-        self._started = False
-        self._start_lock = asyncio.Lock()
-        self.shared_tokens = 0
-
+                             idleness_window=idleness_window, bytes_per_token=bytes_per_token, metrics=metrics,
+                             shared_tokens=shared_tokens,
+                             start_agent=start_agent)
+        self.shared_tokens, self.tick_s, self.bytes_per_token = shared_tokens, tick_s, bytes_per_token
         self.mover = GrpcMover(agents, bytes_per_token=bytes_per_token)
-        metrics = make_metrics() if metrics else None  # the process's registry (multiprocess dir)
-        self.controller = LiveController(self.mover, policy=policy, planner_config=planner_config,
-                                         idleness_window=idleness_window, metrics=metrics)
-        self.tick_s, self.bytes_per_token, self.planner_config = tick_s, bytes_per_token, planner_config
-        self._tick: asyncio.Task | None = None
-        self._drains: dict[str, asyncio.Task] = {}  # replica -> its drain, shared by every caller
-        self._drained: dict[str, DrainReport] = {}  # the latest drains, for late callers and status
+        live = LiveController(self.mover, policy=policy, planner_config=planner_config, idleness_window=idleness_window,
+                              metrics=make_metrics() if metrics else None)  # the process's registry
+        membership = Membership(lambda: self.controller, self.mover, RayCluster(start_agent), GcsStore())
+        super().__init__(live, membership, planner_config=planner_config, started=False)
+        self._start_lock = asyncio.Lock()
+        self._tasks: dict[str, asyncio.Task] = {}
+        with warnings.catch_warnings():  # Ray's own property reads a deprecated one
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:  # nobody else will: the gateway and the engines only call
+            self._tasks["restart"] = asyncio.get_running_loop().create_task(self.start(None))
 
-    async def start(self, replicas: list[tuple[str, str, int, int]], shared_tokens: int | None = 0) -> int:
-        """Add ``(replica_id, node_id, gpu_tokens, dram_tokens)``s, rebuild from the
-        agents' reports, start the tick. Returns the sessions restored. Idempotent: on a
-        started controller it only adds the replicas it does not know (and restores 0).
-        ``shared_tokens`` None keeps the shared capacity as it is."""
+    async def start(self, shared_tokens: int | None = None) -> int:
+        """Read back the membership, rebuild from the agents' reports, start the loops. Returns
+        the sessions restored. Idempotent: on a started controller it only sets the shared
+        capacity (``shared_tokens`` None keeps it) and restores 0."""
         async with self._start_lock:
-            for replica_id, node_id, gpu, dram in replicas:
-                if replica_id not in self.controller.nodes:
-                    self.controller.add_replica(replica_id, node_id, gpu, dram)
-            if shared_tokens is not None:
-                self.shared_tokens = shared_tokens
-                self.controller.set_shared_capacity(shared_tokens)
+            if shared_tokens is not None or not self._started:
+                self.shared_tokens = self.shared_tokens if shared_tokens is None else shared_tokens
+                self.controller.set_shared_capacity(self.shared_tokens)
             if self._started:
                 return 0
+            replicas = await self.membership.restore()
             reports = [r for r in await asyncio.gather(*map(self._report_for_restart, sorted(self.mover.addresses)))
                        if r is not None]
             restored = self.controller.rebuild(reports, bytes_per_token=self.bytes_per_token or None)
-            if self._tick is None:
-                self._tick = asyncio.get_running_loop().create_task(self.controller.run(self.tick_s))
-                self._publisher = asyncio.get_running_loop().create_task(self._publish_signals_forever())
-                if self.controller.metrics and self.bytes_per_token:  # set_policy swaps the controller: read it each time
-                    self._gauges = asyncio.get_running_loop().create_task(
-                        gauge_gpu_tiers_forever(lambda: self.controller, self.bytes_per_token))
+            self._start_loops()
             self._started = True
-            log.info("controller started: %d replicas, %d sessions restored", len(self.controller.nodes),
-                     len(restored))
+            log.info("controller started: %d replicas, %d sessions restored", len(replicas), len(restored))
             return len(restored)
+
+    def _start_loops(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks["tick"] = loop.create_task(self.controller.run(self.tick_s))
+        self._tasks["signals"] = loop.create_task(self._publish_signals_forever())
+        self._tasks["membership"] = loop.create_task(self.membership.watch())
+        if self.controller.metrics and self.bytes_per_token:  # set_policy swaps the controller: read it each time
+            self._tasks["gauges"] = loop.create_task(gauge_gpu_tiers_forever(lambda: self.controller,
+                                                                             self.bytes_per_token))
+
+    def _policy_switched(self, old: LiveController, new: LiveController) -> None:
+        if "tick" in self._tasks:
+            self._tasks["tick"].cancel()
+            self._tasks["tick"] = asyncio.get_running_loop().create_task(new.run(self.tick_s))
 
     async def _report_for_restart(self, node_id: str):
         """The node's occupancy report, its agent's half-done moves aborted; None when the
@@ -111,60 +267,6 @@ class ControllerActor:
         """What a new controller is launched with, should this one be killed for good."""
         return {**self._options, "shared_tokens": self.shared_tokens}
 
-    def _ready(self) -> None:
-        if not self._started:
-            raise ControllerNotStarted("the controller is restarting: call start() with the replicas first")
-
-    async def set_agent(self, node_id: str, address: str) -> None:
-        self.mover.set_agent(node_id, address)
-
-    async def forget_agent(self, node_id: str) -> None:
-        self.mover.forget_agent(node_id)
-
-    async def agent_nodes(self) -> list[str]:
-        return sorted(self.mover.addresses)
-
-    async def add_replica(self, replica_id: str, node_id: str, gpu_tokens: int, dram_tokens: int) -> None:
-        self._ready()
-        self.controller.add_replica(replica_id, node_id, gpu_tokens, dram_tokens)
-        self._gauge_replicas()
-
-    async def remove_replica(self, replica_id: str) -> None:
-        self._ready()
-        self.controller.remove_replica(replica_id)
-        self._gauge_replicas()
-
-    async def drain_replica(self, replica_id: str, timeout_s: float = DRAIN_TIMEOUT_S) -> dict | None:
-        """Demote the replica's sessions to the shared tier, then remove it (``runtime.drain``).
-        Every caller of a replica's drain (its destructor, the gateway's sync) awaits the same
-        one; returns its report as a dict, or None for a replica this controller never had."""
-        self._ready()
-        task = self._drains.get(replica_id)
-        if task is None:
-            if replica_id in self._drained:
-                return dataclasses.asdict(self._drained[replica_id])
-            if replica_id not in self.controller.nodes:
-                return None
-            task = asyncio.get_running_loop().create_task(
-                drain_replica(self.controller, replica_id, timeout_s=timeout_s))
-            self._drains[replica_id] = task
-            task.add_done_callback(lambda done: self._drain_done(replica_id, done))
-            self._gauge_replicas()
-        report = await asyncio.shield(task)
-        return dataclasses.asdict(report)
-
-    def _drain_done(self, replica_id: str, task: asyncio.Task) -> None:
-        self._drains.pop(replica_id, None)
-        self._gauge_replicas()
-        if not task.cancelled() and task.exception() is None:
-            self._drained[replica_id] = task.result()
-            while len(self._drained) > KEEP_DRAIN_REPORTS:
-                self._drained.pop(next(iter(self._drained)))
-
-    async def drain_reports(self) -> list[dict]:
-        """The latest drains' reports, oldest first."""
-        return [dataclasses.asdict(r) for r in self._drained.values()]
-
     async def _publish_signals_forever(self) -> None:
         """The scaling signals for Serve's autoscaling policy (``controller.autoscale``)."""
         failing = False
@@ -177,79 +279,6 @@ class ControllerActor:
                     log.warning("scaling signals not published: %s", error)
                 failing = True
             await asyncio.sleep(signals.PERIOD_S)
-
-    async def set_shared_capacity(self, tokens: int) -> None:
-        self._ready()
-        self.controller.set_shared_capacity(tokens)
-
-    async def admit(self, session_id: str, tenant: str, prompt_tokens: int, max_tokens: int,
-                    timeout_s: float) -> Admission:
-        self._ready()
-        return await self.controller.admit(session_id, tenant, prompt_tokens, max_tokens, timeout_s)
-
-    async def admit_observed(self, session_id: str, tenant: str, prompt_tokens: int, max_tokens: int,
-                             timeout_s: float) -> tuple[Admission, str, int]:
-        """``admit``, plus the session's tier and context tokens on arrival (for the gateway's
-        metrics); records its idleness on arrival."""
-        self._ready()
-        tier, context_tokens, idleness = session_on_arrival(self.controller, session_id)
-        if idleness is not None and "lull:session_idleness" in self.controller.metrics:
-            self.controller.metrics["lull:session_idleness"].labels(tier=tier).observe(idleness)
-        admission = await self.controller.admit(session_id, tenant, prompt_tokens, max_tokens, timeout_s)
-        return admission, tier, context_tokens
-
-    async def call_finished(self, session_id: str, context_tokens: int) -> None:
-        self._ready()
-        self.controller.call_finished(session_id, context_tokens)
-
-    async def call_failed(self, session_id: str) -> None:
-        self._ready()
-        self.controller.call_failed(session_id)
-
-    async def tool_call_started(self, session_id: str) -> None:
-        self._ready()
-        self.controller.tool_call_started(session_id)
-
-    async def tool_call_finished(self, session_id: str) -> None:
-        self._ready()
-        self.controller.tool_call_finished(session_id)
-
-    async def close_session(self, session_id: str) -> None:
-        self._ready()
-        self.controller.close_session(session_id)
-
-    async def plan_step(self) -> None:
-        self._ready()
-        await self.controller.plan_step()
-
-    async def snapshot(self) -> dict:
-        self._ready()
-        return self.controller.snapshot()
-
-    async def set_policy(self, policy: str) -> None:
-        """Switch to ``policy`` between benchmark runs (``lull bench --policy a,b``): a fresh
-        ``LiveController`` over the same replicas, capacities and mover. Only on empty books:
-        a session's KV placement is the old policy's decision and cannot be handed over."""
-        old = self.controller
-        snap = old.snapshot()
-        if snap["sessions"] or snap["gated"]:
-            raise ValueError(f"cannot switch policy with {len(snap['sessions'])} session(s) open; close them first")
-        new = LiveController(self.mover, policy=policy, planner_config=self.planner_config, metrics=old.metrics)
-        for replica_id, node_id in old.nodes.items():
-            new.add_replica(replica_id, node_id, old.capacity[Location(Tier.GPU, replica_id)],
-                            old.capacity[Location(Tier.DRAM, replica_id)])
-        new.set_shared_capacity(old.capacity[Location(Tier.SHARED)])
-        if self._tick is not None:
-            self._tick.cancel()
-            self._tick = asyncio.get_running_loop().create_task(new.run(self.tick_s))
-        self.controller = new
-        log.info("policy switched from %s to %s", old.policy_name, policy)
-
-    def _gauge_replicas(self) -> None:
-        if "lull:replicas" in self.controller.metrics:  # replicas registered with the controller
-            draining = len(self.controller.draining)
-            self.controller.metrics["lull:replicas"].labels(state="running").set(len(self.controller.nodes) - draining)
-            self.controller.metrics["lull:replicas"].labels(state="draining").set(draining)
 
 
 def launch_controller(agents: dict[str, str], *, detached: bool = False, **options) -> ray.actor.ActorHandle:

@@ -40,6 +40,13 @@ class DrainReport:
 
 async def drain_replica(live, replica_id: str, *, timeout_s: float, poll_s: float = 0.05) -> DrainReport:
     """Drain ``replica_id`` of the ``LiveController`` ``live``, then remove it from its books."""
+    return await start_drain(live, replica_id, timeout_s=timeout_s, poll_s=poll_s)
+
+
+def start_drain(live, replica_id: str, *, timeout_s: float, poll_s: float = 0.05) -> asyncio.Task:
+    """Book the replica at zero capacity now, so that no session is placed there from this
+    call on (a retried call must not go back to a replica that died under it), and drain
+    it in a task of the running loop, which returns the ``DrainReport``."""
     if replica_id not in live.state.replicas:
         raise ValueError(f"unknown replica {replica_id!r}")
     if not 0 < timeout_s <= 3600:
@@ -47,10 +54,17 @@ async def drain_replica(live, replica_id: str, *, timeout_s: float, poll_s: floa
     started = time.monotonic()
     on_it = _residents(live, replica_id)
     live.draining.add(replica_id)
+    live.state.set_replica(ReplicaSpec(replica_id, 0, 0))
+    task = asyncio.get_running_loop().create_task(_finish(live, replica_id, on_it, started, timeout_s, poll_s))
+    task.add_done_callback(lambda _: live.draining.discard(replica_id))  # also when cancelled before it ran
+    return task
+
+
+async def _finish(live, replica_id: str, on_it: set[str], started: float, timeout_s: float,
+                  poll_s: float) -> DrainReport:
     try:
-        live.state.set_replica(ReplicaSpec(replica_id, 0, 0))
         timed_out = await _demote_all(live, replica_id, started + timeout_s, poll_s)
-        if replica_id in live.state.replicas:  # the gateway may have removed it already
+        if replica_id in live.state.replicas:  # a dead node may have had it removed meanwhile
             live.remove_replica(replica_id)
     finally:
         live.draining.discard(replica_id)

@@ -48,6 +48,7 @@ class LiveController:
                  metrics: dict | None = None) -> None:
         self.policy_name = policy
         self.policy = POLICY_DEFINITIONS.get(policy)
+        self.idleness_window = idleness_window
         self.driver = PlanDriver(self.policy, _LiveMechanism(self), planner_config, k=idleness_window)
         self.mover, self.clock, self.metrics = mover, clock, metrics or {}
         self.nodes: dict[str, str] = {}  # replica -> Ray node

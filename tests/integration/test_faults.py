@@ -1,7 +1,7 @@
 """Faults with nothing lost, on one live platform (the Serve app of `controller.assembly:build_app`,
 two vLLM-on-CPU engine replicas, the controller actor, a node agent, a real Redis).
 
-- Controller killed: Ray restarts it; the gateway gives it the replicas and it rebuilds
+- Controller killed: Ray restarts it; it reads back its replicas (membership) and rebuilds
   from the node agents within 10 s; requests that arrive during the restart complete.
 - Redis stopped during calls: Lull serves from the local tiers and goes on when it returns.
 - Engine replica killed mid-call: the call runs again on the other replica (a stream

@@ -99,10 +99,8 @@ def shrink_gpu_tier(platform: Platform) -> None:
     """Give the replica's GPU tier room for two sessions (vLLM's cache stays 1 GiB: the
     controller's books are what admission follows)."""
     actor = platform.controller()
-    tiers = ray.get(actor.snapshot.remote())["tiers"]
-    gpu = next(t for t in tiers if t["tier"] == "gpu")
-    dram = next(t for t in tiers if t["tier"] == "dram" and t["replica"] == gpu["replica"])
-    ray.get(actor.add_replica.remote(gpu["replica"], gpu["node"], GPU_TOKENS, dram["capacity_tokens"]))
+    replica = ray.get(actor.replicas.remote())[0]  # registering again changes a replica's capacity
+    ray.get(actor.register_replica.remote(**{**replica, "gpu_tokens": GPU_TOKENS}))
 
 
 def drive_traffic(platform: Platform) -> None:

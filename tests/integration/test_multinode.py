@@ -11,7 +11,7 @@ sessions move between tiers while they run.
 The last test removes the worker node (its raylet and everything on it) while sessions
 run on both nodes: no call fails, and the controller forgets the replica that was there.
 When Ray had put the controller on the worker, it dies with it and comes back on the head
-(Ray restarts it; the gateway hands it the replicas), which the test covers as well.
+(Ray restarts it; it reads back its replicas), which the test covers as well.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def platform():
     args = {"gateway": {"default_max_tokens": 8, "grpc_port": GRPC_PORT}, "tiers": {"gpu_tier_tokens": GPU_TIER_TOKENS}}
     with serve_two_node_platform(env, args, port=PORT) as two_nodes:
         deadline = time.monotonic() + 30
-        while len(engine_replicas()) < 2:  # the gateway registers replicas as Serve's broadcast reaches it
+        while len(engine_replicas()) < 2:  # each engine replica registers itself once its engine is up
             assert time.monotonic() < deadline, f"the controller knows only {engine_replicas()}"
             time.sleep(0.2)
         yield two_nodes

@@ -12,6 +12,7 @@ import pytest
 import ray
 from ray import serve
 
+from proto.engine_request import EngineRequest
 from proto.names import ENGINE_DEPLOYMENT, node_agent_actor
 from proto import node_agent_pb2 as pb
 from proto import node_agent_pb2_grpc as pb_grpc
@@ -63,8 +64,7 @@ def session_in_report(stub, session_id: str):
 def test_call_demote_over_grpc_and_resume_from_dram(cluster):
     handle, stub, agent = cluster
     prompt = [(i * 37) % 800 + 30 for i in range(200)]
-    first = handle.generate.remote({"prompt_token_ids": prompt, "session_id": "ray-1", "tenant": "t",
-                                    "tier": "gpu", "max_tokens": 8}).result()
+    first = handle.generate.remote(EngineRequest(prompt, 8, session_id="ray-1", tenant="t", tier="gpu")).result()
     replica = first["replica_id"]
     held = wait_until(lambda: session_in_report(stub, "ray-1"))
     assert held.location.tier == tiers_pb2.TIER_GPU and held.location.replica_id == replica
@@ -84,11 +84,11 @@ def test_call_demote_over_grpc_and_resume_from_dram(cluster):
 
     wait_until(lambda: handle.reset_prefix_cache.remote().result())  # the demotion released the held blocks
     next_prompt = prompt + first["token_ids"] + [40, 41, 42]
-    resumed = handle.generate.remote({"prompt_token_ids": next_prompt, "session_id": "ray-1", "tenant": "t",
-                                      "tier": "dram", "max_tokens": 8}).result()
+    resumed = handle.generate.remote(EngineRequest(next_prompt, 8, session_id="ray-1", tenant="t",
+                                                   tier="dram")).result()
     assert resumed["cached_tokens"] >= 192
     chunks = list(handle.options(stream=True).stream.remote(
-        {"prompt_token_ids": next_prompt, "session_id": "ray-1b", "tenant": "t2", "tier": "dram", "max_tokens": 8}))
+        EngineRequest(next_prompt, 8, session_id="ray-1b", tenant="t2", tier="dram")))
     assert [t for chunk in chunks for t in chunk] == resumed["token_ids"]  # a recompute for another tenant: same tokens
     assert chunks[-1] == [] and chunks[-1].cached_tokens == 0  # the end marker: nothing of t's KV was reused
 
@@ -99,14 +99,16 @@ def test_bad_inputs_get_clear_errors_and_the_plane_keeps_serving(cluster):
         stub.PrepareMove(pb.PrepareMoveRequest(session_id="x", kind=pb.MOVE_KIND_DEMOTE, lease_s=5), timeout=5)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "move_id" in bad.value.details()
     with pytest.raises(ValueError, match="prompt_token_ids"):
-        handle.generate.remote({"prompt_token_ids": "not tokens"}).result()
+        EngineRequest("not tokens")  # checked where it is built
+    with pytest.raises(TypeError, match="EngineRequest"):
+        handle.generate.remote({"prompt_token_ids": [7, 8, 9]}).result()
     with pytest.raises(ValueError, match="context limit"):
-        handle.generate.remote({"prompt_token_ids": [5] * 3000, "max_tokens": 4}).result()
+        handle.generate.remote(EngineRequest([5] * 3000, 4)).result()
     refused = stub.PrepareMove(pb.PrepareMoveRequest(
         move_id="m-unknown", session_id="nobody", kind=pb.MOVE_KIND_DEMOTE, lease_s=5,
         src=tiers_pb2.KvLocation(tier=tiers_pb2.TIER_DRAM), dst=tiers_pb2.KvLocation(tier=tiers_pb2.TIER_SHARED)))
     assert refused.refused.reason == pb.REFUSAL_REASON_SOURCE_NOT_FOUND
-    ok = handle.generate.remote({"prompt_token_ids": [7, 8, 9], "max_tokens": 2}).result()
+    ok = handle.generate.remote(EngineRequest([7, 8, 9], 2)).result()
     assert len(ok["token_ids"]) == 2
     assert "vllm:" in handle.metrics_text.remote().result()
     assert stub.Health(pb.HealthRequest(), timeout=5).status == pb.HEALTH_STATUS_SERVING

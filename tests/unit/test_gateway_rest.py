@@ -17,8 +17,11 @@ from starlette.datastructures import Headers
 from proto.config import Secrets
 from controller.gateway.protocol import ANONYMOUS_TENANT, ApiError, Authenticator, session_id_from
 from controller.gateway.rest import create_app
-from controller.gateway.service import ControllerClient, GatewayCore, Limits
+from controller.gateway.controller_client import ControllerClient
+from controller.gateway.service import GatewayCore, Limits
+from controller.runtime.actor import Controller
 from controller.runtime.live import LiveController
+from proto.engine_request import EngineRequest
 from workers.engine import StreamEnd
 
 
@@ -57,11 +60,11 @@ class EchoEngines:
     def __init__(self):
         self.calls = []
 
-    async def generate(self, replica_id, request):
-        self.calls.append((replica_id, request["session_id"], request["tenant"], request["tier"]))
-        self.trace_headers = request.get("trace_headers")
-        out = request["prompt_token_ids"][-request["max_tokens"]:]
-        return {"token_ids": out, "text": "", "prompt_tokens": len(request["prompt_token_ids"]),
+    async def generate(self, replica_id, request: EngineRequest):
+        self.calls.append((replica_id, request.session_id, request.tenant, request.tier))
+        self.trace_headers = request.trace_headers
+        out = request.prompt_token_ids[-request.max_tokens:]
+        return {"token_ids": out, "text": "", "prompt_tokens": len(request.prompt_token_ids),
                 "cached_tokens": 0, "finish_reason": "length", "replica_id": replica_id}
 
     async def stream(self, replica_id, request):
@@ -78,6 +81,22 @@ class NoMoves:
         return True
 
 
+class CountingController:
+    """An in-process controller that records every call the gateway makes to it."""
+
+    def __init__(self, target):
+        self.target, self.calls = target, []
+
+    def __getattr__(self, name):
+        method = getattr(self.target, name)
+
+        async def call(*args):
+            self.calls.append(name)
+            return await method(*args)
+
+        return call
+
+
 @pytest.fixture
 def client():
     from transformers import AutoTokenizer
@@ -87,11 +106,12 @@ def client():
     live = LiveController(NoMoves())
     live.add_replica("r1", "node-1", 4096, 4096)
     engines = EchoEngines()
-    core = GatewayCore(ControllerClient(live), engines, AutoTokenizer.from_pretrained(ensure_tiny_model()),
+    controller = CountingController(Controller(live))
+    core = GatewayCore(ControllerClient(controller), engines, AutoTokenizer.from_pretrained(ensure_tiny_model()),
                        Limits(max_model_len=512, max_prompt_tokens=511, default_max_tokens=4, gate_timeout_s=1))
     app = create_app(core, Authenticator(Secrets(api_keys={"acme": "k-acme"})), "lull")
     with TestClient(app, headers={"authorization": "Bearer k-acme"}) as http:
-        http.engines, http.live = engines, live
+        http.engines, http.live, http.controller = engines, live, controller
         yield http
 
 
@@ -150,6 +170,19 @@ def test_return_token_ids_adds_output_ids_to_choices_and_stream_chunks(client):
         events = [json.loads(line[6:]) for line in reply.iter_lines() if line and line != "data: [DONE]"]
     streamed = [t for e in events for c in e["choices"] for t in c["token_ids"]]
     assert streamed == [43, 44, 45]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("session", ["counted", None])
+def test_a_call_makes_two_controller_calls_admit_and_finished(client, stream, session):
+    """A one-off's session closes with its call_finished: no third call."""
+    client.controller.calls.clear()
+    headers = {"x-session-id": session} if session else {}
+    reply = client.post("/v1/chat/completions", json=chat_body(stream=stream), headers=headers)
+    assert reply.status_code == 200, reply.text
+    assert client.controller.calls == ["admit", "call_finished"]
+    if session is None:
+        assert client.live.snapshot()["sessions"] == []
 
 
 def test_one_off_calls_leave_no_session(client):

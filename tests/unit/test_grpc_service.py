@@ -16,7 +16,9 @@ from prometheus_client import CollectorRegistry
 from proto.config import Secrets
 from controller.gateway.grpc_service import session_server, start_grpc
 from controller.gateway.protocol import Authenticator
-from controller.gateway.service import ControllerClient, GatewayCore, Limits
+from controller.gateway.controller_client import ControllerClient
+from controller.gateway.service import GatewayCore, Limits
+from controller.runtime.actor import Controller
 from controller.runtime.live import LiveController
 from proto.telemetry.metrics import make_metrics
 from proto import session_pb2 as pb
@@ -35,7 +37,7 @@ def core() -> GatewayCore:
 
     live = LiveController(NoMoves())
     live.add_replica("r1", "node-1", 4096, 4096)
-    return GatewayCore(ControllerClient(live), EchoEngines(), AutoTokenizer.from_pretrained(ensure_tiny_model()),
+    return GatewayCore(ControllerClient(Controller(live)), EchoEngines(), AutoTokenizer.from_pretrained(ensure_tiny_model()),
                        Limits(max_model_len=512, max_prompt_tokens=511, default_max_tokens=4, gate_timeout_s=1))
 
 

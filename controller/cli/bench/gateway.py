@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich_argparse import RichHelpFormatter
 
+from proto.engine_request import EngineRequest
 from proto.names import ENGINE_DEPLOYMENT, RAY_NAMESPACE, SERVE_APP
 from controller.cli.bench.live import api_key
 
@@ -64,7 +64,7 @@ def run(args) -> int:
 
     def direct() -> float:
         started = time.perf_counter()
-        engine.generate.remote({"prompt_token_ids": PROMPT, "max_tokens": 1, "request_id": uuid.uuid4().hex}).result()
+        engine.generate.remote(EngineRequest(PROMPT, max_tokens=1)).result()
         return time.perf_counter() - started
 
     for _ in range(args.warmup):

@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich_argparse import RichHelpFormatter
 
+from proto.engine_request import EngineRequest
 from proto.tiers import Tier
 from workers.engine import CPU_BLOCK_SIZE
 from workers.tiny_model import TinyModelSpec
@@ -225,8 +226,8 @@ class KvBench:
         async def first_token():
             t0 = time.perf_counter() if started is None else started
             ttft = None
-            async for tokens, done in self.plane.engine.stream(prompt, session_id=session, tenant=tenant, tier="gpu",
-                                                               max_tokens=self.s.max_tokens):
+            async for tokens, done in self.plane.engine.stream(EngineRequest(prompt, self.s.max_tokens, tenant=tenant,
+                                                                             session_id=session, tier="gpu")):
                 if tokens and ttft is None:
                     ttft = time.perf_counter() - t0
                 if done is not None:

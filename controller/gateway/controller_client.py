@@ -1,0 +1,159 @@
+"""`ControllerClient`: the gateway's typed calls to the controller, and how it survives a restart.
+
+The gateway only asks: it admits calls and reports how they ended, tool calls and
+closures; replica membership is the controller's own (`controller.runtime.membership`).
+A REST call makes two controller calls: `admit` (whose answer also carries the
+session's tier and context on arrival, for the gateway's metrics) and `call_finished`
+(which also closes a one-off session). `call_finished` is sent without waiting for its
+answer: Ray delivers one caller's calls to an actor in order, so the session's next
+`admit` is recorded after it, and the client's response does not wait for the books.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
+
+log = logging.getLogger(__name__)
+
+# How long a call waits for a killed controller to come back (restarted by Ray, or relaunched here).
+CONTROLLER_RESTART_WAIT_S = 20.0
+# Errors of a Ray actor that is dead or restarting (the controller, or an engine replica).
+ACTOR_GONE = ("ActorDiedError", "ActorUnavailableError")
+
+
+class ControllerClient:
+    """Awaitable calls to the controller: a `ControllerActor` handle, or an in-process
+    `controller.runtime.actor.Controller` (tests).
+
+    With an actor, a call that finds the controller dead or restarting waits for it (at
+    most `restart_wait_s`) and is sent again: Ray restarts the actor, which rebuilds its
+    books itself, or, when it was killed for good, this client relaunches it from the
+    options the first one was launched with.
+    """
+
+    def __init__(self, target: Any, restart_wait_s: float = CONTROLLER_RESTART_WAIT_S):
+        self._target = target
+        self._is_actor = hasattr(getattr(target, "admit", None), "remote")
+        self.restart_wait_s = restart_wait_s
+        self._launch: dict | None = None  # the controller's launch options, for a relaunch
+        self._recovering = asyncio.Lock()
+        self._pending: set[asyncio.Task] = set()  # answers of calls sent without waiting
+        self.recoveries = 0
+
+    async def connect(self) -> None:
+        """Learn the controller's launch options now, so that no request pays for it later."""
+        if self._is_actor and self._launch is None:
+            self._launch = await self._call("launch_options")
+
+    # -- the calls ------------------------------------------------------------------------
+
+    async def admit(self, session_id: str, tenant: str, prompt_tokens: int, max_tokens: int, timeout_s: float):
+        """`controller.runtime.actor.Admitted` once the call may run; raises GateTimeout,
+        SessionClosed, or ValueError for a call that cannot run."""
+        return await self._call("admit", session_id, tenant, prompt_tokens, max_tokens, timeout_s)
+
+    async def call_finished(self, session_id: str, context_tokens: int, close: bool = False,
+                            wait: bool = True) -> None:
+        """``wait`` False: sent now, its answer only logged when it is an error."""
+        if wait or not self._is_actor:
+            await self._call("call_finished", session_id, context_tokens, close)
+            return
+        reply = self._target.call_finished.remote(session_id, context_tokens, close)  # sent here, in order
+        task = asyncio.get_running_loop().create_task(_log_failure(reply, session_id))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def call_failed(self, session_id: str, lost_replica: str | None = None, dead: bool = False) -> None:
+        """``lost_replica``: the call's replica died (``dead``) or became unreachable under it."""
+        await self._call("call_failed", session_id, lost_replica, dead)
+
+    async def tool_call_started(self, session_id: str) -> None:
+        await self._call("tool_call_started", session_id)
+
+    async def tool_call_finished(self, session_id: str) -> None:
+        await self._call("tool_call_finished", session_id)
+
+    async def close_session(self, session_id: str) -> None:
+        await self._call("close_session", session_id)
+
+    async def session_state(self, session_id: str) -> dict | None:
+        return await self._call("session_state", session_id)
+
+    async def snapshot(self) -> dict:
+        return await self._call("snapshot")
+
+    # -- restarts ---------------------------------------------------------------------------
+
+    async def _call(self, name: str, *args):
+        if not self._is_actor:
+            return await getattr(self._target, name)(*args)
+        deadline = time.monotonic() + self.restart_wait_s
+        while True:
+            target = self._target
+            try:
+                if self._launch is None and name != "launch_options":
+                    self._launch = await target.launch_options.remote()
+                return await getattr(target, name).remote(*args)
+            except Exception as error:
+                if not controller_gone(error) or time.monotonic() > deadline:
+                    raise
+                log.warning("controller unavailable (%s) during %s; waiting for it", type(error).__name__, name)
+                await self._recover(target, deadline)
+
+    async def _recover(self, failed: Any, deadline: float) -> None:
+        """Find the restarted controller (or launch one) and wait until it has rebuilt its books."""
+        import ray
+
+        from controller.runtime.actor import launch_controller
+
+        async with self._recovering:
+            if self._target is not failed:
+                return  # another call recovered it meanwhile
+            while True:
+                await asyncio.sleep(0.2)
+                try:
+                    handle = await asyncio.to_thread(ray.get_actor, CONTROLLER_ACTOR, namespace=RAY_NAMESPACE)
+                except ValueError:  # killed for good: the name is free
+                    if self._launch is None:
+                        raise RuntimeError("the controller is gone and its launch options are unknown") from None
+                    options = dict(self._launch)
+                    handle = launch_controller(options.pop("agents"), detached=True, **options)
+                try:
+                    await handle.start.remote(None)
+                except Exception as error:
+                    if time.monotonic() > deadline:
+                        raise
+                    log.warning("controller not back yet (%s)", type(error).__name__)
+                    continue
+                self._target = handle
+                self.recoveries += 1
+                log.warning("controller back after a restart")
+                return
+
+
+async def _log_failure(reply, session_id: str) -> None:
+    try:
+        await reply
+    except Exception as error:  # restarted meanwhile and rebuilt without this call: the answer stands
+        log.warning("call_finished for session %s not recorded: %s", session_id, type(cause(error)).__name__)
+
+
+def controller_gone(error: BaseException) -> bool:
+    """The controller actor is dead, restarting, or restarted without its books yet."""
+    return any(is_error(error, name) for name in (*ACTOR_GONE, "ControllerNotStarted"))
+
+
+def is_error(error: BaseException, name: str) -> bool:
+    """Match by class name: errors from the controller actor arrive as RayTaskError subclasses
+    of the original class, and the gateway must not import the controller runtime to catch them."""
+    return any(cls.__name__ == name for cls in type(error).__mro__)
+
+
+def cause(error: BaseException) -> BaseException:
+    """The original error behind a RayTaskError (whose str() carries the remote traceback)."""
+    return getattr(error, "cause", None) or error
