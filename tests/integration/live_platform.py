@@ -29,7 +29,11 @@ from proto.names import RAY_NAMESPACE, SERVE_APP
 from workers.redis_server import LocalRedis
 
 BASE_ENV = {"LULL_TIERS__DRAM_CAPACITY_GIB": "0.05", "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05"}
-BASE_APP_ARGS = {"cluster": {"engine_cpus": 0.5, "gateway_cpus": 0.25}, "engine": {"cpu_kv_cache_space_gib": 1}}
+# float32, not the default `auto` (bfloat16 on this CPU): the tests compare greedy outputs
+# across replicas and batches, and bfloat16's rounding flips the random tiny model's
+# near-tied tokens with the batch it runs in.
+BASE_APP_ARGS = {"cluster": {"engine_cpus": 0.5, "gateway_cpus": 0.25},
+                 "engine": {"cpu_kv_cache_space_gib": 1, "dtype": "float32"}}
 # Two nodes: each holds one engine (2 x 0.75 > 1) and the head holds the gateway beside it.
 NODE_CPUS, ENGINE_CPUS, GATEWAY_CPUS = 1.0, 0.75, 0.25
 

@@ -20,11 +20,13 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller.assembly.settings import kv_bytes_per_token
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
 from proto.telemetry.metrics import series_names
 from proto.telemetry.vllm_metrics import vllm_series_names
 from tests.promql import parse
 from workers.redis_server import free_port
+from workers.tiny_model import ensure_tiny_model
 from tests.integration.live_platform import serve_platform
 
 KEY = "sk-metrics-test"
@@ -176,7 +178,8 @@ def test_core_series_have_values(scraped):
     assert value(scraped, "lull:replicas_target") == 1
     assert value(scraped, "lull:sessions") >= 4
     assert value(scraped, "lull:tier_capacity_bytes", tier="dram") > 0
-    assert value(scraped, "lull:tier_capacity_bytes", tier="gpu") == GPU_TOKENS * 2048  # the tiny model's bytes/token
+    per_token = kv_bytes_per_token(str(ensure_tiny_model()), "float32")  # the platform's dtype (live_platform)
+    assert value(scraped, "lull:tier_capacity_bytes", tier="gpu") == GPU_TOKENS * per_token
     assert value(scraped, "lull:tier_used_bytes", tier="gpu") > 0
     assert value(scraped, "lull:kv_moves_total", kind="demote") > 0  # the GPU tier overflowed
     assert value(scraped, "lull:gate_wait_seconds_count", outcome="admitted") > 0
