@@ -55,6 +55,7 @@ class LiveController:
         self.capacity: dict[Location, int] = {Location(Tier.SHARED): 0}  # as configured, for status
         self.draining: set[str] = set()  # replicas being drained (runtime.drain), booked at zero capacity
         self._waiters: dict[str, _Waiter] = {}
+        self.unreleased: dict[str, Location] = {}  # sessions the books forgot whose KV a failed release left
         self._recent_waits: deque[tuple[float, float]] = deque(maxlen=10_000)  # (left the gate at, waited)
         self._lock = asyncio.Lock()
         self._dirty = False
@@ -178,9 +179,31 @@ class LiveController:
         while True:
             await asyncio.sleep(tick_s)
             try:
+                await self.retry_releases()
                 await self.plan_step()
             except Exception:  # a bad step must not stop the tick
                 log.exception("planning step failed")
+
+    async def retry_releases(self) -> None:
+        """Carry out the releases that failed (an agent restarting, a network blip). The books
+        forgot those sessions already, and no tier drops a copy on its own (the planner is the
+        only policy), so an unreleased copy would hold its tier's bytes for good. A session
+        opened again under the same id since is booked anew: its old entry is dropped
+        unreleased, since a drop now could take the new KV."""
+        for session_id, where in list(self.unreleased.items()):
+            if session_id in self.state.sessions:
+                del self.unreleased[session_id]
+                continue
+            node = self._node(where)
+            if where.replica is not None and node is None:  # the replica left: its drain or removal took it
+                del self.unreleased[session_id]
+                continue
+            try:
+                await self.mover.release(session_id, where, node)
+            except Exception as error:
+                log.warning("release of %s in %s failed again (%s)", session_id, where, type(error).__name__)
+                continue
+            del self.unreleased[session_id]
 
     async def plan_step(self) -> Plan:
         """Plan once, carry out what the mover commits, record it, wake admitted waiters."""
@@ -305,8 +328,9 @@ class _LiveMechanism:
         if free_kv:
             try:
                 await live.mover.release(session_id, release.location, live._node(release.location))
-            except Exception:  # garbage the tiers' own capacity limits evict later
-                log.exception("release of %s in %s failed", session_id, release.location)
+            except Exception:  # the tiers never drop a copy on their own: retried on the tick
+                log.exception("release of %s in %s failed; retried on the next tick", session_id, release.location)
+                live.unreleased[session_id] = release.location
 
     async def move(self, move: Move) -> bool:
         live = self.live

@@ -2,14 +2,14 @@
 controller rebuilds its books.
 
 Rules, each for a reason:
-- A session in a node's report as GPU (DRAM label ``busy``) or DRAM (``idle``) is
+- A session in a node's report as GPU (DRAM label ``gpu``) or DRAM (``dram``) is
   there on that replica; a copy pinned by a prepared move is reported at its source,
   which owns the KV until the move commits.
 - Every agent lists the shared tier's sessions; a node-local copy wins over the
   shared one (it is the nearer tier), and the fastest tier wins between nodes.
 - Shared entries carry bytes, not tokens: with ``bytes_per_token`` unknown they are
-  left out (the session comes back on its next request, as new; its shared copy is
-  garbage the tier's capacity limit evicts): never an over-full book.
+  left out (the session comes back on its next request, as new; its shared copy stays
+  unbooked, as the shared tier never drops on its own): never an over-full book.
 - A replica the controller does not know (gone, or not added yet) keeps nothing:
   its sessions come back as waiting.
 - Reports of an older agent instance than a newer one from the same node are stale.

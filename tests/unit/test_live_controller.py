@@ -211,6 +211,37 @@ def test_closing_a_gated_session_fails_its_request_and_a_closed_session_frees_it
     run(scenario)
 
 
+def test_a_failed_release_is_retried_until_the_copy_is_gone(plane):
+    """No tier drops a copy on its own, so a release that failed (an agent's blip) must be
+    carried out later, or the closed session's KV holds DRAM for good."""
+    agents, addresses, engines = plane
+
+    async def scenario():
+        ctl, clock = await s1_running(addresses)
+        waiting = await gated(ctl, "s2", 150)
+        engines["r1"].finish(ctl, "s1", 240)  # s1 is demoted to DRAM: its copy is booked there
+        await waiting
+        assert agents["n1"].dram.session("s1").label == "dram"
+        real_release, calls = ctl.mover.release, []
+
+        async def failing_once(*args):
+            calls.append(args)
+            if len(calls) == 1:
+                raise ConnectionError("agent restarting")
+            return await real_release(*args)
+
+        ctl.mover.release = failing_once
+        ctl.close_session("s1")
+        await ctl.quiesce()
+        assert "s1" not in ctl.state.sessions and agents["n1"].dram.session("s1") is not None
+        assert ctl.unreleased == {"s1": Location(Tier.DRAM, "r1")}
+        await ctl.retry_releases()
+        assert len(calls) == 2 and ctl.unreleased == {} and agents["n1"].dram.session("s1") is None
+        ctl.check_integrity()
+
+    run(scenario)
+
+
 def test_mori_waits_for_the_tick_and_has_no_shared_tier(plane):
     _, addresses, _ = plane
 
