@@ -20,6 +20,7 @@ import time
 import ray
 from ray import serve
 
+from proto.actor_errors import controller_gone
 from proto.engine_request import EngineRequest
 from proto.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE
 from workers.dram_store import node_dram_dir
@@ -29,8 +30,6 @@ from workers.engine import EngineReplica, EngineSettings, StreamEnd
 log = logging.getLogger(__name__)
 DRAIN_WAIT_S = 70.0  # the controller's drain deadline (60 s), plus its last moves
 REGISTER_WAIT_S = 60.0  # how long a starting replica waits for a restarting controller
-# Errors of a controller that is restarting (Ray's, or its own before it rebuilt its books).
-CONTROLLER_GONE = ("ActorDiedError", "ActorUnavailableError", "ControllerNotStarted")
 
 
 @serve.deployment(name=ENGINE_DEPLOYMENT, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
@@ -115,7 +114,7 @@ async def _register(replica: dict) -> None:
                 log.info("replica %s registered with the controller", replica["replica_id"])
                 return
             except Exception as error:
-                if not any(cls.__name__ in CONTROLLER_GONE for cls in type(error).__mro__):
+                if not controller_gone(error):
                     raise
                 failure = error
         if time.monotonic() > deadline:

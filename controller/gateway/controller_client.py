@@ -16,14 +16,13 @@ import logging
 import time
 from typing import Any
 
+from proto.actor_errors import cause, controller_gone
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
 
 log = logging.getLogger(__name__)
 
 # How long a call waits for a killed controller to come back (restarted by Ray, or relaunched here).
 CONTROLLER_RESTART_WAIT_S = 20.0
-# Errors of a Ray actor that is dead or restarting (the controller, or an engine replica).
-ACTOR_GONE = ("ActorDiedError", "ActorUnavailableError")
 
 
 class ControllerClient:
@@ -141,19 +140,3 @@ async def _log_failure(reply, session_id: str) -> None:
         await reply
     except Exception as error:  # restarted meanwhile and rebuilt without this call: the answer stands
         log.warning("call_finished for session %s not recorded: %s", session_id, type(cause(error)).__name__)
-
-
-def controller_gone(error: BaseException) -> bool:
-    """The controller actor is dead, restarting, or restarted without its books yet."""
-    return any(is_error(error, name) for name in (*ACTOR_GONE, "ControllerNotStarted"))
-
-
-def is_error(error: BaseException, name: str) -> bool:
-    """Match by class name: errors from the controller actor arrive as RayTaskError subclasses
-    of the original class, and the gateway must not import the controller runtime to catch them."""
-    return any(cls.__name__ == name for cls in type(error).__mro__)
-
-
-def cause(error: BaseException) -> BaseException:
-    """The original error behind a RayTaskError (whose str() carries the remote traceback)."""
-    return getattr(error, "cause", None) or error

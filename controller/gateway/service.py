@@ -20,9 +20,10 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
-from controller.gateway.controller_client import ACTOR_GONE, ControllerClient, cause, is_error
+from controller.gateway.controller_client import ControllerClient
 from controller.gateway.metrics import CallMetrics
 from controller.gateway.protocol import ApiError
+from proto.actor_errors import ACTOR_GONE, cause, is_error
 from proto.engine_request import EngineRequest
 from proto.telemetry import tracing
 
