@@ -24,8 +24,8 @@ a write that does not fit raises `TierFull` and changes nothing, and so does a
 tmpfs that fills up below the capacity (no partial file is left). A caller may name
 sessions to drop for room (`put_session(evict=...)`); the store drops a named one
 only while it is a redundant "gpu" copy, and only if that makes the write fit.
-The callers' rule (`may_displace_redundant`, applied by `write_session`): a write
-may let redundant copies go, least recently written first, never a booked one.
+The callers' rule, which `write_session` applies for them: a write may let redundant
+copies go, least recently written first, never a booked one.
 """
 
 from __future__ import annotations
@@ -65,25 +65,6 @@ def node_dram_dir(root: str | Path, node_id: str) -> str:
     if not node_id or "/" in node_id:
         raise ValueError(f"node id {node_id!r} cannot name a folder")
     return str(Path(root) / node_id)
-
-
-def may_displace_redundant(label: str) -> bool:
-    """Whether a write labelled ``label`` may drop redundant copies when it does not fit.
-
-    The rule every caller follows, because the controller's planner is the only policy:
-    its books hold every session it places in DRAM, within the tier's capacity, and do
-    not hold the write-through copies of GPU-tier sessions. Hence:
-    - a copy the controller books in DRAM ("dram", or "pinned" by a move) is never
-      dropped by the data plane; only a move the controller orders removes it;
-    - any write may drop redundant "gpu" copies, least recently written first: those
-      sessions' KV is in the GPU tier (held in HBM, or, under lru-offload, left to the
-      engine's own LRU cache), and no booked session loses its home. A later demotion of
-      a session whose copy went finds none, and is refused: the books keep it in GPU.
-    So every write may; the function names the rule for callers and checks the label.
-    """
-    if label not in LABELS:
-        raise ValueError(f"unknown tier label {label!r}; valid: {', '.join(LABELS)}")
-    return True
 
 
 @dataclass(frozen=True)
@@ -353,17 +334,26 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def write_session(store: DramStore, session_id: str, *, tenant: str, replica: str, label: str, tokens: int,
                   block_hashes: list[str], blocks: Mapping[str, bytes]) -> list[str]:
-    """How callers write into the DRAM tier: put; if the chain does not fit and
-    `may_displace_redundant(label)`, put again letting go of the redundant copies,
-    least recently written first (any order keeps the controller's books: none of
-    them is in its DRAM books). Returns the sessions dropped; raises TierFull (or
-    MissingBlocks) as `put_session` does, and the caller decides what a refusal means."""
+    """How callers write into the DRAM tier: put; if the chain does not fit, put again
+    letting go of redundant copies, least recently written first. Returns the sessions
+    dropped; raises TierFull (or MissingBlocks) as `put_session` does, and the caller
+    decides what a refusal means.
+
+    The rule every caller follows, because the controller's planner is the only policy:
+    its books hold every session it places in DRAM, within the tier's capacity, and do
+    not hold the write-through copies of GPU-tier sessions. Hence:
+    - a copy the controller books in DRAM ("dram", or "pinned" by a move) is never
+      dropped by the data plane; only a move the controller orders removes it;
+    - any write may drop redundant "gpu" copies, in any order without touching the
+      books: those sessions' KV is in the GPU tier (held in HBM, or, under lru-offload,
+      left to the engine's own LRU cache). A later demotion of a session whose copy
+      went finds none, and is refused: the books keep it in GPU.
+    """
     fields = dict(tenant=tenant, replica=replica, label=label, tokens=tokens, block_hashes=block_hashes, blocks=blocks)
     try:
         return store.put_session(session_id, **fields)
     except TierFull:
-        if not may_displace_redundant(label):
-            raise
+        pass
     return store.put_session(session_id, **fields, evict=store.redundant_copies())
 
 

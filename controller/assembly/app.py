@@ -71,11 +71,12 @@ def build_app(args: dict[str, Any] | None = None):
         check_fits(replica_asks(config), ray.nodes())
     engine = engine_settings(config)
     agents = ensure_node_agents(config)
-    ensure_controller(config, agents, kv_bytes_per_token(engine["model"], engine["dtype"]), agent_starter(config))
+    per_token = kv_bytes_per_token(engine["model"], engine["dtype"])
+    ensure_controller(config, agents, per_token, agent_starter(config))
     options = actor_options(config)
     engines = LullEngine.options(
         **engine_count(config), ray_actor_options=options["engine"],
         request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
-    ).bind(engine, replica_capacity(config, engine))
+    ).bind(engine, replica_capacity(config, engine, per_token))
     gateway = LullGateway.options(ray_actor_options=options["gateway"])
     return gateway.bind(engines, config, engine)

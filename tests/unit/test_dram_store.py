@@ -13,7 +13,7 @@ import pytest
 
 from proto.tiers import Tier
 from workers import dram_store
-from workers.dram_store import PINNED, DramStore, MissingBlocks, may_displace_redundant, write_session
+from workers.dram_store import PINNED, DramStore, MissingBlocks, write_session
 from workers.shared_tier import TierFull as SharedTierFull
 from workers.tier_errors import TierFull
 
@@ -60,11 +60,11 @@ def block_files(store: DramStore) -> set[str]:
     return {p.name for p in (store.root / "blocks").iterdir()}
 
 
-def test_labels_are_the_tier_vocabulary_plus_the_move_marker():
+def test_labels_are_the_tier_vocabulary_plus_the_move_marker(store):
     assert (Tier.GPU.label, Tier.DRAM.label, PINNED) == ("gpu", "dram", "pinned")
-    assert all(may_displace_redundant(label) for label in ("gpu", "dram", PINNED))  # never a booked copy, though
-    with pytest.raises(ValueError, match="label"):
-        may_displace_redundant("idle")
+    with pytest.raises(ValueError, match="label"):  # the old "busy"/"idle" spellings are gone
+        write_session(store, "s", tenant="t", replica="r0", label="idle", tokens=32, block_hashes=["b"],
+                      blocks={"b": b"x"})
 
 
 def test_a_full_store_raises_tier_full_and_keeps_every_entry(store):
