@@ -84,6 +84,7 @@ class EngineConfig(Section):
     tensor_parallel_size: int = setting(1, "GPUs per replica (tensor parallelism); 1 on cpu.", OneOf((1, 2, 4, 8)))
     gpu_memory_utilization: float = setting(0.9, "Fraction of each GPU's memory vLLM may use (weights + KV).", FloatRange(0.0, 1.0, lo_open=True))
     cpu_kv_cache_space_gib: float = setting(1.0, "KV cache size per replica on cpu, whole GiB (VLLM_CPU_KVCACHE_SPACE).", FloatRange(0.0, 4096.0, lo_open=True))
+    tool_call_parser: str | None = setting("hermes", "vLLM's parser of the model's tool calls (--tool-call-parser); null: no automatic tool choice.", Nullable(Text()))
     dtype: str = setting("auto", "Weights' and KV's type; auto: the checkpoint's, a float32 one in the platform's 16-bit type (bfloat16 on CPUs).", OneOf(("auto", "float32", "bfloat16", "float16")))
 
 
@@ -151,7 +152,8 @@ class GatewayConfig(Section):
     grpc_port: int = setting(9000, "gRPC session service port; 0: no gRPC service.", ANY_PORT)
     gate_timeout_s: float = setting(120.0, "Longest a gated request waits for GPU capacity before a clear error, s.", FloatRange(0.0, 86400.0, lo_open=True))
     max_prompt_tokens: int | None = setting(None, "Longest prompt accepted; null: engine.max_model_len.", Nullable(IntRange(1, 1_048_576)))
-    default_max_tokens: int = setting(256, "Output tokens of a request that sets no max_tokens.", IntRange(1, 1_048_576))
+    default_max_tokens: int = setting(256, "Output tokens booked at the gate for a request that sets no max_tokens (vLLM still runs it to its own limit).", IntRange(1, 1_048_576))
+    max_body_bytes: int = setting(32 << 20, "Largest request body accepted; larger is a 413.", IntRange(1024, 1 << 30))
 
 
 @dataclass(frozen=True)

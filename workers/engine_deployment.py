@@ -21,6 +21,7 @@ import ray
 from ray import serve
 
 from proto.actor_errors import controller_gone
+from proto.engine_call import EngineCall
 from proto.engine_request import EngineRequest
 from proto.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE
 from workers.dram_store import node_dram_dir
@@ -49,6 +50,7 @@ class LullEngine:
         # One DRAM tier per Ray node, even when several Ray nodes share a host (`lull up --nodes N`).
         dram_dir = node_dram_dir(settings["dram_dir"], node_id)
         self.replica = EngineReplica(EngineSettings(**{**settings, "replica_id": replica_id, "dram_dir": dram_dir}))
+        await self.replica.start()  # vLLM's server is up before the controller sends this replica a call
         if capacity is not None:
             await _register(dict(replica_id=replica_id, node_id=node_id,
                                  actor_name=ray.get_runtime_context().get_actor_name(), **capacity))
@@ -70,6 +72,14 @@ class LullEngine:
                 yield ids
             if done is not None:
                 yield StreamEnd(done.cached_tokens)
+
+    async def http(self, call: EngineCall):
+        """A client's HTTP request through vLLM's own server (use handle.options(stream=True)):
+        yields the response head, its body's chunks, then the call's `CallUsage`."""
+        if not isinstance(call, EngineCall):
+            raise TypeError(f"an engine call takes a proto.engine_call.EngineCall, got {type(call).__name__}")
+        async for part in self.replica.http(call):
+            yield part
 
     def metrics_text(self) -> str:
         """vLLM's own `vllm:*` metrics of this replica, in Prometheus text format."""

@@ -55,7 +55,7 @@ def engine_settings(config: LullConfig) -> dict:
                 tensor_parallel_size=engine.tensor_parallel_size, cpu_kv_cache_gib=engine.cpu_kv_cache_space_gib,
                 gpu_memory_utilization=engine.gpu_memory_utilization, dram_dir=config.tiers.dram_dir,
                 dram_capacity_bytes=int(config.tiers.dram_capacity_gib * GIB) or 1,
-                served_model_name=config.model.served_name)
+                served_model_name=config.model.served_name, tool_call_parser=engine.tool_call_parser)
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,18 @@ class ControllerClient:
 
     async def admit(self, session_id: str, tenant: str, prompt_tokens: int, max_tokens: int, timeout_s: float):
         """`controller.runtime.actor.Admitted` once the call may run; raises GateTimeout,
-        SessionClosed, or ValueError for a call that cannot run."""
-        return await self._call("admit", session_id, tenant, prompt_tokens, max_tokens, timeout_s)
+        SessionClosed, or ValueError for a call that cannot run.
+
+        A caller that leaves while gated (its task is cancelled: the client disconnected)
+        withdraws: the controller's waiting admit is cancelled, and an admission granted
+        before the cancel reached it is handed back with `call_failed`, so no reservation leaks."""
+        sent: list = []
+        try:
+            return await self._call("admit", session_id, tenant, prompt_tokens, max_tokens, timeout_s, sent=sent)
+        except asyncio.CancelledError:
+            if sent:
+                self._withdraw(session_id, sent[-1])
+            raise
 
     async def call_finished(self, session_id: str, context_tokens: int, close: bool = False,
                             wait: bool = True) -> None:
@@ -86,9 +96,28 @@ class ControllerClient:
     async def snapshot(self) -> dict:
         return await self._call("snapshot")
 
+    def _withdraw(self, session_id: str, reply) -> None:
+        """Cancel a gated admit whose caller left; if it was granted first, hand the admission back."""
+        import ray
+
+        ray.cancel(reply)
+
+        async def hand_back() -> None:
+            try:
+                await reply
+            except BaseException:  # cancelled or failed: nothing was granted
+                return
+            log.info("admission of session %s granted after its caller left; handed back", session_id)
+            await self.call_failed(session_id)
+
+        task = asyncio.get_running_loop().create_task(hand_back())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     # -- restarts ---------------------------------------------------------------------------
 
-    async def _call(self, name: str, *args):
+    async def _call(self, name: str, *args, sent: list | None = None):
+        """``sent``: receives the reply of each attempt sent to the actor (to cancel it)."""
         if not self._is_actor:
             return await getattr(self._target, name)(*args)
         deadline = time.monotonic() + self.restart_wait_s
@@ -97,7 +126,10 @@ class ControllerClient:
             try:
                 if self._launch is None and name != "launch_options":
                     self._launch = await target.launch_options.remote()
-                return await getattr(target, name).remote(*args)
+                reply = getattr(target, name).remote(*args)
+                if sent is not None:
+                    sent.append(reply)
+                return await reply
             except Exception as error:
                 if not controller_gone(error) or time.monotonic() > deadline:
                     raise

@@ -20,9 +20,10 @@ from controller.gateway.grpc_service import start_grpc
 from controller.gateway.metrics import CallMetrics, count_rest_requests
 from controller.gateway.protocol import Authenticator
 from controller.gateway.rest import create_app
+from controller.gateway.prompt_counter import PromptCounter
 from controller.gateway.service import GatewayCore, Limits
 from proto.config import LullConfig
-from proto.engine_request import EngineRequest
+from proto.engine_call import EngineCall
 from proto.names import CONTROLLER_ACTOR, GATEWAY_DEPLOYMENT, RAY_NAMESPACE
 from proto.telemetry.metrics import make_metrics
 from proto.telemetry.tracing import setup_tracing
@@ -32,21 +33,18 @@ TARGET_GAUGE_S = 1.0  # how often the replica target gauge follows the autoscale
 
 
 class ServeEngines:
-    """The engine deployment's handle, addressed by replica id through `LullRouter`."""
+    """The engine deployment's handle: a call goes to the replica the controller chose, through
+    `LullRouter` (the replica id rides in the handle's ``session_id`` option)."""
 
     def __init__(self, handle):
         self.handle = handle
 
-    async def generate(self, replica_id: str, request: EngineRequest) -> dict:
-        done = await self.handle.options(session_id=replica_id).generate.remote(request)
-        if done["replica_id"] != replica_id:
-            log.warning("replica %s is gone; session %s ran on %s", replica_id, request.session_id,
-                        done["replica_id"])
-        return done
+    def http(self, replica_id: str, call: EngineCall) -> AsyncIterator:
+        return self.handle.options(session_id=replica_id, stream=True).http.remote(call).__aiter__()
 
-    async def stream(self, replica_id: str, request: EngineRequest) -> AsyncIterator[list[int]]:
-        async for ids in self.handle.options(session_id=replica_id, stream=True).stream.remote(request):
-            yield ids
+    def any_http(self, call: EngineCall) -> AsyncIterator:
+        """An ungated request (models, tokenize, ...): any replica answers."""
+        return self.handle.options(stream=True).http.remote(call).__aiter__()
 
 
 @serve.deployment(name=GATEWAY_DEPLOYMENT, max_ongoing_requests=1000)
@@ -59,26 +57,25 @@ class LullGateway:
         await self.controller.connect()
         self.metrics = make_metrics()  # the process's registry: the node's multiprocess directory
         self.metrics["lull:replicas_target"].set(config.replicas.initial)  # then the autoscaler's, once it decides
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(engine["model"])
+        counter = await PromptCounter.start(engine["model"], engine["served_model_name"], engine["max_model_len"],
+                                            engine.get("tool_call_parser"), engine["dtype"])
         limits = Limits(max_model_len=engine["max_model_len"], max_prompt_tokens=self.config.max_prompt_tokens,
                         default_max_tokens=config.gateway.default_max_tokens,
                         gate_timeout_s=self.config.gateway.gate_timeout_s)
-        self.core = GatewayCore(self.controller, ServeEngines(engine_handle), tokenizer, limits,
-                                CallMetrics(self.metrics))
+        self.engines = ServeEngines(engine_handle)
+        self.core = GatewayCore(self.controller, self.engines, counter, limits, CallMetrics(self.metrics))
         self.model_name = engine["served_model_name"]
         grpc_port = config.gateway.grpc_port
         self.grpc_server = None
         if grpc_port:
             auth = Authenticator(self.config.secrets, self.config.auth.required)
-            self.grpc_server = await start_grpc(self.core, auth, grpc_port)
+            self.grpc_server = await start_grpc(self.core, auth, grpc_port, self.model_name)
         await engine_handle.replica_id.remote()  # starts the handle's router: the first call finds it warm
         self._gauge_task = asyncio.get_running_loop().create_task(self._gauge_target_forever())
 
     def __serve_build_asgi_app__(self):
         auth = Authenticator(self.config.secrets, self.config.auth.required)
-        app = create_app(self.core, auth, self.model_name)
+        app = create_app(self.core, auth, self.engines, self.config.gateway.max_body_bytes)
         count_rest_requests(app, self.metrics)
         return app
 

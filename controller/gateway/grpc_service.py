@@ -9,13 +9,14 @@ controller unchecked, and no prompt text reaches a log. Every call is counted in
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 
 import grpc
 
 from controller.gateway.protocol import ApiError, Authenticator, check_session_id, session_key
-from controller.gateway.service import GatewayCore
+from controller.gateway.service import Call, GatewayCore
 from controller.gateway.metrics import CountGrpcRequests
 from proto.telemetry.metrics import make_metrics
 from proto import session_pb2 as pb
@@ -25,7 +26,7 @@ from proto.tiers import Tier
 
 log = logging.getLogger(__name__)
 
-STATUS_OF_HTTP = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+STATUS_OF_HTTP = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 413: grpc.StatusCode.INVALID_ARGUMENT,
                   404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
                   429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.RESOURCE_EXHAUSTED}
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
@@ -33,13 +34,13 @@ PHASES = {"llm": tiers_pb2.PHASE_LLM, "tool": tiers_pb2.PHASE_TOOL, "gated": tie
 
 
 class SessionServicer(pb_grpc.SessionServiceServicer):
-    def __init__(self, core: GatewayCore, auth: Authenticator):
-        self.core, self.auth = core, auth
+    def __init__(self, core: GatewayCore, auth: Authenticator, model_name: str):
+        self.core, self.auth, self.model_name = core, auth, model_name
 
     async def _tenant(self, context) -> str:
         metadata = dict(context.invocation_metadata() or ())
         try:
-            return self.auth.tenant(metadata.get("authorization"))
+            return self.auth.tenant(metadata.get("authorization"), metadata.get("x-api-key"))
         except ApiError as error:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, error.message)
 
@@ -67,34 +68,44 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         return pb.OpenSessionResponse(session_id=f"sess-{uuid.uuid4().hex}", created=True)
 
     async def Generate(self, request, context):
+        """A text completion through vLLM's own server, streamed back as `GenerateChunk`s."""
         key = await self._key(request.session_id, context)
         tenant = key.partition("/")[0]
         try:
-            if request.WhichOneof("prompt") == "text":
-                prompt_ids = self.core.text_prompt(request.text)
-            elif request.WhichOneof("prompt") == "token_ids" and request.token_ids.ids:
-                prompt_ids = self.core.text_prompt(list(request.token_ids.ids))
-            else:
-                raise ApiError(400, "the prompt is empty: set text or token_ids")
-            sampling = request.sampling
-            temperature = sampling.temperature if sampling.HasField("temperature") else 0.0
-            if not 0.0 <= temperature <= 2.0:
-                raise ApiError(400, f"sampling.temperature must be in [0, 2], got {temperature:g}")
-            requested = sampling.max_tokens if sampling.HasField("max_tokens") else None
-            if requested == 0:
-                raise ApiError(400, "sampling.max_tokens must be at least 1")
-            max_tokens = self.core.output_limit(len(prompt_ids), requested)
-            chunks = await self.core.stream(key, tenant, prompt_ids, max_tokens, temperature)
+            forwarded = await self.core.forward(self._call(request, key, tenant))
+            if forwarded.status >= 400:
+                raise _engine_refusal(forwarded.status, b"".join([chunk async for chunk in forwarded]))
         except ApiError as error:
             await self._abort(error, context)
-        completion = 0
-        async for text, ids in chunks:
-            completion += len(ids)
-            yield pb.GenerateChunk(text=text, token_ids=ids)
-        finish = "length" if completion >= max_tokens else "stop"
-        yield pb.GenerateChunk(finish_reason=FINISH[finish], usage=pb.Usage(
-            prompt_tokens=len(prompt_ids), completion_tokens=completion,
-            cached_prompt_tokens=chunks.cached_tokens or 0))
+        finish, usage = None, {}
+        async for event in sse_events(forwarded):
+            for choice in event.get("choices") or ():
+                finish = choice.get("finish_reason") or finish
+                if choice.get("text") or choice.get("token_ids"):
+                    yield pb.GenerateChunk(text=choice.get("text") or "", token_ids=choice.get("token_ids") or [])
+            usage = event.get("usage") or usage
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        yield pb.GenerateChunk(finish_reason=FINISH.get(finish, FINISH["stop"]), usage=pb.Usage(
+            prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),
+            cached_prompt_tokens=cached))
+
+    def _call(self, request, key: str, tenant: str) -> Call:
+        """The request as vLLM's /v1/completions body (streamed, with token ids and usage)."""
+        if request.WhichOneof("prompt") == "text" and request.text:
+            prompt: str | list[int] = request.text
+        elif request.WhichOneof("prompt") == "token_ids" and request.token_ids.ids:
+            prompt = list(request.token_ids.ids)
+        else:
+            raise ApiError(400, "the prompt is empty: set text or token_ids")
+        sampling = request.sampling
+        body = {"model": self.model_name, "prompt": prompt, "stream": True, "return_token_ids": True,
+                "stream_options": {"include_usage": True},
+                "temperature": sampling.temperature if sampling.HasField("temperature") else 0.0}
+        if sampling.HasField("max_tokens"):
+            body["max_tokens"] = sampling.max_tokens
+        size = len(request.text) if isinstance(prompt, str) else 8 * len(prompt)
+        return Call("completion", "/v1/completions", body, size, key, tenant,
+                    headers=(("content-type", "application/json"),))
 
     async def ToolCallStarted(self, request, context):
         return pb.ToolCallStartedResponse(applied=await self._tool_call(request, context, True),
@@ -147,6 +158,26 @@ class _Undecodable:
     """A request whose bytes are not the method's message (gRPC would answer UNKNOWN)."""
 
 
+async def sse_events(chunks):
+    """The JSON events of an OpenAI event stream (``data: {...}`` lines), as dicts."""
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        while b"\n\n" in pending:
+            event, pending = pending.split(b"\n\n", 1)
+            for line in event.split(b"\n"):
+                if line.startswith(b"data: ") and line[6:].strip() != b"[DONE]":
+                    yield json.loads(line[6:])
+
+
+def _engine_refusal(status: int, body: bytes) -> ApiError:
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = f"the engine refused the request (HTTP {status})"
+    return ApiError(status, message)
+
+
 class RejectUndecodable(grpc.aio.ServerInterceptor):
     """Answer a request that does not parse as its message with INVALID_ARGUMENT, not UNKNOWN."""
 
@@ -185,19 +216,19 @@ class RejectUndecodable(grpc.aio.ServerInterceptor):
         return handler
 
 
-def session_server(core: GatewayCore, auth: Authenticator, metrics: dict) -> grpc.aio.Server:
+def session_server(core: GatewayCore, auth: Authenticator, metrics: dict, model_name: str) -> grpc.aio.Server:
     """A grpc.aio server with SessionService, not yet bound or started. Every call is
     counted in ``metrics``' `lull:requests` (api="grpc"), undecodable requests included."""
     server = grpc.aio.server(interceptors=[CountGrpcRequests(metrics), RejectUndecodable()])
-    pb_grpc.add_SessionServiceServicer_to_server(SessionServicer(core, auth), server)
+    pb_grpc.add_SessionServiceServicer_to_server(SessionServicer(core, auth, model_name), server)
     return server
 
 
-async def start_grpc(core: GatewayCore, auth: Authenticator, port: int, host: str = "0.0.0.0",
+async def start_grpc(core: GatewayCore, auth: Authenticator, port: int, model_name: str, host: str = "0.0.0.0",
                      metrics: dict | None = None) -> grpc.aio.Server:
     """Serve SessionService on host:port from the running event loop. ``metrics``: the
     process's `make_metrics()` when None, the same objects the REST middleware counts in."""
-    server = session_server(core, auth, make_metrics() if metrics is None else metrics)
+    server = session_server(core, auth, make_metrics() if metrics is None else metrics, model_name)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise RuntimeError(f"cannot bind the gRPC session service to {host}:{port}; is the port in use?")
     await server.start()

@@ -35,43 +35,26 @@ class CallMetrics:
     def __init__(self, metrics: dict | None = None):
         self._metrics = metrics
 
-    def completed(self, admitted, prompt_tokens: int, cached_tokens: int) -> None:
-        """A non-streamed call's recomputed prompt tokens: the KV the session had on arrival
-        (outside HBM) that the engine did not reuse."""
-        if self._metrics is None or admitted.arrival_tier in ("gpu", NEW_SESSION):
+    def first_token(self, admitted, arrived_at: float, now: float) -> None:
+        """A streamed call's first token reached the gateway: its time since the call arrived, by the
+        session's tier on arrival (the gate's wait included)."""
+        if self._metrics is not None:
+            self._metrics["lull:time_to_first_token_seconds"].labels(tier=admitted.arrival_tier).observe(
+                now - arrived_at)
+
+    def ended(self, admitted, usage, first_at: float | None, ended_at: float) -> None:
+        """The call ended with the engine's `CallUsage`. Recomputed prompt tokens: the KV the session
+        had on arrival (outside HBM) that the engine did not reuse. Time per output token: after
+        the first, for a streamed call."""
+        if self._metrics is None:
             return
-        recomputed = max(0, min(prompt_tokens, admitted.arrival_context_tokens) - cached_tokens)
-        if recomputed:
-            self._metrics["lull:recompute_tokens"].inc(recomputed)
-
-    def stream(self, admitted, arrived_at: float) -> StreamTiming:
-        return StreamTiming(self._metrics, admitted.arrival_tier, arrived_at)
-
-
-class StreamTiming:
-    """One engine stream's time to first token (from the call's arrival, by tier) and time
-    per output token after it."""
-
-    def __init__(self, metrics: dict | None, tier: str, arrived_at: float):
-        self._metrics, self._tier, self._arrived_at = metrics, tier, arrived_at
-        self._first_at = self._last_at = None
-        self._first_tokens = self._total = 0
-
-    def tokens(self, count: int) -> None:
-        """``count`` new tokens arrived now."""
-        if self._metrics is None or not count:
-            return
-        self._last_at = time.monotonic()
-        if self._first_at is None:
-            self._first_at, self._first_tokens = self._last_at, count
-            self._metrics["lull:time_to_first_token_seconds"].labels(tier=self._tier).observe(
-                self._first_at - self._arrived_at)
-        self._total += count
-
-    def end(self) -> None:
-        if self._metrics is not None and self._first_at is not None and self._total > self._first_tokens:
+        if admitted.arrival_tier not in ("gpu", NEW_SESSION):
+            recomputed = max(0, min(usage.prompt_tokens, admitted.arrival_context_tokens) - usage.cached_tokens)
+            if recomputed:
+                self._metrics["lull:recompute_tokens"].inc(recomputed)
+        if first_at is not None and usage.output_tokens > 1:
             self._metrics["lull:time_per_output_token_seconds"].observe(
-                (self._last_at - self._first_at) / (self._total - self._first_tokens))
+                (ended_at - first_at) / (usage.output_tokens - 1))
 
 
 def count_rest_requests(app, metrics: dict) -> None:

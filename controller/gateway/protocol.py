@@ -1,25 +1,31 @@
-"""What the REST gateway reads from a request: the session id, the tenant, the body.
+"""What the gateway reads from a request before it forwards it: the caller, the session, Lull's fields.
 
-Pure functions and pydantic models, no I/O, so the rules are unit-tested without
-a server. Errors are `ApiError`s that the REST layer turns into OpenAI-style JSON
-(`{"error": {"message", "type", "code", "param"}}`).
+Pure functions, no I/O, so the rules are unit-tested without a server. The request
+itself (messages, tools, sampling) is vLLM's to read: the gateway forwards the body
+to vLLM's own server unchanged but for Lull's two fields (`lull_fields`). Errors are
+`ApiError`s, shaped as OpenAI errors, or as Anthropic errors on `/v1/messages`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
+import re
 from collections.abc import Mapping
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Any
 
 from proto.config import Secrets
 
 # Checked in this order; the first one present wins.
 SESSION_HEADERS = ("x-session-id", "x-claude-code-session-id")
-SESSION_BODY_FIELDS = ("session_id", "user")
-MAX_SESSION_ID_LEN = 256
+AGENT_HEADER = "x-claude-code-agent-id"  # a Claude Code sub-agent: its own session (as Dynamo reads it)
+SESSION_BODY_FIELD = "session_id"  # Lull's own body field, removed before vLLM sees the body
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # the charset proto/session.proto documents
+# Claude Code puts its session in Anthropic's metadata.user_id: "user_<hash>_account_<id>_session_<uuid>".
+CLAUDE_CODE_USER = re.compile(r"_session_([A-Za-z0-9-]{8,64})$")
 ANONYMOUS_TENANT = "anonymous"
+LULL_OWNED_FIELDS = ("kv_transfer_params",)  # Lull sets them; a client's would steer another tier
 
 
 class ApiError(Exception):
@@ -34,57 +40,104 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
-
-def session_id_from(headers: Mapping[str, str], body: Mapping[str, Any] | None = None) -> str | None:
-    """The client's session id: `x-session-id`, `x-claude-code-session-id`, body `session_id`, body `user`.
-
-    `headers` must be case-insensitive (Starlette's) or have lower-case keys.
-    None means a one-off call. A present but unusable id is an error, not a one-off.
-    """
-    for name in SESSION_HEADERS:
-        if (value := headers.get(name)) is not None:
-            return check_session_id(value, name)
-    for name in SESSION_BODY_FIELDS:
-        value = (body or {}).get(name)
-        if value is not None:
-            if not isinstance(value, str):
-                raise ApiError(400, f"body field {name!r} must be a string session id", param=name)
-            return check_session_id(value, name)
-    return None
+    def anthropic_body(self) -> dict[str, Any]:
+        """Anthropic's error shape (`/v1/messages`), with its error type names."""
+        kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                503: "overloaded_error", 529: "overloaded_error"}.get(self.status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
 
 
 def check_session_id(value: str, source: str) -> str:
-    value = value.strip()
-    if not value or len(value) > MAX_SESSION_ID_LEN or not value.isprintable():
-        raise ApiError(400, f"{source}: a session id must be 1 to {MAX_SESSION_ID_LEN} printable characters",
-                       param=source)
-    return value
+    if not isinstance(value, str) or not SESSION_ID.fullmatch(value.strip()):
+        raise ApiError(400, f"{source}: a session id is 1 to 128 characters of A-Z a-z 0-9 . _ : -", param=source)
+    return value.strip()
+
+
+def session_id_from(headers: Mapping[str, str], body: Mapping[str, Any] | None = None) -> str | None:
+    """The client's own session id, or None. `headers` must be case-insensitive (Starlette's)
+    or have lower-case keys. A present but unusable id is an error, never ignored."""
+    sid = None
+    for name in SESSION_HEADERS:
+        if (value := headers.get(name)) is not None:
+            sid = check_session_id(value, name)
+            break
+    if sid is None and body is not None:
+        if (value := body.get(SESSION_BODY_FIELD)) is not None:
+            sid = check_session_id(value, SESSION_BODY_FIELD)
+        elif isinstance(user := (body.get("metadata") or {}).get("user_id"), str) and (
+                found := CLAUDE_CODE_USER.search(user)):
+            sid = found.group(1)
+    if sid is not None and (agent := headers.get(AGENT_HEADER)) is not None:
+        sid = f"{sid}:agent:{check_session_id(agent, AGENT_HEADER)}"
+        check_session_id(sid[:128], AGENT_HEADER)
+        sid = sid[:128]
+    return sid
+
+
+def inferred_session_id(kind: str, body: Mapping[str, Any]) -> str:
+    """A session for a client that names none: a hash of the conversation's opening (its system
+    prompt and first user turn), which every later turn of the same conversation repeats.
+    Two conversations that open alike share a session: their KV is shared anyway."""
+    if kind == "completion":
+        prompt = body.get("prompt")
+        opening: Any = prompt[:4096] if isinstance(prompt, (str, list)) else prompt
+    else:
+        messages = body.get("messages") or []
+        first_user = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"),
+                          len(messages) - 1)
+        opening = [body.get("system"), messages[:first_user + 1]]
+    digest = hashlib.blake2b(json.dumps(opening, sort_keys=True, default=str).encode(), digest_size=12)
+    return "auto-" + digest.hexdigest()
+
+
+def lull_fields(body: dict[str, Any], tenant: str, session_key: str, tier: str, call_id: str) -> dict[str, Any]:
+    """The body vLLM gets: the client's, with the session's tier in `kv_transfer_params` and the
+    tenant in `cache_salt` (tenants never share KV blocks; a client's own salt is kept within)."""
+    forwarded = {k: v for k, v in body.items() if k != SESSION_BODY_FIELD}
+    forwarded["kv_transfer_params"] = {"lull": {"session": session_key, "tenant": tenant, "tier": tier,
+                                                "call": call_id}}
+    salt = body.get("cache_salt")
+    forwarded["cache_salt"] = f"{tenant}:{salt}" if salt else tenant
+    return forwarded
+
+
+def refuse_lull_owned(body: Mapping[str, Any]) -> None:
+    for name in LULL_OWNED_FIELDS:
+        if body.get(name) is not None:
+            raise ApiError(400, f"{name} is set by Lull (it carries the session's tier); remove it from the "
+                                "request", param=name)
+    salt = body.get("cache_salt")
+    if salt is not None and not isinstance(salt, str):
+        raise ApiError(400, "cache_salt must be a string", param="cache_salt")
 
 
 class Authenticator:
-    """Bearer API keys per tenant (`proto.config.Secrets`).
+    """API keys per tenant (`proto.config.Secrets`), as `Authorization: Bearer <key>` or `x-api-key`.
 
-    A wrong key is always refused. A missing key is refused when `required`, or
-    when keys are configured at all; otherwise (a local platform with no keys)
-    the caller is the anonymous tenant.
+    When keys are configured (or `required`), a missing or wrong key is refused. Otherwise
+    (a local platform with no keys, like vLLM without --api-key) any key or none is accepted
+    and the caller is the anonymous tenant: every OpenAI and Anthropic SDK sends some key.
     """
 
     def __init__(self, secrets: Secrets, required: bool = False):
         self._keys = [(tenant, key.encode()) for tenant, key in secrets.api_keys.items()]
         self.required = required or bool(self._keys)
 
-    def tenant(self, authorization: str | None) -> str:
-        if not authorization:
-            if self.required:
-                raise unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    def tenant(self, authorization: str | None, api_key: str | None = None) -> str:
+        if not self.required:
             return ANONYMOUS_TENANT
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise unauthorized("malformed Authorization header: expected 'Bearer <key>'")
-        given = token.strip().encode()
+        given = api_key.strip() if api_key else None
+        if given is None and authorization:
+            scheme, _, token = authorization.strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+            given = token.strip()
+        if not given:
+            raise unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
         found = None
         for tenant, key in self._keys:  # compare with every key: timing says nothing about which matched
-            if hmac.compare_digest(given, key):
+            if hmac.compare_digest(given.encode(), key):
                 found = tenant
         if found is None:
             raise unauthorized("invalid API key")
@@ -99,75 +152,3 @@ def unauthorized(message: str) -> ApiError:
 def session_key(tenant: str, session_id: str) -> str:
     """The controller's key of a client session: tenants never see or touch each other's sessions."""
     return f"{tenant}/{session_id}"
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields Lull does not use
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    session_id: str | None = None
-    user: str | None = None
-
-    @property
-    def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-    def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-
-
-class ChatRequest(_Body):
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-    @property
-    def output_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-    def template_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
-
-
-class CompletionRequest(_Body):
-    prompt: str | list[int] = Field(...)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_empty(cls, prompt):
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if isinstance(prompt, list) and any(t < 0 for t in prompt):
-            raise ValueError("token ids must be non-negative")
-        return prompt
-
-    @property
-    def output_limit(self) -> int | None:
-        return self.max_tokens
-
-
-def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """One readable line from pydantic's errors, and the first offending field (never its value)."""
-    lines, param = [], None
-    for error in errors[:5]:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
-        param = param or where or None
-        lines.append(f"{where or 'body'}: {error.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(lines), param

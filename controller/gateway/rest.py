@@ -1,59 +1,76 @@
-"""The OpenAI-compatible REST API of the gateway (FastAPI), over a `GatewayCore`.
+"""The gateway's REST API (FastAPI): vLLM's own OpenAI and Anthropic endpoints, behind Lull's gate.
 
-Chat and text completions (SSE when `stream` is true), models, health, and the
-session endpoints. Every error is OpenAI-shaped JSON: a client's mistake is a
-4xx that says what to fix; waiting too long for GPU capacity is a 503 with
-Retry-After. Bodies are parsed here, not by FastAPI, so malformed JSON (400)
-and a well-formed body with bad fields (422) get distinct, readable errors.
+Generating requests (`/v1/chat/completions`, `/v1/completions`, `/v1/messages`) are
+authenticated, given their session, counted, admitted and forwarded to vLLM's server
+on the replica that holds the session (`GatewayCore`); the response is vLLM's, passed
+through as it streams. Other vLLM endpoints (models, tokenize, detokenize, Anthropic's
+count_tokens, version) go to any replica, ungated. Lull's own: health and the session
+endpoints (`rest_sessions`). Errors are OpenAI-shaped, Anthropic-shaped on `/v1/messages`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import time
-import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
-from pydantic import BaseModel, ValidationError
 
 from controller.gateway.protocol import (
     ApiError,
     Authenticator,
-    ChatRequest,
-    CompletionRequest,
-    check_session_id,
+    inferred_session_id,
+    refuse_lull_owned,
     session_id_from,
     session_key,
-    validation_message,
 )
-from controller.gateway.service import CallResult, GatewayCore
+from controller.gateway.rest_sessions import session_routes
+from controller.gateway.service import Call, GatewayCore
+from proto.engine_call import UNFORWARDED_HEADERS
 from proto.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
+GENERATING = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/messages": "messages"}
+UNGATED = {("GET", "/v1/models"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+           ("POST", "/v1/messages/count_tokens"), ("GET", "/version")}
+INLINE_JSON_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
 
-def create_app(core: GatewayCore, auth: Authenticator, model_name: str) -> FastAPI:
-    app = FastAPI(title="Lull", docs_url=None, redoc_url=None)
+
+def create_app(core: GatewayCore, auth: Authenticator, engines, max_body_bytes: int) -> FastAPI:
+    """``engines``: has ``any_http(EngineCall)``, a replica's answer to an ungated request."""
+    app = FastAPI(title="Lull", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TraceRequests)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError):
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return error_response(request.url.path, error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):
         log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse(ApiError(500, f"internal error ({type(error).__name__}); the call was not completed",
-                                     type="server_error").body(), status_code=500)
+        return error_response(request.url.path, ApiError(
+            500, f"internal error ({type(error).__name__}); the call was not completed", type="server_error"))
 
-    api = _Api(core, auth, model_name)
-    _call_routes(app, api)
-    _session_routes(app, api)
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    session_routes(app, core, auth)
+    api = _Api(core, auth, engines, max_body_bytes)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def vllm_routes(path: str, request: Request):
+        return await api.route(request)
+
     return app
+
+
+def error_response(path: str, error: ApiError) -> JSONResponse:
+    body = error.anthropic_body() if path.startswith("/v1/messages") else error.body()
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 class TraceRequests:
@@ -79,194 +96,95 @@ class TraceRequests:
 
 
 class _Api:
-    """What every route reads from a request: the tenant, the body, the session key."""
+    def __init__(self, core: GatewayCore, auth: Authenticator, engines, max_body_bytes: int) -> None:
+        self.core, self.auth, self.engines, self.max_body_bytes = core, auth, engines, max_body_bytes
 
-    def __init__(self, core: GatewayCore, auth: Authenticator, model_name: str) -> None:
-        self.core, self.auth, self.model_name = core, auth, model_name
-        # Opened with POST /v1/sessions but not yet called: the controller learns of a
-        # session at its first call, so until then only this gateway knows it exists.
-        self.opened: dict[str, float] = {}
+    async def route(self, request: Request) -> Response:
+        path, method = request.url.path, request.method
+        kind = GENERATING.get(path)
+        if kind is None and (method, path) not in UNGATED:
+            raise ApiError(404, f"{method} {path} is not served here; Lull serves /v1/chat/completions, "
+                                "/v1/completions, /v1/messages, /v1/messages/count_tokens, /v1/models, /tokenize, "
+                                "/detokenize and its /v1/sessions API", code="not_found")
+        if kind is not None and method != "POST":
+            raise ApiError(405, f"{path} takes POST", code="method_not_allowed")
+        tenant = self.auth.tenant(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        raw = await self._body(request)
+        if kind is None:
+            from proto.engine_call import EngineCall
 
-    def tenant_of(self, request: Request) -> str:
-        return self.auth.tenant(request.headers.get("authorization"))
+            call = EngineCall(method, path, raw, request.url.query, _forwardable(request.headers))
+            return await _collected(self.engines.any_http(call))
+        body = await _json(raw)
+        refuse_lull_owned(body)
+        sid = session_id_from(request.headers, body) or inferred_session_id(kind, body)
+        call = Call(kind, path, body, len(raw), session_key(tenant, sid), tenant, request.url.query,
+                    _forwardable(request.headers))
+        forwarded = await self.core.forward(call)
+        headers = {"x-session-id": sid}
+        if dict(forwarded.headers).get("content-type", "").startswith("text/event-stream"):
+            return StreamingResponse(_events(forwarded, path, call.key), status_code=forwarded.status,
+                                     media_type="text/event-stream", headers=headers)
+        content = b"".join([chunk async for chunk in forwarded])
+        return Response(content, status_code=forwarded.status, headers=headers,
+                        media_type=dict(forwarded.headers).get("content-type", "application/json"))
 
-    def session(self, request: Request, sid: str) -> str:
-        return session_key(self.tenant_of(request), check_session_id(sid, "session id"))
-
-    async def parse(self, request: Request, model: type[BaseModel]) -> tuple[Any, dict]:
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"the body is not valid JSON ({error.__class__.__name__} at position "
-                                f"{getattr(error, 'pos', 0)})", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-        try:
-            body = model.model_validate(data)
-        except ValidationError as error:
-            message, param = validation_message(error.errors(include_input=False))
-            raise ApiError(422, message, param=param) from None
-        if body.model is not None and body.model != self.model_name:
-            raise ApiError(404, f"model {body.model!r} is not served here; use {self.model_name!r}",
-                           code="model_not_found", param="model")
-        return body, data
-
-    def key_for(self, request: Request, tenant: str, data: dict) -> tuple[str, bool]:
-        """The controller's session key, and whether the call is a one-off (no session id)."""
-        sid = session_id_from(request.headers, data)
-        if sid is None:
-            return session_key(tenant, f"oneoff-{uuid.uuid4().hex}"), True
-        self.opened.pop(session_key(tenant, sid), None)
-        return session_key(tenant, sid), False
-
-    async def run(self, request: Request, kind: str):
-        core = self.core
-        tenant = self.tenant_of(request)
-        body, data = await self.parse(request, ChatRequest if kind == "chat" else CompletionRequest)
-        try:
-            ids = core.chat_prompt(body.template_messages()) if kind == "chat" else core.text_prompt(body.prompt)
-        except ValueError as error:
-            raise ApiError(400, f"cannot build the prompt: {error}", param="messages") from None
-        max_tokens = core.output_limit(len(ids), body.output_limit)
-        key, oneoff = self.key_for(request, tenant, data)
-        headers = {"x-session-id": key.partition("/")[2]}
-        # vLLM's extension: each choice also carries its output token ids.
-        token_ids = data.get("return_token_ids") is True
-        cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        try:  # a one-off's session closes with its call_finished; only a failed one is closed here
-            if body.stream:
-                chunks = await core.stream(key, tenant, ids, max_tokens, body.temperature, close=oneoff)
-                events = _sse(kind, cid, self.model_name, chunks, len(ids), max_tokens, body.include_usage,
-                              core if oneoff else None, key, token_ids)
-                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-            result = await core.complete(key, tenant, ids, max_tokens, body.temperature, close=oneoff)
-        except BaseException:
-            if oneoff:
-                await _close_quietly(core, key)
-            raise
-        return JSONResponse(_response(kind, cid, self.model_name, result, token_ids), headers=headers)
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _too_large(int(declared), self.max_body_bytes)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _too_large(size, self.max_body_bytes)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
-def _call_routes(app: FastAPI, api: _Api) -> None:
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await api.run(request, "chat")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await api.run(request, "text")
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        api.tenant_of(request)
-        return {"object": "list", "data": [{"id": api.model_name, "object": "model", "created": 0,
-                                            "owned_by": "lull"}]}
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the body has more than {limit} bytes (gateway.max_body_bytes); got at least {size}",
+                    code="request_too_large")
 
 
-def _session_routes(app: FastAPI, api: _Api) -> None:
-    @app.post("/v1/sessions")
-    async def open_session(request: Request):
-        tenant = api.tenant_of(request)
-        sid = f"sess-{uuid.uuid4().hex}"
-        api.opened[session_key(tenant, sid)] = time.time()
-        return {"id": sid, "object": "session"}
-
-    @app.delete("/v1/sessions/{sid}")
-    async def close_session(sid: str, request: Request):
-        key = api.session(request, sid)
-        if api.opened.pop(key, None) is None:
-            await api.core.close(key)
-        return {"id": sid, "object": "session", "deleted": True}
-
-    @app.post("/v1/sessions/{sid}/tool_call_started")
-    async def tool_call_started(sid: str, request: Request):
-        await api.core.tool_call(api.session(request, sid), started=True)
-        return {"id": sid, "object": "session", "event": "tool_call_started"}
-
-    @app.post("/v1/sessions/{sid}/tool_call_finished")
-    async def tool_call_finished(sid: str, request: Request):
-        await api.core.tool_call(api.session(request, sid), started=False)
-        return {"id": sid, "object": "session", "event": "tool_call_finished"}
-
-    @app.get("/v1/sessions/{sid}")
-    async def session_state(sid: str, request: Request):
-        key = api.session(request, sid)
-        if key in api.opened:
-            return {"id": sid, "object": "session", "state": {"phase": "opened", "calls": 0}}
-        state = await api.core.session_state(key)
-        if state is None:
-            raise ApiError(404, f"unknown session {sid!r}", code="session_not_found")
-        return {"id": sid, "object": "session", "state": {k: v for k, v in state.items() if k != "session_id"}}
-
-
-async def _close_quietly(core: GatewayCore, key: str) -> None:
+async def _json(raw: bytes) -> dict:
     try:
-        await core.close(key)
-    except Exception:
-        log.warning("could not close one-off session %s", key)
+        data = await asyncio.to_thread(json.loads, raw) if len(raw) > INLINE_JSON_BYTES else json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the body is not valid JSON ({error.__class__.__name__} at position "
+                            f"{getattr(error, 'pos', 0)})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    return data
 
 
-def _usage(prompt: int, completion: int, cached: int | None) -> dict:
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                             "total_tokens": prompt + completion}
-    if cached is not None:
-        usage["prompt_tokens_details"] = {"cached_tokens": cached}
-    return usage
+def _forwardable(headers: Headers) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in headers.items() if k.lower() not in UNFORWARDED_HEADERS)
 
 
-def _response(kind: str, cid: str, model: str, r: CallResult, token_ids: bool = False) -> dict:
-    usage = _usage(r.prompt_tokens, len(r.token_ids), r.cached_tokens)
-    extra = {"token_ids": r.token_ids} if token_ids else {}
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
-                  "logprobs": None, **extra}
-        return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [choice], "usage": usage}
-    choice = {"index": 0, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None, **extra}
-    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage}
+async def _collected(parts) -> Response:
+    """An ungated request's answer: vLLM's status, content type and body."""
+    head, chunks = None, []
+    async for part in parts:
+        if isinstance(part, dict):
+            head = part
+        elif isinstance(part, bytes):
+            chunks.append(part)
+    headers = dict(head["headers"])
+    return Response(b"".join(chunks), status_code=head["status"],
+                    media_type=headers.get("content-type", "application/json"))
 
 
-async def _sse(kind, cid, model, chunks, prompt_tokens, max_tokens, include_usage, oneoff_core, key,
-               token_ids=False):
-    created = int(time.time())
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-    def event(choice: dict | None, usage: dict | None = None) -> str:
-        payload = {"id": cid, "object": obj, "created": created, "model": model,
-                   "choices": [] if choice is None else [choice]}
-        if usage is not None:
-            payload["usage"] = usage
-        return f"data: {json.dumps(payload)}\n\n"
-
-    def choice(text: str, finish: str | None, first: bool = False, ids: list[int] | None = None) -> dict:
-        extra = {"token_ids": ids or []} if token_ids else {}
-        if kind == "chat":
-            delta = {"role": "assistant", "content": text} if first else {"content": text}
-            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None, **extra}
-
-    produced = 0
+async def _events(forwarded, path: str, key: str):
+    """vLLM's event stream, passed through; an engine failure mid-stream ends it with an error event
+    in the API's own shape (the client sees it; nothing is silently cut)."""
     try:
-        if kind == "chat":
-            yield event(choice("", None, first=True))
-        async for text, ids in chunks:
-            produced += len(ids)
-            if text or (token_ids and ids):  # ids without text yet (a split character) still count
-                yield event(choice(text, None, ids=ids))
-        # The engine's stream carries tokens only: a call that used its whole budget hit the limit.
-        yield event(choice("", "length" if produced >= max_tokens else "stop"))
-        if include_usage:
-            yield event(None, _usage(prompt_tokens, produced, chunks.cached_tokens))
-        yield "data: [DONE]\n\n"
+        async for chunk in forwarded:
+            yield chunk
     except Exception as error:
         log.warning("stream of session %s failed: %s", key, type(error).__name__)
-        yield f"data: {json.dumps(ApiError(500, 'the engine failed during the stream', type='server_error').body())}\n\n"
-    finally:
-        if oneoff_core is not None and not chunks.finished:  # a finished one-off closed with its call
-            await _close_quietly(oneoff_core, key)
+        failure = ApiError(500, "the engine failed during the stream; retry the request", type="server_error")
+        if path.startswith("/v1/messages"):
+            yield f"event: error\ndata: {json.dumps(failure.anthropic_body())}\n\n".encode()
+        else:
+            yield f"data: {json.dumps(failure.body())}\n\n".encode()

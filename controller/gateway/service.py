@@ -1,48 +1,50 @@
-"""One call through Lull, without HTTP: admit -> engine on the admitted replica -> report.
+"""One call through Lull, without HTTP: count -> admit -> forward to the admitted replica -> report.
 
-`GatewayCore` is what the REST and gRPC layers call. It owns no policy: the
-controller decides where and when a session runs; the core tokenizes, checks
-limits, waits for admission, calls the engine with the session's tier label,
-records the call's metrics and tells the controller how the call ended. A call
-makes two controller calls: `admit` and `call_finished` (a failure adds
-`call_failed`). Prompts never reach a log.
+`GatewayCore` is what the REST and gRPC layers call. It owns no policy and no
+protocol: vLLM's own server, on the engine replica, reads the request and writes the
+response. The core counts the prompt's tokens with vLLM's rendering, waits for the
+controller's admission, forwards the body (with the session's tier label and the
+tenant's cache salt) to the replica the controller chose, passes the response
+through, and tells the controller how the call ended. A call makes two controller
+calls: `admit` and `call_finished` (a failure or a caller who left: `call_failed`).
+Prompts never reach a log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-from opentelemetry import trace
 
 from controller.gateway.controller_client import ControllerClient
 from controller.gateway.metrics import CallMetrics
-from controller.gateway.protocol import ApiError
+from controller.gateway.prompt_counter import PromptCounter
+from controller.gateway.protocol import ApiError, lull_fields
 from proto.actor_errors import ACTOR_GONE, cause, is_error
-from proto.engine_request import EngineRequest
+from proto.engine_call import CallUsage, EngineCall
 from proto.telemetry import tracing
 
-__all__ = ["CallResult", "ControllerClient", "Engines", "GatewayCore", "Limits", "StreamedCall"]
+__all__ = ["Call", "ControllerClient", "Engines", "Forwarded", "GatewayCore", "Limits"]
 
 log = logging.getLogger(__name__)
 
-ENGINE_RETRIES = 2  # a call whose engine replica died runs again, on another replica (twice: the router may
-# still send the first retry to the dead replica before Serve has noticed its death)
+ENGINE_RETRIES = 2  # a call whose engine replica died before answering runs again, on another replica (twice:
+# the router may still send the first retry to the dead replica before Serve has noticed its death)
 ENGINE_RETRY_WAIT_S = 1.0  # before retrying a call whose replica became unreachable
 REPLICA_GONE = (*ACTOR_GONE, "RayActorError", "WorkerCrashedError")  # RayActorError: every actor-death error
+INLINE_JSON_BYTES = 64 << 10  # larger bodies are serialized in a worker thread
 
 
 class Engines(Protocol):
     """The engine replicas, addressed by replica id (the Serve replica's unique_id)."""
 
-    async def generate(self, replica_id: str, request: EngineRequest) -> dict: ...
-
-    def stream(self, replica_id: str, request: EngineRequest) -> AsyncIterator[list[int]]: ...
+    def http(self, replica_id: str, call: EngineCall) -> AsyncIterator[dict | bytes | CallUsage]: ...
 
 
 def replica_lost(error: BaseException) -> bool:
@@ -54,85 +56,123 @@ def replica_lost(error: BaseException) -> bool:
 class Limits:
     max_model_len: int  # prompt + output tokens
     max_prompt_tokens: int
-    default_max_tokens: int  # output tokens when the client sets none
+    default_max_tokens: int  # output tokens booked for a request that sets no limit
     gate_timeout_s: float
 
 
+@dataclass(frozen=True)
+class Call:
+    """A client's generating request, as the REST or gRPC layer read it."""
+
+    kind: str  # "chat", "completion" or "messages": how vLLM renders it
+    path: str
+    body: dict[str, Any]
+    size: int  # the body's bytes
+    key: str  # the controller's session key
+    tenant: str
+    query: str = ""
+    headers: tuple[tuple[str, str], ...] = ()  # forwarded to vLLM (trace context, anthropic-version, ...)
+    arrived_at: float = field(default_factory=time.monotonic)
+
+
 @dataclass
-class CallResult:
-    token_ids: list[int]
-    text: str
-    prompt_tokens: int
-    cached_tokens: int
-    finish_reason: str | None
-    waited_s: float
+class Forwarded:
+    """vLLM's response: its status and headers, and its body, read with `async for`. Once the body
+    is read, the controller has been told how the call ended and `usage` holds the engine's count."""
 
+    status: int
+    headers: list[tuple[str, str]]
+    chunks: AsyncIterator[bytes]
+    usage: CallUsage | None = None
 
-class StreamedCall:
-    """A streamed call: `async for text, ids in call` yields (new text, new token ids). Once
-    they are all read, `cached_tokens` holds the prompt tokens whose KV the engine reused,
-    as its last chunk reports them (`workers.engine.StreamEnd`: no ids, `cached_tokens`);
-    None when the engine sent no such chunk. `finished`: the controller was told the call
-    ended (and, for a one-off, that its session closed)."""
-
-    def __init__(self) -> None:
-        self.pieces: AsyncIterator[tuple[str, list[int]]] | None = None
-        self.cached_tokens: int | None = None
-        self.finished = False
-
-    def __aiter__(self) -> AsyncIterator[tuple[str, list[int]]]:
-        return self.pieces
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.chunks
 
 
 class GatewayCore:
-    def __init__(self, controller: ControllerClient, engines: Engines, tokenizer: Any, limits: Limits,
+    def __init__(self, controller: ControllerClient, engines: Engines, counter: PromptCounter, limits: Limits,
                  metrics: CallMetrics | None = None):
-        self.controller, self.engines, self.tokenizer, self.limits = controller, engines, tokenizer, limits
+        self.controller, self.engines, self.counter, self.limits = controller, engines, counter, limits
         self.metrics = metrics or CallMetrics()
-        self.vocab_size = len(tokenizer)  # asked per call otherwise, and not free for every tokenizer
 
-    # -- prompts ---------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
-    def text_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, list):
-            if max(prompt) >= self.vocab_size:
-                raise ApiError(400, f"token id {max(prompt)} is outside the vocabulary of {self.vocab_size}",
-                               param="prompt")
-            return prompt
-        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def output_limit(self, prompt_tokens: int, requested: int | None) -> int:
-        """max_tokens for the call; a prompt that cannot fit is a 400 that names the numbers."""
+    def booked_output(self, call: Call, prompt_tokens: int, client_limit: int | None, prompts: int) -> int:
+        """Output tokens to book: the client's limit, or `default_max_tokens` when it sets none (vLLM then
+        runs to the end of the window; the books follow the real context when the call ends), times
+        the choices (`n`) and prompts, each of which holds its own KV past the shared prompt."""
         lim = self.limits
-        if prompt_tokens > lim.max_prompt_tokens:
+        if prompt_tokens > lim.max_prompt_tokens * prompts:
             raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model accepts at most "
                                 f"{lim.max_prompt_tokens} prompt tokens (context limit {lim.max_model_len})",
                            code="context_length_exceeded", param="messages")
-        room = lim.max_model_len - prompt_tokens
-        if requested is None:
-            return min(lim.default_max_tokens, room)
-        if requested > room:
-            raise ApiError(400, f"the prompt has {prompt_tokens} tokens and max_tokens is {requested}: "
-                                f"{prompt_tokens + requested} exceeds the context limit of {lim.max_model_len} "
-                                f"tokens; lower max_tokens to at most {room}",
-                           code="context_length_exceeded", param="max_tokens")
-        return requested
+        per_prompt = prompt_tokens // prompts
+        output = client_limit or min(lim.default_max_tokens, max(1, lim.max_model_len - per_prompt))
+        choices = call.body.get("n") if isinstance(call.body.get("n"), int) and call.body.get("n") > 0 else 1
+        return output * choices * prompts
 
-    # -- one call --------------------------------------------------------------------------
-    async def _admit(self, key: str, tenant: str, prompt_tokens: int, max_tokens: int):
-        """(`Admitted`, when the call arrived). A gated request whose controller is killed waits
-        for the restarted one (`ControllerClient`)."""
-        arrived = time.monotonic()
-        with tracing.tracer().start_as_current_span(
-                tracing.SPAN_GATE_WAIT, attributes={tracing.ATTR_SESSION: key, tracing.ATTR_TENANT: tenant}) as span:
+    async def forward(self, call: Call) -> Forwarded:
+        """Admit the call, then forward it; errors before the engine's first token raise here (an
+        `ApiError` for the client's own), so the REST layer can still answer with a status."""
+        rendered = await self.counter.count(call.kind, call.body, call.size)
+        output = self.booked_output(call, rendered.prompt_tokens, rendered.max_tokens, rendered.prompts)
+        for retries_left in reversed(range(ENGINE_RETRIES + 1)):
+            admission = await self._admit(call, rendered.prompt_tokens, output)
+            call_id = uuid.uuid4().hex
+            span = tracing.tracer().start_span(tracing.SPAN_ENGINE, attributes={
+                tracing.ATTR_SESSION: call.key, tracing.ATTR_REPLICA: admission.replica_id})
+            engine_call = EngineCall("POST", call.path, await _payload(call, admission.tier_label, call_id),
+                                     call.query, _traced(call.headers, span), call_id)
+            parts = aiter(self.engines.http(admission.replica_id, engine_call))
             try:
-                admission = await self.controller.admit(key, tenant, prompt_tokens, max_tokens,
+                head = await anext(parts)
+                first = await anext(parts)  # a stream's first event comes with its first token
+                break
+            except BaseException as error:
+                span.end()
+                await _close(parts)
+                await self._failed(call.key, admission.replica_id, error)
+                if not (retries_left and replica_lost(error)):
+                    raise
+                await self._before_retry(call.key, admission.replica_id, error)
+        forwarded = Forwarded(head["status"], head["headers"], None)  # type: ignore[arg-type]
+        forwarded.chunks = self._rest(call, admission, parts, first, forwarded, span)
+        return forwarded
+
+    async def _rest(self, call: Call, admission, parts, first, forwarded: Forwarded, span) -> AsyncIterator[bytes]:
+        first_at = time.monotonic()
+        if call.body.get("stream"):
+            self.metrics.first_token(admission, call.arrived_at, first_at)
+        ended = False
+        try:
+            part = first
+            while not isinstance(part, CallUsage):
+                yield part
+                part = await anext(parts)
+            ended = True
+        except StopAsyncIteration:  # the replica ended without its count: treat as a failure
+            raise RuntimeError("the engine's answer ended without its usage") from None
+        finally:
+            span.end()
+            if not ended:  # failed, or the client went away: vLLM aborted the request
+                await _close(parts)
+                await self._failed(call.key, admission.replica_id, None)
+        forwarded.usage = part
+        if forwarded.status >= 400:  # vLLM refused the request: nothing ran
+            await self._failed(call.key, admission.replica_id, None)
+            return
+        self.metrics.ended(admission, part, first_at if call.body.get("stream") else None, time.monotonic())
+        await self._finished(call.key, part.context_tokens or admission.arrival_context_tokens)
+        log.info("call session=%s replica=%s tier=%s prompt=%d cached=%d out=%d waited=%.3fs", call.key,
+                 admission.replica_id, admission.tier_label, part.prompt_tokens, part.cached_tokens,
+                 part.output_tokens, admission.waited_s)
+
+    async def _admit(self, call: Call, prompt_tokens: int, max_tokens: int):
+        """`Admitted` once the call may run. A gated request whose controller is killed waits for the
+        restarted one (`ControllerClient`); a caller who leaves while gated withdraws its request."""
+        with tracing.tracer().start_as_current_span(
+                tracing.SPAN_GATE_WAIT, attributes={tracing.ATTR_SESSION: call.key,
+                                                    tracing.ATTR_TENANT: call.tenant}) as span:
+            try:
+                admission = await self.controller.admit(call.key, call.tenant, prompt_tokens, max_tokens,
                                                         self.limits.gate_timeout_s)
             except Exception as error:
                 mapped = self._admit_error(error)
@@ -141,7 +181,7 @@ class GatewayCore:
                 raise mapped from None
             span.set_attribute(tracing.ATTR_REPLICA, admission.replica_id)
             span.set_attribute(tracing.ATTR_TIER, admission.tier_label)
-            return admission, arrived
+            return admission
 
     def _admit_error(self, error: Exception) -> Exception:
         """The client-facing error of a failed admission (the error itself when it is not the client's)."""
@@ -156,116 +196,24 @@ class GatewayCore:
             return ApiError(400, f"the call cannot be admitted: {cause(error)}", code="too_large")
         return error
 
-    def _request(self, key: str, tenant: str, tier: str, prompt_ids: list[int], max_tokens: int,
-                 temperature: float, span=None) -> EngineRequest:
-        context = trace.set_span_in_context(span) if span is not None else None
-        headers = dict(tracing.inject_headers(context=context))  # W3C traceparent on to vLLM's trace_headers
-        return EngineRequest(prompt_ids, max_tokens, temperature, session_id=key, tenant=tenant, tier=tier,
-                             trace_headers=headers or None)
-
-    def _engine_span(self, key: str, replica_id: str):
-        return tracing.tracer().start_span(
-            tracing.SPAN_ENGINE, attributes={tracing.ATTR_SESSION: key, tracing.ATTR_REPLICA: replica_id})
-
-    async def complete(self, key: str, tenant: str, prompt_ids: list[int], max_tokens: int,
-                       temperature: float, close: bool = False) -> CallResult:
-        """One call; ``close``: the session ends with it (a one-off)."""
-        for retries_left in reversed(range(ENGINE_RETRIES + 1)):
-            admission, _ = await self._admit(key, tenant, len(prompt_ids), max_tokens)
-            started = time.monotonic()
-            span = self._engine_span(key, admission.replica_id)
-            try:
-                request = self._request(key, tenant, admission.tier_label, prompt_ids, max_tokens, temperature, span)
-                done = await self.engines.generate(admission.replica_id, request)
-                break
-            except BaseException as error:
-                await self._failed(key, admission.replica_id, error)
-                if not (retries_left and replica_lost(error)):
-                    raise
-                await self._before_retry(key, admission.replica_id, error)
-            finally:
-                span.end()
-        await self._finished(key, len(prompt_ids) + len(done["token_ids"]), close)
-        self.metrics.completed(admission, len(prompt_ids), done["cached_tokens"])
-        log.info("call session=%s replica=%s tier=%s prompt=%d cached=%d out=%d waited=%.3fs engine=%.3fs",
-                 key, admission.replica_id, admission.tier_label, len(prompt_ids), done["cached_tokens"],
-                 len(done["token_ids"]), admission.waited_s, time.monotonic() - started)
-        return CallResult(done["token_ids"], self.decode(done["token_ids"]), len(prompt_ids),
-                          done["cached_tokens"], done["finish_reason"], admission.waited_s)
-
-    async def stream(self, key: str, tenant: str, prompt_ids: list[int], max_tokens: int,
-                     temperature: float, close: bool = False) -> StreamedCall:
-        """Admit first (errors surface before any byte is sent), then stream (new text, new ids)."""
-        admitted = await self._admit(key, tenant, len(prompt_ids), max_tokens)
-        call = StreamedCall()
-        call.pieces = self._stream(key, tenant, admitted, prompt_ids, max_tokens, temperature, call, close)
-        return call
-
-    async def _stream(self, key: str, tenant: str, admitted: tuple, prompt_ids: list[int], max_tokens: int,
-                      temperature: float, call: StreamedCall, close: bool):
-        ids: list[int] = []
-        text = ""
-        retries_left = ENGINE_RETRIES
-        admission, arrived = admitted
-        while True:
-            # After a replica died mid-stream, the retry continues from what was already
-            # sent: the prompt plus the tokens so far (greedy output is unchanged by the cut).
-            # Started, not made current: a context attached across the yields below would be
-            # detached in another task's context. The span is passed on explicitly instead.
-            span = self._engine_span(key, admission.replica_id)
-            request = self._request(key, tenant, admission.tier_label, prompt_ids + ids, max_tokens - len(ids),
-                                    temperature, span)
-            timing = self.metrics.stream(admission, arrived)
-            try:
-                async for chunk in self.engines.stream(admission.replica_id, request):
-                    if not chunk:  # the stream's end, with the engine's final numbers when it sends them
-                        reused = getattr(chunk, "cached_tokens", None)
-                        if reused is not None:  # after a retry, of prompt + ids so far: count the prompt only
-                            call.cached_tokens = min(reused, len(prompt_ids))
-                        continue
-                    timing.tokens(len(chunk))
-                    ids.extend(chunk)
-                    # Decode the whole output each time: byte-level BPE may split a character
-                    # across tokens, so per-chunk decoding would emit broken text.
-                    full = self.decode(ids)
-                    if full.startswith(text) and len(full) > len(text) and not full.endswith("\ufffd"):
-                        yield full[len(text):], chunk
-                        text = full
-                    else:
-                        yield "", chunk
-                timing.end()
-                break
-            except BaseException as error:
-                await self._failed(key, admission.replica_id, error)
-                if not (retries_left and replica_lost(error)) or len(ids) >= max_tokens:
-                    raise
-                retries_left -= 1
-                await self._before_retry(key, admission.replica_id, error)
-                admission, arrived = await self._admit(key, tenant, len(prompt_ids) + len(ids), max_tokens - len(ids))
-            finally:
-                span.end()
-        if (full := self.decode(ids)) != text and full.startswith(text):
-            yield full[len(text):], []
-        await self._finished(key, len(prompt_ids) + len(ids), close)
-        call.finished = True
-
-    async def _finished(self, key: str, context_tokens: int, close: bool) -> None:
+    async def _finished(self, key: str, context_tokens: int) -> None:
         """The call's output exists: a controller that cannot record it (restarted meanwhile and
         rebuilt without this call) must not turn the client's answer into an error. Not
         waited for: the client's answer does not wait for the books (`ControllerClient`)."""
         try:
-            await self.controller.call_finished(key, context_tokens, close, wait=False)
+            await self.controller.call_finished(key, context_tokens, False, wait=False)
         except Exception as error:
             log.warning("call_finished for session %s not recorded: %s", key, type(cause(error)).__name__)
 
-    async def _failed(self, key: str, replica_id: str, error: BaseException) -> None:
-        """The call failed. When its replica died or became unreachable under it, the controller
-        looks at its replicas before answering (a dead one is drained or removed, so a
-        retry's admission goes elsewhere)."""
-        lost = replica_id if replica_lost(error) else None
+    async def _failed(self, key: str, replica_id: str, error: BaseException | None) -> None:
+        """The call failed or its caller left. When its replica died or became unreachable under it,
+        the controller looks at its replicas before answering (a dead one is drained or removed,
+        so a retry's admission goes elsewhere)."""
+        lost = replica_id if error is not None and replica_lost(error) else None
         try:
-            await self.controller.call_failed(key, lost, is_error(error, "ActorDiedError"))
-        except Exception as failed:  # the original error is what the client must see
+            await asyncio.shield(self.controller.call_failed(key, lost, error is not None and
+                                                             is_error(error, "ActorDiedError")))
+        except BaseException as failed:  # the original error is what the client must see
             log.warning("call_failed for session %s not recorded: %s", key, type(cause(failed)).__name__)
 
     async def _before_retry(self, key: str, replica_id: str, error: BaseException) -> None:
@@ -294,6 +242,38 @@ class GatewayCore:
 
     async def session_state(self, key: str) -> dict | None:
         return await self.controller.session_state(key)
+
+
+async def _payload(call: Call, tier: str, call_id: str) -> bytes:
+    body = lull_fields(call.body, call.tenant, call.key, tier, call_id)
+    if call.size > INLINE_JSON_BYTES:
+        return await asyncio.to_thread(_dumps, body)
+    return _dumps(body)
+
+
+def _traced(headers: tuple[tuple[str, str], ...], span) -> tuple[tuple[str, str], ...]:
+    """The client's headers with the engine span's W3C traceparent (vLLM's spans join the call's trace)."""
+    from opentelemetry import trace
+
+    injected = tracing.inject_headers(context=trace.set_span_in_context(span))
+    kept = tuple((k, v) for k, v in headers if k.lower() not in {name.lower() for name in injected})
+    return kept + tuple(injected.items())
+
+
+def _dumps(body: dict) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def _close(parts) -> None:
+    """Stop an engine stream: a Serve response generator is cancelled (the replica's generator is
+    closed, and vLLM aborts the request); a plain async generator (tests) is closed."""
+    try:
+        if hasattr(parts, "cancel"):
+            parts.cancel()
+        elif hasattr(parts, "aclose"):
+            await parts.aclose()
+    except BaseException as error:  # closing a dead replica's stream: nothing more to learn
+        log.debug("closing an engine stream: %s", type(error).__name__)
 
 
 def _unknown(error: Exception, key: str) -> Exception:

@@ -57,7 +57,7 @@ def check_rest_bad_inputs(client: openai.OpenAI, raw: RawHttp, max_model_len: in
     status, _, body = raw("POST", "/v1/chat/completions", b'{"model": "lull", "messages": [')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, _, body = raw("POST", "/v1/chat/completions", b'{"model": "lull", "messages": "hi"}')
-    assert status == 422 and body["error"]["param"] == "messages"
+    assert status == 400 and body["error"]["param"].startswith("messages")
     status, _, body = raw("POST", "/v1/sessions/nobody/tool_call_finished")
     assert status == 404 and "unknown session 'nobody'" in body["error"]["message"]
     assert raw("GET", "/v1/sessions/nobody")[0] == 404
@@ -66,7 +66,7 @@ def check_rest_bad_inputs(client: openai.OpenAI, raw: RawHttp, max_model_len: in
     assert wrong_key.value.status_code == 401 and "invalid API key" in str(wrong_key.value)
     with pytest.raises(openai.BadRequestError) as too_long:
         chat(client, "long", "word " * (2 * max_model_len))
-    assert f"accepts at most {max_model_len - 1} prompt tokens" in str(too_long.value)
+    assert f"maximum context length is {max_model_len} tokens" in str(too_long.value)  # vLLM's own words
 
 
 def check_grpc_bad_inputs(port: int, key: str, session_id: str, max_model_len: int) -> None:

@@ -1,76 +1,102 @@
-"""The REST gateway's request rules without Ray: session-id extraction, API-key auth, body errors.
+"""The REST gateway's own rules without Ray: auth, session identity, counting, admission, forwarding.
 
-The HTTP tests run the real FastAPI app over the real `LiveController` (no
-moves: nothing here exceeds a tier) and the tiny model's real tokenizer; only
-the engine is a stub that echoes the prompt's last tokens, since starting vLLM
-takes half a minute (the engine path is covered by tests/integration/test_gateway_e2e.py).
+The HTTP tests run the real FastAPI app over the real `LiveController` (no moves:
+nothing here exceeds a tier) and vLLM's real render state for the tiny model (the
+prompt counts are vLLM's own). Only the engine replica is a stub, which answers in
+vLLM's response shape and records what it was sent, because starting vLLM takes half a
+minute; vLLM's real answers are covered by tests/integration/test_agent_clients.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 from fastapi.testclient import TestClient
 from starlette.datastructures import Headers
 
-from proto.config import Secrets
-from controller.gateway.protocol import ANONYMOUS_TENANT, ApiError, Authenticator, session_id_from
-from controller.gateway.rest import create_app
 from controller.gateway.controller_client import ControllerClient
+from controller.gateway.prompt_counter import PromptCounter
+from controller.gateway.protocol import ANONYMOUS_TENANT, ApiError, Authenticator, inferred_session_id, session_id_from
+from controller.gateway.rest import create_app
 from controller.gateway.service import GatewayCore, Limits
 from controller.runtime.actor import Controller
 from controller.runtime.live import LiveController
-from proto.engine_request import EngineRequest
-from workers.engine import StreamEnd
+from proto.config import Secrets
+from proto.engine_call import CallUsage
+
+MODEL = "lull"
 
 
 def test_session_id_sources_in_order():
-    body = {"session_id": "from-body", "user": "from-user"}
+    body = {"session_id": "from-body", "metadata": {"user_id": "user_ab12_account__session_1234abcd-5678"}}
     assert session_id_from(Headers({"X-Session-Id": "h1", "x-claude-code-session-id": "h2"}), body) == "h1"
     assert session_id_from(Headers({"x-claude-code-session-id": "h2"}), body) == "h2"
     assert session_id_from(Headers({}), body) == "from-body"
-    assert session_id_from(Headers({}), {"user": "from-user"}) == "from-user"
-    assert session_id_from(Headers({}), {}) is None
-    with pytest.raises(ApiError, match="printable"):
-        session_id_from(Headers({"x-session-id": "   "}), {})
-    with pytest.raises(ApiError, match="must be a string"):
+    assert session_id_from(Headers({}), {"metadata": body["metadata"]}) == "1234abcd-5678"
+    assert session_id_from(Headers({"x-claude-code-agent-id": "a7"}), body) == "from-body:agent:a7"
+    assert session_id_from(Headers({}), {"user": "someone"}) is None  # OpenAI's user is a person, not a session
+    for bad in ("   ", "a/b", "x" * 129):
+        with pytest.raises(ApiError, match="A-Z a-z 0-9"):
+            session_id_from(Headers({"x-session-id": bad}), {})
+    with pytest.raises(ApiError, match="session id"):
         session_id_from(Headers({}), {"session_id": 7})
 
 
-def test_auth_maps_keys_to_tenants_and_refuses_wrong_or_missing_keys():
+def test_inferred_sessions_follow_a_conversation_and_tell_conversations_apart():
+    first = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "task A"}]}
+    later = {"messages": first["messages"] + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}
+    other = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "task B"}]}
+    assert inferred_session_id("chat", first) == inferred_session_id("chat", later)
+    assert inferred_session_id("chat", first) != inferred_session_id("chat", other)
+    assert inferred_session_id("completion", {"prompt": "abc"}) != inferred_session_id("completion", {"prompt": "abd"})
+
+
+def test_auth_maps_keys_to_tenants_and_accepts_any_key_when_none_are_configured():
     auth = Authenticator(Secrets(api_keys={"acme": "k-acme", "beta": "k-beta"}))
     assert auth.tenant("Bearer k-beta") == "beta" and auth.tenant("bearer  k-acme ") == "acme"
+    assert auth.tenant(None, "k-acme") == "acme"  # Anthropic's x-api-key
     for header in (None, "", "Bearer nope", "Basic k-acme", "Bearer"):
         with pytest.raises(ApiError) as refused:
             auth.tenant(header)
         assert refused.value.status == 401 and refused.value.type == "authentication_error"
         assert "k-" not in refused.value.message  # never echo a key
     open_platform = Authenticator(Secrets())
-    assert open_platform.tenant(None) == ANONYMOUS_TENANT
-    with pytest.raises(ApiError):
-        open_platform.tenant("Bearer guessed")
+    assert open_platform.tenant(None) == open_platform.tenant("Bearer sk-anything") == ANONYMOUS_TENANT
     with pytest.raises(ApiError, match="missing API key"):
         Authenticator(Secrets(), required=True).tenant(None)
 
 
-class EchoEngines:
-    """Stub engines: the output is the prompt's last `max_tokens` ids."""
+class StubEngines:
+    """Answers in vLLM's shape: four output tokens, streamed when asked; records what it was sent."""
 
     def __init__(self):
-        self.calls = []
+        self.calls: list[tuple[str, dict, dict]] = []
 
-    async def generate(self, replica_id, request: EngineRequest):
-        self.calls.append((replica_id, request.session_id, request.tenant, request.tier))
-        self.trace_headers = request.trace_headers
-        out = request.prompt_token_ids[-request.max_tokens:]
-        return {"token_ids": out, "text": "", "prompt_tokens": len(request.prompt_token_ids),
-                "cached_tokens": 0, "finish_reason": "length", "replica_id": replica_id}
+    async def http(self, replica_id, call):
+        body = json.loads(call.body)
+        self.calls.append((replica_id, body, dict(call.headers)))
+        prompt = len(body.get("messages") or body.get("prompt") or ())
+        usage = CallUsage(1, prompt, 0, 4, prompt + 4)
+        if body.get("stream"):
+            yield {"status": 200, "headers": [("content-type", "text/event-stream")]}
+            for token, piece in enumerate("ab"):
+                choice = {"index": 0, "delta": {"content": piece}} if "messages" in body else \
+                    {"index": 0, "text": piece, "token_ids": [token]}
+                yield f"data: {json.dumps({'choices': [choice]})}\n\n".encode()
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield f"data: {json.dumps({'choices': [], 'usage': {'prompt_tokens': prompt, 'completion_tokens': 2}})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        else:
+            yield {"status": 200, "headers": [("content-type", "application/json")]}
+            yield json.dumps({"object": "chat.completion", "usage": {"completion_tokens": 4}}).encode()
+        yield usage
 
-    async def stream(self, replica_id, request):
-        done = await self.generate(replica_id, request)
-        for token in done["token_ids"]:
-            yield [token]
+    async def any_http(self, call):
+        yield {"status": 200, "headers": [("content-type", "application/json")]}
+        yield b'{"object": "list", "data": [{"id": "lull"}]}'
+        yield CallUsage()
 
 
 class NoMoves:
@@ -97,122 +123,109 @@ class CountingController:
         return call
 
 
-@pytest.fixture
-def client():
-    from transformers import AutoTokenizer
-
+@pytest.fixture(scope="module")
+def counter():
     from workers.tiny_model import ensure_tiny_model
 
+    return asyncio.run(PromptCounter.start(str(ensure_tiny_model()), MODEL, 512, "hermes", "float32"))
+
+
+@pytest.fixture
+def client(counter):
     live = LiveController(NoMoves())
     live.add_replica("r1", "node-1", 4096, 4096)
-    engines = EchoEngines()
+    engines = StubEngines()
     controller = CountingController(Controller(live))
-    core = GatewayCore(ControllerClient(controller), engines, AutoTokenizer.from_pretrained(ensure_tiny_model()),
+    core = GatewayCore(ControllerClient(controller), engines, counter,
                        Limits(max_model_len=512, max_prompt_tokens=511, default_max_tokens=4, gate_timeout_s=1))
-    app = create_app(core, Authenticator(Secrets(api_keys={"acme": "k-acme"})), "lull")
+    app = create_app(core, Authenticator(Secrets(api_keys={"acme": "k-acme"})), engines, max_body_bytes=64 << 10)
     with TestClient(app, headers={"authorization": "Bearer k-acme"}) as http:
         http.engines, http.live, http.controller = engines, live, controller
         yield http
 
 
 def chat_body(text="hello", **extra):
-    return {"model": "lull", "messages": [{"role": "user", "content": text}], **extra}
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
 
 
-def test_chat_call_flows_through_admit_and_reports_the_context(client):
-    reply = client.post("/v1/chat/completions", json=chat_body(), headers={"x-session-id": "s1"})
+def test_a_chat_call_is_admitted_forwarded_with_lulls_fields_and_booked(client):
+    body = chat_body(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                     session_id="s1", cache_salt="mine", max_tokens=3)
+    reply = client.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200, reply.text
-    usage = reply.json()["usage"]
-    assert usage["completion_tokens"] == 4 and usage["prompt_tokens_details"] == {"cached_tokens": 0}
-    assert client.engines.calls == [("r1", "acme/s1", "acme", "gpu")]
+    assert reply.headers["x-session-id"] == "s1"
+    replica, sent, _ = client.engines.calls[-1]
+    assert replica == "r1" and sent["tools"] == body["tools"] and sent["max_tokens"] == 3  # forwarded untouched
+    assert "session_id" not in sent and sent["cache_salt"] == "acme:mine"
+    lull = sent["kv_transfer_params"]["lull"]
+    assert (lull["session"], lull["tenant"], lull["tier"]) == ("acme/s1", "acme", "gpu") and lull["call"]
     session = client.get("/v1/sessions/s1").json()["state"]
-    assert session["tier"] == "gpu" and session["kv_tokens"] == usage["total_tokens"]
-    assert client.post("/v1/sessions/s1/tool_call_started").status_code == 200
+    assert session["tier"] == "gpu" and session["kv_tokens"] == 1 + 4  # the engine's context, not a guess
     assert client.delete("/v1/sessions/s1").status_code == 200
 
 
-def test_streaming_sends_sse_chunks_and_done(client):
-    with client.stream("POST", "/v1/completions", json={"model": "lull", "prompt": "import os", "stream": True,
-                                                         "stream_options": {"include_usage": True}}) as reply:
-        lines = [line for line in reply.iter_lines() if line]
-    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
-    assert '"completion_tokens": 4' in lines[-2]
-
-
-def test_streamed_usage_reports_the_cached_tokens_the_engine_sends_last(client, monkeypatch):
-    echo = client.engines.stream
-
-    async def stream_with_end(replica_id, request):
-        async for ids in echo(replica_id, request):
-            yield ids
-        yield StreamEnd(3)
-
-    body = chat_body(stream=True, stream_options={"include_usage": True})
-    with client.stream("POST", "/v1/chat/completions", json=body, headers={"x-session-id": "su"}) as reply:
-        plain = [json.loads(line[6:]) for line in reply.iter_lines() if line and line != "data: [DONE]"]
-    assert "prompt_tokens_details" not in plain[-1]["usage"]  # the engine did not say: no number made up
-    monkeypatch.setattr(client.engines, "stream", stream_with_end)
-    with client.stream("POST", "/v1/chat/completions", json=body, headers={"x-session-id": "su"}) as reply:
-        events = [json.loads(line[6:]) for line in reply.iter_lines() if line and line != "data: [DONE]"]
-    assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
-    assert events[-1]["usage"]["completion_tokens"] == 4
-    assert [e["choices"][0]["delta"] for e in events[:-1]] == [e["choices"][0]["delta"] for e in plain[:-1]]
-
-
-def test_return_token_ids_adds_output_ids_to_choices_and_stream_chunks(client):
-    """vLLM's `return_token_ids` extension: what `lull bench` reads to grow an agent's context."""
-    body = {"model": "lull", "prompt": [40, 41, 42, 43, 44, 45], "max_tokens": 3, "return_token_ids": True}
-    done = client.post("/v1/completions", json=body, headers={"x-session-id": "ids"}).json()
-    assert done["choices"][0]["token_ids"] == [43, 44, 45]  # the echo engine returns the prompt's tail
-    plain = client.post("/v1/completions", json={**body, "return_token_ids": False}).json()
-    assert "token_ids" not in plain["choices"][0]
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as reply:
-        events = [json.loads(line[6:]) for line in reply.iter_lines() if line and line != "data: [DONE]"]
-    streamed = [t for e in events for c in e["choices"] for t in c["token_ids"]]
-    assert streamed == [43, 44, 45]
-
-
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("session", ["counted", None])
-def test_a_call_makes_two_controller_calls_admit_and_finished(client, stream, session):
-    """A one-off's session closes with its call_finished: no third call."""
+def test_a_call_makes_two_controller_calls_admit_and_finished(client, stream):
     client.controller.calls.clear()
-    headers = {"x-session-id": session} if session else {}
-    reply = client.post("/v1/chat/completions", json=chat_body(stream=stream), headers=headers)
+    reply = client.post("/v1/chat/completions", json=chat_body(stream=stream), headers={"x-session-id": "two"})
     assert reply.status_code == 200, reply.text
+    if stream:
+        assert reply.text.endswith("data: [DONE]\n\n") and reply.text.count("data: ") == 3
     assert client.controller.calls == ["admit", "call_finished"]
-    if session is None:
-        assert client.live.snapshot()["sessions"] == []
 
 
-def test_one_off_calls_leave_no_session(client):
-    assert client.post("/v1/chat/completions", json=chat_body()).status_code == 200
-    assert client.live.snapshot()["sessions"] == []
+def test_a_client_without_a_session_gets_one_inferred_from_its_conversation(client):
+    first = client.post("/v1/chat/completions", json=chat_body("task A"))
+    again = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [
+        {"role": "user", "content": "task A"}, {"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]})
+    assert first.headers["x-session-id"] == again.headers["x-session-id"]
+    assert first.headers["x-session-id"].startswith("auto-")
 
 
 @pytest.mark.parametrize("body, status, text", [
     (b'{"messages": [', 400, "not valid JSON"),
     (b'[1, 2]', 400, "JSON object"),
-    (b'{"messages": []}', 422, "messages"),
-    (b'{"messages": [{"role": "wizard", "content": "x"}]}', 422, "messages.0.role"),
-    (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}', 404, "use 'lull'"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 600}', 400, "exceeds the context limit"),
+    (b'{"model": "lull", "messages": "x"}', 400, "messages"),
+    (b'{"model": "lull", "messages": [{"role": "user", "content": "x"}], "n": 0}', 400, "n"),
+    (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}', 404, "gpt-4"),
+    (b'{"model": "lull", "messages": [{"role": "user", "content": "x"}], "kv_transfer_params": {}}', 400,
+     "kv_transfer_params is set by Lull"),
 ])
-def test_bad_bodies_get_openai_errors(client, body, status, text):
+def test_bad_bodies_get_openai_errors_before_the_gate(client, body, status, text):
+    client.controller.calls.clear()
     reply = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
-    assert reply.status_code == status and text in reply.json()["error"]["message"]
+    assert reply.status_code == status and text in reply.json()["error"]["message"], reply.text
+    assert client.controller.calls == []
 
 
-def test_auth_unknown_sessions_and_long_prompts(client):
+def test_prompts_over_the_window_are_refused_with_vllms_message(client):
+    too_long = client.post("/v1/chat/completions", json=chat_body("word " * 1000))
+    assert too_long.status_code == 400 and "maximum context length is 512" in too_long.json()["error"]["message"]
+
+
+def test_anthropic_errors_on_messages_and_openai_errors_elsewhere(client):
+    missing = client.post("/v1/messages", json={"model": MODEL, "messages": []}, headers={"authorization": ""})
+    assert missing.status_code == 401 and missing.json()["type"] == "error"
+    assert missing.json()["error"]["type"] == "authentication_error"
+    unknown = client.get("/v1/embeddings")
+    assert unknown.status_code == 404 and "not served here" in unknown.json()["error"]["message"]
+
+
+def test_oversized_bodies_are_a_413(client):
+    reply = client.post("/v1/chat/completions", json=chat_body("x" * (70 << 10)))
+    assert reply.status_code == 413 and "gateway.max_body_bytes" in reply.json()["error"]["message"]
+
+
+def test_ungated_endpoints_go_to_any_replica_and_sessions_404(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == "lull"
     assert client.get("/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/health", headers={"authorization": ""}).status_code == 200
     missing = client.post("/v1/sessions/ghost/tool_call_finished")
     assert missing.status_code == 404 and "unknown session 'ghost'" in missing.json()["error"]["message"]
     assert client.delete("/v1/sessions/ghost").status_code == 404
-    too_long = client.post("/v1/chat/completions", json=chat_body("word " * 1000))
-    assert too_long.status_code == 400 and "at most 511 prompt tokens" in too_long.json()["error"]["message"]
     opened = client.post("/v1/sessions").json()["id"]
     assert client.get(f"/v1/sessions/{opened}").json()["state"]["phase"] == "opened"
+    assert client.delete(f"/v1/sessions/{opened}").status_code == 200
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -235,5 +248,5 @@ def test_a_call_is_traced_from_the_callers_traceparent_to_the_engine(client, mon
     assert format(spans[tracing.SPAN_GATEWAY].parent.span_id, "016x") == caller_span
     assert spans[tracing.SPAN_GATE_WAIT].attributes[tracing.ATTR_REPLICA] == "r1"
     engine_span = format(spans[tracing.SPAN_ENGINE].context.span_id, "016x")
-    assert client.engines.trace_headers["traceparent"] == f"00-{caller_trace}-{engine_span}-01"
+    assert client.engines.calls[-1][2]["traceparent"] == f"00-{caller_trace}-{engine_span}-01"
     provider.shutdown()

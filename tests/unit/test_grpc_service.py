@@ -1,6 +1,6 @@
 """The gRPC SessionService counts every call in `lull:requests` (api="grpc", code: the
 gRPC status name), on a real grpc.aio server on localhost over the real `GatewayCore`
-(the REST tests' echo engine stands in for vLLM)."""
+(the REST tests' stub engine stands in for vLLM's server, vLLM's real render state counts)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from controller.runtime.live import LiveController
 from proto.telemetry.metrics import make_metrics
 from proto import session_pb2 as pb
 from proto import session_pb2_grpc as pb_grpc
-from tests.unit.test_gateway_rest import EchoEngines, NoMoves
+from tests.unit.test_gateway_rest import MODEL, NoMoves, StubEngines
 
 KEY = (("authorization", "Bearer k-acme"),)
 AUTH = Authenticator(Secrets(api_keys={"acme": "k-acme"}))
@@ -31,13 +31,13 @@ AUTH = Authenticator(Secrets(api_keys={"acme": "k-acme"}))
 
 @pytest.fixture(scope="module")
 def core() -> GatewayCore:
-    from transformers import AutoTokenizer
-
+    from controller.gateway.prompt_counter import PromptCounter
     from workers.tiny_model import ensure_tiny_model
 
     live = LiveController(NoMoves())
     live.add_replica("r1", "node-1", 4096, 4096)
-    return GatewayCore(ControllerClient(Controller(live)), EchoEngines(), AutoTokenizer.from_pretrained(ensure_tiny_model()),
+    counter = asyncio.run(PromptCounter.start(str(ensure_tiny_model()), MODEL, 512, None, "float32"))
+    return GatewayCore(ControllerClient(Controller(live)), StubEngines(), counter,
                        Limits(max_model_len=512, max_prompt_tokens=511, default_max_tokens=4, gate_timeout_s=1))
 
 
@@ -56,7 +56,7 @@ def serve_calls(core, *calls) -> tuple[collections.Counter, dict[tuple[str, str]
     registry = CollectorRegistry()
 
     async def run() -> list[str]:
-        server = session_server(core, AUTH, make_metrics(registry))
+        server = session_server(core, AUTH, make_metrics(registry), MODEL)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -82,7 +82,8 @@ async def open_bad_session_id(stub, channel):
 
 async def generate(stub, channel):
     chunks = [c async for c in stub.Generate(pb.GenerateRequest(session_id="s1", text="hello"), metadata=KEY)]
-    assert chunks[-1].usage.completion_tokens > 0
+    assert [c.text for c in chunks[:-1]] == ["a", "b"] and list(chunks[1].token_ids) == [1]
+    assert chunks[-1].usage.completion_tokens == 2 and chunks[-1].usage.prompt_tokens == 5
 
 
 async def generate_empty_prompt(stub, channel):
@@ -129,7 +130,7 @@ def test_start_grpc_counts_in_the_processs_metrics_by_default():
         port = probe.getsockname()[1]
 
     async def run() -> None:
-        server = await start_grpc(None, AUTH, port, host="127.0.0.1")
+        server = await start_grpc(None, AUTH, port, MODEL, host="127.0.0.1")
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
                                                  options=[("grpc.enable_http_proxy", 0)]) as channel:

@@ -2,10 +2,11 @@
 
 Against the platform ``lull up`` started: the same one-token call (the same prompt,
 so the engine's work is a prefix-cache hit every time) alternates between the REST
-gateway (``/v1/completions``: auth, tokenizer-free token-id prompt, admission by the
-controller, routing to the session's replica, the engine, the report back) and the
-engine's Serve deployment handle called directly from this process. The difference
-of the two latency distributions is what Lull's control path costs a call.
+gateway (``/v1/chat/completions`` by default: auth, the session, vLLM's rendering to
+count the prompt, admission by the controller, routing to the session's replica,
+vLLM's server there, the report back) and vLLM's server on the engine replica called
+directly from this process through its Serve deployment handle, with the same body.
+The difference of the two latency distributions is what Lull's control path costs a call.
 Alternating the two paths call by call keeps a noisy shared machine fair to both.
 """
 
@@ -21,11 +22,12 @@ from rich.console import Console
 from rich.table import Table
 from rich_argparse import RichHelpFormatter
 
-from proto.engine_request import EngineRequest
+from proto.engine_call import EngineCall
 from proto.names import ENGINE_DEPLOYMENT, RAY_NAMESPACE, SERVE_APP
 from controller.cli.bench.live import api_key
 
 PROMPT = [(i * 29) % 700 + 30 for i in range(64)]
+SYSTEM = "You are a coding agent. Use the tools to read and edit files; answer briefly."
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=__doc__, formatter_class=RichHelpFormatter)
     parser.add_argument("--calls", type=int, default=200, help="calls per path (alternating)")
     parser.add_argument("--warmup", type=int, default=10, help="calls per path before measuring")
+    parser.add_argument("--api", choices=("chat", "completions"), default="chat",
+                        help="chat: /v1/chat/completions with a text message; completions: /v1/completions, token ids")
     parser.add_argument("--api-key", default=None, help="bearer key (default: the first configured key, if any)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.set_defaults(func=run)
@@ -55,16 +59,20 @@ def run(args) -> int:
     http = httpx.Client(base_url=f"http://127.0.0.1:{state['port']}", timeout=120,
                         headers={"authorization": f"Bearer {key}"} if key else {})
 
+    model = http.get("/v1/models").raise_for_status().json()["data"][0]["id"]
+    path, body = _request(args.api, model)
+
     def via_gateway() -> float:
         started = time.perf_counter()
-        reply = http.post("/v1/completions", json={"model": "lull", "prompt": PROMPT, "max_tokens": 1,
-                                                   "temperature": 0}, headers={"x-session-id": "bench-gw"})
-        reply.raise_for_status()
+        http.post(path, json=body, headers={"x-session-id": "bench-gw"}).raise_for_status()
         return time.perf_counter() - started
 
     def direct() -> float:
         started = time.perf_counter()
-        engine.generate.remote(EngineRequest(PROMPT, max_tokens=1)).result()
+        call = EngineCall("POST", path, json.dumps(body).encode(), headers=(("content-type", "application/json"),))
+        head, *_ = list(engine.options(stream=True).http.remote(call))  # head, body, usage
+        if head["status"] != 200:
+            raise RuntimeError(f"the engine answered {head['status']}")
         return time.perf_counter() - started
 
     for _ in range(args.warmup):
@@ -78,10 +86,17 @@ def run(args) -> int:
     _print(figures)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"measured": True, "prompt_tokens": len(PROMPT), "max_tokens": 1,
+        args.json.write_text(json.dumps({"measured": True, "api": args.api, "path": path, "max_tokens": 1,
                                          "calls_per_path": len(gateway_s), **figures}, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _request(api: str, model: str) -> tuple[str, dict]:
+    if api == "chat":
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "List the files."}]
+        return "/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": 1, "temperature": 0}
+    return "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
 
 
 def _figures(gateway: np.ndarray, direct: np.ndarray) -> dict:
