@@ -7,8 +7,10 @@ one. A call's prompt is what an agent would send: the previous prompt and
 output (the part the trace says is reused) followed by new tokens, so the
 platform's KV reuse is exercised for real.
 
-Token ids, not text, go over the wire (`/v1/completions` accepts a list of
-ids; gRPC has `token_ids`): the prompt sizes are the trace's, exactly.
+The client decides what goes over the wire (``loadgen.conversation``): chat
+messages in text (``/v1/chat/completions``, the path agents use, sized with the
+model's tokenizer and chat template) or token ids (``/v1/completions`` and gRPC,
+the trace's sizes exactly).
 """
 
 from __future__ import annotations
@@ -18,24 +20,31 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from loadgen.sim.workload import CallSpec, Workload
+from loadgen.conversation import Conversation
+from loadgen.sim.workload import Workload
 
 
 @dataclass(frozen=True)
 class CallOutcome:
     ttft_s: float
-    output_ids: list[int]
+    output_ids: list[int]  # the answer's token ids; [] where the API returns text only
     cached_tokens: int  # prompt tokens served from KV; -1 when the reply does not say
+    text: str = ""  # the answer's text, where the API returns text
+    prompt_tokens: int | None = None  # as the server counted them; None: the client's count stands
+    output_tokens: int | None = None  # as the server counted them; None: len(output_ids)
 
 
 class Client(Protocol):
-    """One LLM call of a session through Lull's API (REST or gRPC)."""
+    """One LLM call of a session through Lull's API (chat, completions or gRPC)."""
 
-    async def call(self, session_id: str, prompt_ids: list[int], max_tokens: int) -> CallOutcome: ...
+    def conversation(self, settings: "ReplaySettings", rng: random.Random) -> Conversation:
+        """A new session's history, in the form ``call`` sends; one per session."""
+
+    async def call(self, session_id: str, prompt: Any, max_tokens: int) -> CallOutcome: ...
 
     async def close_session(self, session_id: str) -> None: ...
 
@@ -126,37 +135,32 @@ async def replay(workload: Workload, client: Client, settings: ReplaySettings,
 
     async def run_session(p: int, session_id: str, calls, rng: random.Random) -> bool:
         """The session's calls in order; False when the deadline or an error cut it short."""
-        context: list[int] = []
+        conversation = client.conversation(settings, rng)
         for call in calls:
             # A long tool gap is cut at the deadline instead of holding the replay past it.
             await asyncio.sleep(max(0.0, min(call.gap_s * settings.time_scale, deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 return False
-            prompt, reused = _prompt(context, call, settings, rng)
             max_tokens = max(1, min(call.output_tokens, settings.max_output))
+            # The call's prompt is compacted to what the context cap leaves room for.
+            prompt = conversation.prompt(min(call.input_tokens, settings.max_context - max_tokens), call.reuse_tokens)
             sent = time.monotonic()
             try:
-                outcome = await client.call(session_id, prompt, max_tokens)
+                outcome = await client.call(session_id, prompt.body, max_tokens)
             except Exception as error:  # counted and reported, never fatal to the replay
                 result.errors.append(f"{session_id}: {type(error).__name__}: {str(error)[:200]}")
                 return False
-            record = CallRecord(p, session_id, sent - began, outcome.ttft_s, len(prompt),
-                                len(outcome.output_ids), reused, outcome.cached_tokens)
+            record = CallRecord(p, session_id, sent - began, outcome.ttft_s,
+                                prompt.tokens if outcome.prompt_tokens is None else outcome.prompt_tokens,
+                                len(outcome.output_ids) if outcome.output_tokens is None else outcome.output_tokens,
+                                prompt.reused, outcome.cached_tokens)
             result.calls.append(record)
             if on_call:
                 on_call(record)
-            context = prompt + outcome.output_ids
+            conversation.answered(outcome.output_ids, outcome.text)
         return True
 
     await asyncio.gather(*(program(p) for p in range(settings.programs)))
     result.duration_s = time.monotonic() - began
     return result
 
-
-def _prompt(context: list[int], call: CallSpec, settings: ReplaySettings, rng: random.Random) -> tuple[list[int], int]:
-    """The call's prompt: the reusable part of the context, then new tokens; capped like a compacting agent."""
-    room = settings.max_context - min(call.output_tokens, settings.max_output)
-    want = min(call.input_tokens, room)
-    reused = max(0, min(call.reuse_tokens, len(context), want - 1))  # at least one new token
-    fresh = [rng.randrange(*settings.vocab) for _ in range(want - reused)]
-    return context[:reused] + fresh, reused

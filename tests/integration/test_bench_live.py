@@ -1,6 +1,7 @@
 """`lull bench` end to end against the Serve app started as in test_gateway_e2e.py (one
 vLLM-on-CPU replica, a real Redis, the controller actor and a node agent): two policies
-through REST, switching the controller's policy in between, then one through gRPC."""
+through the chat API (the default), switching the controller's policy in between, then
+one through the completions API with token ids and one through gRPC."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_bench_runs_two_policies_and_writes_sim_keys(platform, tmp_path):
     assert code == 0, [r["error_samples"] for r in records]
     assert [r["policy"] for r in records] == ["lull", "lru-offload"]
     for record in records:
-        assert SIM_KEYS <= record.keys() and record["profile"] == "live-cpu"
+        assert SIM_KEYS <= record.keys() and record["profile"] == "live-cpu" and record["api"] == "chat"
         assert record["errors"] == 0 and record["requests_completed"] > 0
         assert record["output_tokens_per_s"] > 0 and record["ttft_mean_s"] > 0
         assert record["occupancy"]["t_s"]
@@ -52,3 +53,9 @@ def test_bench_over_grpc(platform, tmp_path):
     code, [record] = bench(platform, tmp_path, "--policy", "mori", "--duration", "8", "--api", "grpc")
     assert code == 0, record["error_samples"]
     assert record["api"] == "grpc" and record["requests_completed"] > 0 and record["errors"] == 0
+
+
+def test_bench_over_completions_with_token_ids(platform, tmp_path):
+    code, [record] = bench(platform, tmp_path, "--policy", "lull", "--duration", "8", "--api", "completions")
+    assert code == 0, record["error_samples"]
+    assert record["api"] == "completions" and record["requests_completed"] > 0 and record["errors"] == 0

