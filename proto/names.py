@@ -11,6 +11,7 @@ GATEWAY_DEPLOYMENT = "LullGateway"  # ingress: REST on the HTTP port, gRPC sessi
 ENGINE_DEPLOYMENT = "LullEngine"  # one replica per GPU, wraps vLLM's AsyncLLM
 CONTROLLER_ACTOR = "lull-controller"  # detached, named
 NODE_AGENT_ACTOR_PREFIX = "lull-node-agent-"
+GATEWAY_RESOURCE = "lull_gateway"  # the Ray resource the chart gives each gateway pod (cluster.gateway_resource)
 RAY_METRICS_PORT = 8080  # Ray's own metrics export port (`ray start --metrics-export-port`)
 
 

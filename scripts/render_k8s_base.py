@@ -70,12 +70,16 @@ def _objects(values: dict) -> list[dict]:
 
 
 def overlay_values() -> dict:
-    """The chart values the gpu-multinode overlay stands for: its config.yaml, and the GPUs
-    and node selector its gpu-workers.yaml patch gives the worker pods."""
+    """The chart values the gpu-multinode overlay stands for: its config.yaml, and the GPUs,
+    resources, node selector and /dev/shm its gpu-workers.yaml patch gives the worker pods."""
     pod = "/spec/rayClusterConfig/workerGroupSpecs/0/template/spec"
-    patched = {op["path"]: op["value"] for op in yaml.safe_load((OVERLAY / "gpu-workers.yaml").read_text())}
-    workers = {"gpusPerPod": patched[f"{pod}/containers/0/resources"]["limits"]["nvidia.com/gpu"],
-               "nodeSelector": patched[f"{pod}/nodeSelector"]}
+    patched = {op["path"]: op["value"] for op in yaml.safe_load((OVERLAY / "gpu-workers.yaml").read_text())
+               if op["op"] != "test"}
+    resources = patched[f"{pod}/containers/0/resources"]
+    workers = {"gpusPerPod": resources["limits"]["nvidia.com/gpu"], "nodeSelector": patched[f"{pod}/nodeSelector"],
+               "resources": {k: {r: v for r, v in amounts.items() if r != "nvidia.com/gpu"}
+                             for k, amounts in resources.items()},
+               "shmSize": patched[f"{pod}/volumes/3/emptyDir/sizeLimit"]}
     return {**VALUES, "config": yaml.safe_load((OVERLAY / "config.yaml").read_text()), "ray": {"gpuWorkers": workers}}
 
 

@@ -21,7 +21,8 @@ Each session's label is the tier the controller books it in, spelled `Tier.label
 
 Mechanism, not policy: the store never evicts on its own. Capacity is a hard limit:
 a write that does not fit raises `TierFull` and changes nothing, and so does a
-tmpfs that fills up below the capacity (no partial file is left). A caller may name
+tmpfs that fills up below the capacity (no partial file is left; a process killed
+mid-write leaves files that the next store opened on the folder removes). A caller may name
 sessions to drop for room (`put_session(evict=...)`); the store drops a named one
 only while it is a redundant "gpu" copy, and only if that makes the write fit.
 The callers' rule, which `write_session` applies for them: a write may let redundant
@@ -31,6 +32,7 @@ copies go, least recently written first, never a booked one.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sqlite3
 import threading
@@ -40,7 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proto.tiers import Tier
+from workers.dram_files import orphan_files, volume_problem
 from workers.tier_errors import TierFull
+
+log = logging.getLogger(__name__)
 
 REDUNDANT = Tier.GPU.label  # a GPU-tier session's write-through copy
 PINNED = "pinned"  # mid-move: a marker, not a tier; never dropped until the move completes or aborts
@@ -100,6 +105,26 @@ class DramStore:
         self._db.execute("PRAGMA synchronous=OFF")  # tmpfs: nothing survives a reboot anyway
         self._db.executescript(_SCHEMA)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('used_bytes', 0)")
+        problem = volume_problem(self.root, self.capacity_bytes)
+        if problem:
+            # A warning, not a refusal: Lull opens a DRAM tier on every Ray node, also on nodes
+            # that run no engine (the KubeRay head, whose /dev/shm is small) and never fill it;
+            # the config and the chart refuse a tier that cannot fit where it matters.
+            log.warning("DRAM tier at %s: %s; until then writes past the volume fail as tier full", self.root, problem)
+        removed = self.remove_orphans()
+        if removed:
+            log.info("DRAM tier at %s: removed %d files no session owns (left by a killed writer)", self.root, removed)
+
+    def remove_orphans(self) -> int:
+        """Remove block files no index entry owns and temporary files of writers that died,
+        under the lock; returns how many. A live writer's unindexed file may go too: it
+        rewrites it under the lock before indexing it (``_put_locked``)."""
+        with self._transaction():
+            indexed = {h for (h,) in self._db.execute("SELECT hash FROM blocks")}
+            orphans = orphan_files(self.root / "blocks", indexed)
+            for path in orphans:
+                path.unlink(missing_ok=True)
+        return len(orphans)
 
     # ---- reads ----
     def used_bytes(self) -> int:
@@ -330,6 +355,7 @@ class DramStore:
 
 def _write_file(path: Path, data: bytes) -> None:
     path.write_bytes(data)
+
 
 
 def write_session(store: DramStore, session_id: str, *, tenant: str, replica: str, label: str, tokens: int,

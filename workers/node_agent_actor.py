@@ -18,7 +18,7 @@ from proto.telemetry.metrics import make_metrics, serve_agent_metrics
 from workers.dram_store import DramStore, node_dram_dir
 from workers.node_agent import NodeAgent
 from workers.node_agent_service import serve
-from workers.shared_tier import SharedTier
+from workers.shared_tier import open_shared_tier
 
 log = logging.getLogger(__name__)
 LEASE_SWEEP_S = 1.0
@@ -28,7 +28,9 @@ LEASE_SWEEP_S = 1.0
 class NodeAgentActor:
     def __init__(self, node_id: str, dram_dir: str, dram_capacity_bytes: int, *, redis_url: str | None = None,
                  shared_capacity_bytes: int = 0, port: int = 0, metrics_port: int | None = None):
-        shared = SharedTier(redis_url, shared_capacity_bytes) if redis_url else None
+        # The password comes from this node's environment, never from the actor's arguments
+        # (Ray keeps those in the GCS); a misconfigured Redis fails the agent's start here.
+        shared = open_shared_tier(redis_url, shared_capacity_bytes) if redis_url else None
         dram_dir = node_dram_dir(dram_dir, node_id)  # the same folder this node's engines use
         self.agent = NodeAgent(node_id, DramStore(dram_dir, dram_capacity_bytes), shared, dram_dir=dram_dir)
         self.registry = CollectorRegistry()

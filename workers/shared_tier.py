@@ -14,7 +14,14 @@ Every mutation is one Lua script, so it is all or nothing and the byte count
 (``used``) always equals the sum of stored block sizes. Scripts do every read
 and check before their first write: Redis (6.2 and later) refuses a script's
 write at ``maxmemory`` only while the script has written nothing yet, so a
-refused script has changed nothing.
+refused script has changed nothing (``workers/shared_tier_scripts.py``).
+
+The Redis Lull needs: ``maxmemory`` set and ``maxmemory-policy noeviction``. Lull,
+not Redis, decides which session's KV leaves; an evicting Redis would drop blocks
+that session records still name. A Redis that refuses the password
+(``LULL_REDIS_PASSWORD``) or evicts is misconfigured, which is not an outage: every
+call raises ``SharedTierMisconfigured``, naming the setting to fix, until it is fixed.
+Redis' own refusal at ``maxmemory`` is ``TierFull``, like Lull's capacity.
 
 Redis layout, five keys under one hash tag (``{lull}:…``), so that on Redis
 Cluster they share a slot and the scripts may touch them all:
@@ -38,6 +45,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from proto.config_secrets import REDIS_PASSWORD_ENV, redis_password
+from workers import shared_tier_scripts as scripts
 from workers.tier_errors import TierError, TierFull
 
 log = logging.getLogger(__name__)
@@ -45,102 +54,15 @@ T = TypeVar("T")
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _KEYS = ("used", "blocks", "refs", "records", "sizes")
 
-_PUT = """
-local capacity, sid, record, n = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
-local new, order = {}, {}
-for i = 5, 4 + n do
-  local h = ARGV[i]
-  if not new[h] then new[h] = true; order[#order + 1] = h end
-end
-local data = {}
-for i = 5 + n, #ARGV, 2 do data[ARGV[i]] = ARGV[i + 1] end
-local old, old_order = {}, {}
-local previous = redis.call('HGET', KEYS[4], sid)
-if previous then
-  for h in string.gmatch(cjson.decode(previous).blocks, '%S+') do
-    if not old[h] then old[h] = true; old_order[#old_order + 1] = h end
-  end
-end
-local added, nbytes, freed = 0, 0, 0
-for _, h in ipairs(order) do
-  if redis.call('HEXISTS', KEYS[2], h) == 1 then
-    nbytes = nbytes + redis.call('HSTRLEN', KEYS[2], h)
-  elseif data[h] then
-    added = added + #data[h]; nbytes = nbytes + #data[h]
-  else
-    return {'missing', h}
-  end
-end
-for _, h in ipairs(old_order) do
-  if not new[h] and tonumber(redis.call('HGET', KEYS[3], h)) == 1 then
-    freed = freed + redis.call('HSTRLEN', KEYS[2], h)
-  end
-end
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
--- A put that does not grow passes even above capacity (a client with a smaller
--- capacity_bytes may share this namespace): it can only bring used down.
-if added - freed > 0 and used + added - freed > capacity then
-  return {'full', added - freed, capacity - used}
-end
-for _, h in ipairs(order) do
-  if not old[h] and redis.call('HINCRBY', KEYS[3], h, 1) == 1 then
-    redis.call('HSET', KEYS[2], h, data[h])
-  end
-end
-for _, h in ipairs(old_order) do
-  if not new[h] and redis.call('HINCRBY', KEYS[3], h, -1) <= 0 then
-    redis.call('HDEL', KEYS[3], h); redis.call('HDEL', KEYS[2], h)
-  end
-end
-redis.call('INCRBY', KEYS[1], added - freed)
-redis.call('HSET', KEYS[4], sid, record)
-redis.call('HSET', KEYS[5], sid, nbytes)
-return {'ok', added}
-"""
-
-# ARGV: capacity, need ('' drops every listed session), session ids in drop order.
-# The record is deleted first: HDEL is allowed at maxmemory, and once a script has
-# written, its later writes are too, so dropping always works under memory pressure.
-_DROP = """
-local capacity, need = tonumber(ARGV[1]), tonumber(ARGV[2])
-local free = capacity - tonumber(redis.call('GET', KEYS[1]) or '0')
-local freed, dropped = 0, {}
-for i = 3, #ARGV do
-  if need and free + freed >= need then break end
-  local sid = ARGV[i]
-  local record = redis.call('HGET', KEYS[4], sid)
-  if record then
-    redis.call('HDEL', KEYS[4], sid); redis.call('HDEL', KEYS[5], sid)
-    local seen = {}
-    for h in string.gmatch(cjson.decode(record).blocks, '%S+') do
-      if not seen[h] then
-        seen[h] = true
-        if redis.call('HINCRBY', KEYS[3], h, -1) <= 0 then
-          freed = freed + redis.call('HSTRLEN', KEYS[2], h)
-          redis.call('HDEL', KEYS[3], h); redis.call('HDEL', KEYS[2], h)
-        end
-      end
-    end
-    dropped[#dropped + 1] = sid
-  end
-end
-if freed > 0 then redis.call('DECRBY', KEYS[1], freed) end
-return {freed, dropped}
-"""
-
-# Flat [hash, size, hash, size, ...] of the blocks hash, without moving the bytes.
-_BLOCK_SIZES = """
-local sizes = {}
-for _, h in ipairs(redis.call('HKEYS', KEYS[1])) do
-  sizes[#sizes + 1] = h; sizes[#sizes + 1] = redis.call('HSTRLEN', KEYS[1], h)
-end
-return sizes
-"""
-
-
 class SharedTierUnavailable(TierError):
-    """Redis cannot be reached (down, hung past ``timeout_s``, or refusing our password);
-    callers serve from the local tiers."""
+    """Redis cannot be reached (down, or hung past ``timeout_s``); callers serve from
+    the local tiers, and the next call tries again."""
+
+
+class SharedTierMisconfigured(TierError):
+    """Redis answers but cannot serve as the shared tier: it refuses the password, or its
+    memory policy could evict blocks. A setting is wrong (the message names it), not an
+    outage; callers serve from the local tiers, and every call checks again."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +82,8 @@ class SharedTier:
     are copied into Redis; ``get_blocks`` returns fresh copies.
     """
 
-    def __init__(self, url: str, capacity_bytes: int, *, namespace: str = "lull", timeout_s: float = 1.0) -> None:
+    def __init__(self, url: str, capacity_bytes: int, *, password: str | None = None, namespace: str = "lull",
+                 timeout_s: float = 1.0) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
         if timeout_s <= 0:
@@ -168,23 +91,27 @@ class SharedTier:
         if not namespace or "{" in namespace or "}" in namespace:
             raise ValueError(f"namespace must be non-empty and free of braces, got {namespace!r}")
         parts = urlsplit(url)
+        if password and parts.password:
+            raise ValueError("give the Redis password once: in the URL or as password, not both")
         self._capacity = capacity_bytes
         self.address = f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else parts.path
-        self._password = unquote(parts.password) if parts.password else None
+        self._password = password or (unquote(parts.password) if parts.password else None)
         self._keys = [f"{{{namespace}}}:{name}" for name in _KEYS]
         # One retry, on connection errors only, and without backoff: it replaces a
         # pooled socket that a Redis restart closed; a refused connection fails at
         # once and a hung server costs one timeout_s, never more.
         self._redis = redis.Redis.from_url(
             url,
+            password=password or None,  # None leaves the URL's, if any
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
-        self._put = self._redis.register_script(_PUT)
-        self._drop = self._redis.register_script(_DROP)
-        self._outage_lock = threading.Lock()
-        self._in_outage = False
+        self._put = self._redis.register_script(scripts.PUT)
+        self._drop = self._redis.register_script(scripts.DROP)
+        self._state_lock = threading.Lock()
+        self._trouble_kind: str | None = None  # "unavailable" or "misconfigured" while it lasts
+        self._verified = False  # Redis' memory policy checked since start or the last outage
 
     @property
     def capacity_bytes(self) -> int:
@@ -192,6 +119,13 @@ class SharedTier:
 
     def close(self) -> None:
         self._redis.close()
+
+    def verify(self) -> None:
+        """Check now that Redis accepts the password and cannot evict, as the first call after
+        start or after an outage does anyway. Raises SharedTierMisconfigured (naming the
+        setting to fix) or SharedTierUnavailable."""
+        self._verified = False
+        self._run(lambda: None)
 
     def put_session(
         self, session_id: str, tenant: str, block_hashes: Sequence[str], blocks: Mapping[str, bytes], tokens: int
@@ -286,7 +220,7 @@ class SharedTier:
         def snapshot() -> list:
             with self._redis.pipeline(transaction=True) as pipe:
                 pipe.get(self._keys[0]).hgetall(self._keys[2]).hgetall(self._keys[3]).hgetall(self._keys[4])
-                pipe.eval(_BLOCK_SIZES, 1, self._keys[1])
+                pipe.eval(scripts.BLOCK_SIZES, 1, self._keys[1])
                 return pipe.execute()
 
         used, refs, records, sizes, flat = self._run(snapshot)
@@ -313,42 +247,97 @@ class SharedTier:
         return int(freed), [sid.decode() for sid in dropped]
 
     def _run(self, call: Callable[[], T], put_bytes: int = 0) -> T:
-        """Run one Redis call; map connection failures to SharedTierUnavailable and
-        Redis' own out-of-memory refusal to TierFull; log outage edges once."""
+        """Run one Redis call; map a refused password or an evicting Redis to
+        SharedTierMisconfigured, connection failures to SharedTierUnavailable and Redis'
+        own out-of-memory refusal to TierFull; log each trouble's start and end once."""
         try:
+            if not self._verified:
+                self._verify_server()
             result = call()
+        except SharedTierMisconfigured as exc:
+            self._trouble("misconfigured", f"shared tier misconfigured: {exc}; serving from local tiers",
+                          logging.ERROR)
+            raise
+        except redis.AuthenticationError as exc:  # a ConnectionError subclass: first
+            problem = self._auth_problem(exc)
+            self._trouble("misconfigured", f"shared tier misconfigured: {problem}; serving from local tiers",
+                          logging.ERROR)
+            raise SharedTierMisconfigured(problem) from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            self._outage_started(exc)
-            raise SharedTierUnavailable(f"shared tier unavailable at {self.address}: {self._reason(exc)}") from exc
+            self._verified = False  # a Redis that comes back may be another one: check it again
+            reason = f"shared tier unavailable at {self.address}: {self._reason(exc)}"
+            self._trouble("unavailable", f"{reason}; serving from local tiers", logging.WARNING)
+            raise SharedTierUnavailable(reason) from exc
         except redis.ResponseError as exc:
             # Inside a script Redis wraps the refusal, so match its text, not the type.
             if "OOM command not allowed" not in str(exc):
                 raise
             # Redis hit maxmemory (set below capacity_bytes, or overhead): its
             # noeviction policy refused the script before its first write.
-            raise TierFull(put_bytes, 0) from exc
-        self._outage_ended()
+            raise TierFull(put_bytes, 0, detail=f"Redis at {self.address} is at its maxmemory") from exc
+        self._untroubled()
         return result
+
+    def _verify_server(self) -> None:
+        memory = self._redis.info("memory")
+        policy, maxmemory = memory.get("maxmemory_policy"), int(memory.get("maxmemory", 0))
+        if policy != "noeviction":
+            raise SharedTierMisconfigured(
+                f"Redis at {self.address} has maxmemory-policy {policy}, which lets Redis drop blocks that "
+                "sessions still name: set maxmemory-policy noeviction in its config (the Helm chart does)")
+        if maxmemory == 0:
+            raise SharedTierMisconfigured(
+                f"Redis at {self.address} has no maxmemory, so it grows until the kernel kills it: set "
+                "maxmemory above tiers.shared_capacity_gib (the Helm chart derives it: redis.maxmemoryMb)")
+        if maxmemory < self._capacity:
+            log.warning("Redis at %s has maxmemory %d bytes, below the shared tier's capacity %d: puts are "
+                        "refused (TierFull) before the capacity is reached", self.address, maxmemory, self._capacity)
+        self._verified = True
+
+    def _auth_problem(self, exc: BaseException) -> str:
+        fix = (f"set {REDIS_PASSWORD_ENV} to the password Redis requires "
+               "(on Kubernetes the chart sets it from its Redis Secret: redis.auth)")
+        if self._password is None:
+            return f"Redis at {self.address} requires a password and none is set: {fix}"
+        return f"Redis at {self.address} refused the password ({self._reason(exc)}): {fix}"
 
     def _reason(self, exc: BaseException) -> str:
         reason = str(exc).rstrip(".") or type(exc).__name__
         return reason.replace(self._password, "***") if self._password else reason
 
-    def _outage_started(self, exc: BaseException) -> None:
-        with self._outage_lock:
-            if self._in_outage:
+    def _trouble(self, kind: str, line: str, level: int) -> None:
+        with self._state_lock:
+            if self._trouble_kind == kind:
                 return
-            self._in_outage = True
-        log.warning("shared tier unavailable at %s: %s; serving from local tiers", self.address, self._reason(exc))
+            self._trouble_kind = kind
+        log.log(level, "%s", line)
 
-    def _outage_ended(self) -> None:
-        if not self._in_outage:
+    def _untroubled(self) -> None:
+        if self._trouble_kind is None:
             return
-        with self._outage_lock:
-            if not self._in_outage:
+        with self._state_lock:
+            if self._trouble_kind is None:
                 return
-            self._in_outage = False
+            self._trouble_kind = None
         log.info("shared tier available again at %s", self.address)
+
+
+def open_shared_tier(url: str, capacity_bytes: int, *, env: Mapping[str, str] | None = None,
+                     timeout_s: float = 1.0) -> SharedTier:
+    """The shared tier as a node agent opens it at start: the password from
+    LULL_REDIS_PASSWORD (on Kubernetes, the chart's Secret), and Redis checked at once.
+    A misconfigured Redis fails the start (SharedTierMisconfigured names the fix); one
+    that is not up yet does not, since on Kubernetes Redis and the Ray pods start
+    together: the first call checks it then."""
+    tier = SharedTier(url, capacity_bytes, password=redis_password(env), timeout_s=timeout_s)
+    try:
+        tier.verify()
+    except SharedTierUnavailable:
+        pass  # the tier logged it; every later call tries again
+    except SharedTierMisconfigured:
+        tier.close()
+        raise
+    return tier
 
 
 def _checked_hashes(block_hashes: Sequence[str]) -> list[str]:

@@ -56,9 +56,10 @@ def engine_count(config: LullConfig) -> dict:
 def actor_options(config: LullConfig) -> dict[str, dict]:
     """Each deployment's ``ray_actor_options``: the Ray resources one replica asks for."""
     engine, gateway = replica_asks(config)
+    custom = {k: v for k, v in gateway.resources.items() if k != "CPU"}  # cluster.gateway_resource
     return {
         "engine": {"num_cpus": engine.resources["CPU"], "num_gpus": engine.resources.get("GPU", 0.0)},
-        "gateway": {"num_cpus": gateway.resources["CPU"]},
+        "gateway": {"num_cpus": gateway.resources["CPU"], **({"resources": custom} if custom else {})},
     }
 
 

@@ -71,10 +71,13 @@ def replica_asks(config: LullConfig) -> list[Ask]:
     engine = {"CPU": config.cluster.engine_cpus}
     if config.model.device == "gpu":
         engine["GPU"] = float(config.engine.tensor_parallel_size)
+    gateway = {"CPU": config.cluster.gateway_cpus}
+    if config.cluster.gateway_resource:  # one per gateway pod: one gateway (one gRPC listener) per pod
+        gateway[config.cluster.gateway_resource] = 1.0
     return [
         Ask("an engine replica", engine, "lower cluster.engine_cpus (lull up --engine-cpus) or "
             "engine.tensor_parallel_size, or add a Ray node that large"),
-        Ask("the gateway", {"CPU": config.cluster.gateway_cpus}, "lower cluster.gateway_cpus"),
+        Ask("the gateway", gateway, "lower cluster.gateway_cpus, or give a Ray node cluster.gateway_resource"),
     ]
 
 

@@ -1,7 +1,9 @@
 """SharedTier against a real redis-server (LocalRedis): byte-exact round trips,
 content-addressed blocks shared across sessions, all-or-nothing puts, eviction in
 the caller's order, exact accounting against a Python model (Hypothesis), a
-password that never reaches the logs, and outages that degrade with one log line."""
+password (LULL_REDIS_PASSWORD) that works and never reaches the logs, a refused
+password or an evicting Redis reported as a misconfiguration naming its fix (not an
+outage), and outages that degrade with one log line."""
 
 import logging
 import os
@@ -16,7 +18,14 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from workers.redis_server import LocalRedis
-from workers.shared_tier import SharedTier, SharedTierUnavailable, TierError, TierFull
+from workers.shared_tier import (
+    SharedTier,
+    SharedTierMisconfigured,
+    SharedTierUnavailable,
+    TierError,
+    TierFull,
+    open_shared_tier,
+)
 
 CAPACITY = 1000
 LOGGER = "workers.shared_tier"
@@ -145,7 +154,7 @@ def test_redis_maxmemory_refusal_is_tier_full_and_drops_still_work():
     with LocalRedis("1500kb") as local:
         tier = SharedTier(local.url, capacity_bytes=10**9)
         stored = []
-        with pytest.raises(TierFull):
+        with pytest.raises(TierFull, match=f"Redis at {local.address} is at its maxmemory"):
             for i in range(40):
                 h, data = block(f"s{i}", 100_000)
                 tier.put_session(f"s{i}", "t", [h], {h: data}, 1)
@@ -235,21 +244,85 @@ def test_password_works_and_never_reaches_logs_or_errors(caplog):
     secret = "Tier-Secret-93x"
     caplog.set_level(logging.DEBUG)
     with LocalRedis("2mb", password=secret) as local:
-        tier = SharedTier(local.url, CAPACITY, timeout_s=0.5)
+        plain_url = f"redis://{local.address}/0"
+        tier = SharedTier(plain_url, CAPACITY, password=secret, timeout_s=0.5)
         h, data = block("p", 10)
         assert tier.put_session("a", "t", [h], {h: data}, 1) == 10
-        wrong = SharedTier(local.url.replace(secret, "wrong-pass"), CAPACITY, timeout_s=0.5)
-        with pytest.raises(SharedTierUnavailable) as refused:
+        in_url = SharedTier(local.url, CAPACITY, timeout_s=0.5)  # a test server's URL carries it
+        assert in_url.get_blocks([h]) == {h: data}
+        wrong = SharedTier(plain_url, CAPACITY, password="wrong-pass", timeout_s=0.5)
+        with pytest.raises(SharedTierMisconfigured) as refused:
             wrong.used_bytes()
         local.stop()
         with pytest.raises(SharedTierUnavailable) as down:
             tier.used_bytes()
-        tier.close()
-        wrong.close()
+        for client in (tier, in_url, wrong):
+            client.close()
+    assert "refused the password" in str(refused.value) and "LULL_REDIS_PASSWORD" in str(refused.value)
     assert secret not in str(refused.value) + str(down.value)
-    assert [r.levelname for r in caplog.records if r.name == LOGGER] == ["WARNING", "WARNING"]
+    assert [r.levelname for r in caplog.records if r.name == LOGGER] == ["ERROR", "WARNING"]
     assert all(secret not in r.getMessage() for r in caplog.records)
     assert secret not in caplog.text
+
+
+def test_a_missing_or_wrong_password_is_a_misconfiguration_naming_the_setting_not_an_outage(caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with LocalRedis("2mb", password="right-pass-1") as local:
+        plain_url = f"redis://{local.address}/0"
+        none = SharedTier(plain_url, CAPACITY, timeout_s=0.5)
+        for call in (none.used_bytes, none.sessions, lambda: none.drop_session("a")):
+            with pytest.raises(SharedTierMisconfigured, match="requires a password and none is set: set "
+                               "LULL_REDIS_PASSWORD") as error:
+                call()
+            assert isinstance(error.value, TierError) and not isinstance(error.value, SharedTierUnavailable)
+        records = [r for r in caplog.records if r.name == LOGGER]
+        assert [r.levelno for r in records] == [logging.ERROR]  # once, not once per call
+        assert re.fullmatch(rf"shared tier misconfigured: Redis at {re.escape(local.address)} requires a "
+                            r"password .+; serving from local tiers", records[0].getMessage())
+        with pytest.raises(SharedTierMisconfigured, match="refused the password"):
+            open_shared_tier(plain_url, CAPACITY, env={"LULL_REDIS_PASSWORD": "wrong-pass"}, timeout_s=0.5)
+        opened = open_shared_tier(plain_url, CAPACITY, env={"LULL_REDIS_PASSWORD": "right-pass-1"}, timeout_s=0.5)
+        assert opened.used_bytes() == 0
+        none.close()
+        opened.close()
+    with pytest.raises(ValueError, match="once"):
+        SharedTier(local.url, CAPACITY, password="right-pass-1")
+
+
+def test_an_evicting_or_unbounded_redis_is_refused_until_fixed(caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with LocalRedis("2mb") as local:
+        admin = redis.Redis.from_url(local.url)
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+        with pytest.raises(SharedTierMisconfigured, match="maxmemory-policy allkeys-lru.+set maxmemory-policy "
+                           "noeviction"):
+            open_shared_tier(local.url, CAPACITY, env={}, timeout_s=0.5)
+        tier = SharedTier(local.url, CAPACITY, timeout_s=0.5)
+        h, data = block("e", 10)
+        with pytest.raises(SharedTierMisconfigured):
+            tier.put_session("a", "t", [h], {h: data}, 1)
+        assert admin.hlen("{lull}:blocks") == 0, "a refused tier writes nothing"
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "0")
+        with pytest.raises(SharedTierMisconfigured, match="no maxmemory"):
+            tier.used_bytes()
+        admin.config_set("maxmemory", str(2 << 20))
+        assert tier.put_session("a", "t", [h], {h: data}, 1) == 10  # fixed: checked again, and served
+        tier.close()
+        admin.close()
+    levels = [r.levelno for r in caplog.records if r.name == LOGGER]
+    assert levels == [logging.ERROR, logging.ERROR, logging.INFO]  # open, then the tier: once each; then back
+
+
+def test_a_redis_not_up_yet_does_not_fail_the_start(caplog):
+    """On Kubernetes Redis and the Ray pods start together: the agent starts, the first call checks."""
+    with LocalRedis("2mb") as local:
+        address = local.address
+    tier = open_shared_tier(f"redis://{address}/0", CAPACITY, env={}, timeout_s=0.3)
+    with pytest.raises(SharedTierUnavailable):
+        tier.used_bytes()
+    tier.close()
+    assert [r.levelname for r in caplog.records if r.name == LOGGER] == ["WARNING"]
 
 
 @pytest.fixture

@@ -38,6 +38,15 @@ def test_defaults_are_valid_and_match_the_runtime_names():
     assert set(config.to_dict()) == {s.NAME for s in SECTIONS}
 
 
+def test_a_dram_tier_that_fits_its_volume_with_headroom_is_accepted():
+    # 10% of the volume, at least 2 GiB, stays free: 36 of 40 GiB fits, 36.01 does not.
+    assert from_dict({"tiers": {"dram_capacity_gib": 36, "dram_volume_gib": 40}}).tiers.dram_volume_gib == 40
+    assert from_dict({"tiers": {"dram_capacity_gib": 64}}).tiers.dram_volume_gib is None  # unknown: unchecked
+    assert from_dict({"tiers": {"dram_capacity_gib": 0, "dram_volume_gib": 1}}).tiers.dram_capacity_gib == 0
+    with pytest.raises(ConfigError, match="at most 36, or give the volume at least 41 GiB"):
+        from_dict({"tiers": {"dram_capacity_gib": 36.01, "dram_volume_gib": 40}})
+
+
 def test_every_setting_has_a_doc_and_a_check():
     for section in SECTIONS:
         assert section.__doc__, section.NAME
@@ -60,6 +69,16 @@ def test_every_setting_has_a_doc_and_a_check():
     ({"tiers": {"redis_url": "http://x"}}, r"tiers\.redis_url must be a URL with scheme redis:// or rediss:// or unix://"),
     ({"tiers": {"redis_url": "redis://:pw@host:6379"}}, r"tiers\.redis_url must not carry a password"),
     ({"tiers": {"dram_capacity_gib": -1}}, r"tiers\.dram_capacity_gib must be a number in \[0, 65536\]"),
+    ({"tiers": {"dram_capacity_gib": 64, "dram_volume_gib": 16}},
+     r"tiers\.dram_capacity_gib \(64\) does not fit its memory volume of 16 GiB .+ lower tiers\.dram_capacity_gib "
+     r"to at most 14, or give the volume at least 72 GiB \(Helm: ray\.gpuWorkers\.shmSize\)"),
+    ({"tiers": {"dram_capacity_gib": 768, "dram_volume_gib": 64}}, r"at most 57\.6, or give the volume at least 854 GiB"),
+    ({"tiers": {"dram_volume_gib": 0}}, r"tiers\.dram_volume_gib must be a number in \(0, 65536\], or null"),
+    ({"model": {"path": "Qwen/Qwen2.5-7B"}}, r"model\.path: 'Qwen/Qwen2\.5-7B' is not hf://.+ \(a Hugging Face id\? "
+                                             r"write hf://Qwen/Qwen2\.5-7B\)"),
+    ({"model": {"path": "s3://bucket/m"}}, r"model\.path: 's3://bucket/m' has an unknown scheme"),
+    ({"model": {"path": "pvc://Models/x"}}, r"model\.path: 'pvc://Models/x' is not pvc://CLAIM\[/PATH\]"),
+    ({"cluster": {"gateway_resource": "lull-gateway"}}, r"cluster\.gateway_resource must be a Ray resource name"),
     ({"gateway": {"http_port": 70000}}, r"gateway\.http_port must be an integer in \[1, 65535\]"),
     ({"gateway": {"grpc_port": 8000}}, r"gateway\.grpc_port and gateway\.http_port must differ"),
     ({"gateway": {"max_prompt_tokens": 4096}}, r"gateway\.max_prompt_tokens must be below engine\.max_model_len \(4096\)"),

@@ -1,12 +1,16 @@
 """The node's DRAM tier store: capacity (a write that does not fit is refused, never an
 eviction in the store's own order), the callers' rule for redundant copies, shared
-blocks, a full tmpfs, cross-process safety."""
+blocks, a full tmpfs, a volume too small for the tier, files a killed writer left,
+cross-process safety."""
 
 from __future__ import annotations
 
 import errno
+import logging
 import multiprocessing
+import os
 import random
+import signal
 import subprocess
 
 import pytest
@@ -185,6 +189,55 @@ def test_a_real_tmpfs_filling_below_capacity_refuses_and_cleans_up(tiny_tmpfs):
     assert set(contents(store)) == {"a"} and block_files(store) == {"a1"} and store.used_bytes() == 100_000
     store.check_integrity()
     assert put(store, "c", {"c1": 100_000})  # the room the failed write took is back
+
+
+def test_a_volume_smaller_than_the_tier_is_reported_with_its_fix(tiny_tmpfs, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="workers.dram_store")
+    DramStore(tmp_path / "roomy", capacity_bytes=1 << 20)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    DramStore(tiny_tmpfs, capacity_bytes=8 << 20)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert f"the filesystem under {tiny_tmpfs}" in warning and "lower tiers.dram_capacity_gib" in warning
+    assert "ray.gpuWorkers.shmSize" in warning
+
+
+def _killed_mid_write(root: str) -> None:
+    """A writer SIGKILLed (as the kernel's OOM killer does) after one block's file is complete
+    and halfway through the next: neither is indexed yet."""
+    store = DramStore(root, capacity_bytes=1000)
+    done = []
+
+    def write_then_die(path, data):
+        if done:
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        path.write_bytes(data)
+        done.append(path)
+
+    dram_store._write_file = write_then_die
+    store.put_session("k", tenant="t", replica="r0", label="dram", tokens=64, block_hashes=["c1", "c2"],
+                      blocks={"c1": b"x" * 400, "c2": b"y" * 400})
+
+
+def test_files_a_killed_writer_left_are_removed_when_the_store_opens(tmp_path, caplog):
+    store = DramStore(tmp_path, capacity_bytes=1000)
+    assert put(store, "a", {"a1": 100})
+    child = multiprocessing.get_context("spawn").Process(target=_killed_mid_write, args=(str(tmp_path),))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    left = block_files(store) - {"a1"}
+    assert "c1" in left and any(name.startswith(".c2.") and name.endswith(".tmp") for name in left), left
+    live_tmp = store.root / "blocks" / f".d1.{os.getpid()}.1.tmp"  # a writer of this process, mid-write
+    live_tmp.write_bytes(b"z")
+    caplog.set_level(logging.INFO, logger="workers.dram_store")
+    reopened = DramStore(tmp_path, capacity_bytes=1000)
+    assert block_files(reopened) == {"a1", live_tmp.name}
+    assert "removed 2 files no session owns" in caplog.text
+    assert contents(reopened) == {"a": ("dram", ("a1",))} and reopened.used_bytes() == 100
+    reopened.check_integrity()
+    assert put(reopened, "b", {"b1": 900})  # the bytes the dead writer took are free again
 
 
 def test_replacing_a_session_keeps_blocks_it_still_uses(store):

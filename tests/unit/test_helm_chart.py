@@ -242,14 +242,15 @@ def test_rendered_lull_config_loads_with_controller_config(which):
     assert config.tiers.redis_url == "redis://lull-redis:6379/0"
 
 
-def test_redis_has_maxmemory_eviction_policy_and_a_memory_limit():
-    conf = find("default", "ConfigMap", "lull-redis-config")[0]["data"]["redis.conf"]
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_redis_has_maxmemory_noeviction_and_a_memory_limit(which):
+    conf = find(which, "ConfigMap", "lull-redis-config")[0]["data"]["redis.conf"]
     settings = dict(line.split(" ", 1) for line in conf.splitlines() if line)
-    assert settings["maxmemory-policy"] == "allkeys-lru"
+    assert settings["maxmemory-policy"] == "noeviction"  # what SharedTier refuses to run without
     maxmemory_mb = int(settings["maxmemory"].removesuffix("mb"))
-    config = yaml.safe_load(find("default", "ConfigMap", "lull-config")[0]["data"]["config.yaml"])
+    config = yaml.safe_load(find(which, "ConfigMap", "lull-config")[0]["data"]["config.yaml"])
     assert maxmemory_mb >= config["tiers"]["shared_capacity_gib"] * 1024, "Redis must hold the whole shared tier"
-    container = find("default", "Deployment", "lull-redis")[0]["spec"]["template"]["spec"]["containers"][0]
+    container = find(which, "Deployment", "lull-redis")[0]["spec"]["template"]["spec"]["containers"][0]
     limit_mb = int(container["resources"]["limits"]["memory"].removesuffix("Mi"))
     assert limit_mb > maxmemory_mb
     assert "requirepass" not in conf, "the password belongs in the Secret, not the ConfigMap"
@@ -269,7 +270,7 @@ def test_secrets_are_generated_never_shipped():
 def test_values_schema_rejects_bad_values():
     chart = helm()
     for bad in ({"config": {"engine": {"block_size": 12}}}, {"config": {"policy": {"nmae": "lull"}}},
-                {"redis": {"evictionPolicy": "sometimes"}}, {"replcas": 3}):
+                {"redis": {"evictionPolicy": "allkeys-lru"}}, {"replcas": 3}):
         with pytest.raises(Exception, match="schema"):
             chart.Chart.load(str(CHART)).render(bad, name="lull", namespace="lull")
 

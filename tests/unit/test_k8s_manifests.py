@@ -1,6 +1,6 @@
 """k8s/: the kustomize base (generated from the chart) and its overlay render with
-`kubectl kustomize`, every object validates offline, and the controller's RBAC
-grants what it needs."""
+`kubectl kustomize`, every object validates offline, the overlay's config agrees with
+its pods, and the controller's RBAC grants what it needs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 
 from tests.k8s_validation import ROOT, kubectl, load_all, validate
 from tests.unit.test_helm_chart import engine_scaling_problems, loaded_config, metrics_dir_problems
+from tests.unit.test_helm_tiers import tier_problems
 
 TREES = ["k8s/base", "k8s/overlays/gpu-multinode"]
 
@@ -82,6 +83,14 @@ def test_serve_runs_the_engines_as_build_app_means(tree):
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     data = yaml.safe_load(config_map_of(objs)["data"]["config.yaml"])
     assert engine_scaling_problems(serve, data, workers) == []
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_the_dram_tier_fits_the_workers_shm_and_gateways_have_their_resource(tree):
+    """The overlay's config.yaml carries what the chart would derive from its pods."""
+    objs = kustomize(tree)
+    service = next(o for o in objs if o["kind"] == "RayService")
+    assert tier_problems(service, config_of(objs)) == []
 
 
 def _rules(obj: dict) -> list[tuple[set, set, set]]:

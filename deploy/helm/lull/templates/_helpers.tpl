@@ -60,8 +60,33 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{/* Lull's config as every pod reads it: values.config with the chart's Redis, and the GPU
-worker group's nodes and GPUs per pod, which Lull's autoscaling policy caps the count by. */}}
+{{/* A Kubernetes memory quantity (bytes, or with a unit Ki Mi Gi Ti k K M G T m) in GiB. */}}
+{{- define "lull.gib" -}}
+{{- $q := toString . -}}
+{{- $unit := regexFind "([KMGT]i|[kKMGTm])$" $q -}}
+{{- $per := dict "" (divf 1 1073741824) "Ki" (divf 1 1048576) "Mi" (divf 1 1024) "Gi" 1.0 "Ti" 1024.0 "k" (divf 1000 1073741824) "K" (divf 1000 1073741824) "M" (divf 1000000 1073741824) "G" (divf 1000000000 1073741824) "T" (divf 1000000000000 1073741824) "m" (divf 0.001 1073741824) -}}
+{{- mulf (trimSuffix $unit $q | float64) (index $per $unit) -}}
+{{- end -}}
+
+{{/* The DRAM tier must fit the GPU workers' /dev/shm with headroom: the rule of
+proto/tier_capacity.py (10% of the volume, at least 2 GiB, stay free). */}}
+{{- define "lull.checkDramFit" -}}
+{{- $capacity := .Values.config.tiers.dram_capacity_gib | float64 -}}
+{{- $shm := include "lull.gib" .Values.ray.gpuWorkers.shmSize | float64 -}}
+{{- $room := subf $shm (maxf 2.0 (mulf 0.1 $shm)) -}}
+{{- if and (gt $capacity 0.0) (gt $capacity $room) -}}
+{{- fail (printf "config.tiers.dram_capacity_gib (%g) does not fit ray.gpuWorkers.shmSize (%s), which must keep 10%% (at least 2 GiB) free for vLLM and NCCL: lower config.tiers.dram_capacity_gib to at most %.2f, or raise ray.gpuWorkers.shmSize to at least %dGi" $capacity (toString .Values.ray.gpuWorkers.shmSize) (divf (floor (mulf $room 100)) 100) (ceil (subf (maxf (addf $capacity 2.0) (divf $capacity 0.9)) 0.000000001) | int)) -}}
+{{- end -}}
+{{- with .Values.ray.gpuWorkers.resources.limits.memory -}}
+{{- if ge $shm (include "lull.gib" . | float64) -}}
+{{- fail (printf "ray.gpuWorkers.shmSize (%s) must be below the workers' memory limit (%s): the tmpfs counts against it" (toString $.Values.ray.gpuWorkers.shmSize) (toString .)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Lull's config as every pod reads it: values.config with the chart's Redis, the GPU
+worker group's nodes and GPUs per pod, which Lull's autoscaling policy caps the count by,
+and the size of the memory volume the DRAM tier lives in. */}}
 {{- define "lull.config" -}}
 {{- $config := deepCopy .Values.config -}}
 {{- if .Values.redis.enabled -}}
@@ -77,7 +102,9 @@ worker group's nodes and GPUs per pod, which Lull's autoscaling policy caps the 
 {{- end -}}
 {{- $_ := set $cluster "gpu_node_selector" (join "," $labels) -}}
 {{- end -}}
+{{- $_ := set $cluster "gateway_resource" (include "lull.gatewayResource" .) -}}
 {{- $_ := set $config "cluster" $cluster -}}
+{{- $_ := set $config.tiers "dram_volume_gib" (include "lull.gib" $workers.shmSize | float64) -}}
 {{- toYaml $config -}}
 {{- end -}}
 
