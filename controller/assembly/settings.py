@@ -4,18 +4,22 @@ KV bytes per token the tier budgets are counted in, and what each replica asks o
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from proto.config import GIB, ConfigError, LullConfig
+from proto.model_ref import MODELS_ROOT, local_model_dir
 
 # vLLM's type sizes, by the names engine.dtype and a checkpoint's config.json use.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def model_dir(config: LullConfig) -> str:
+    """The folder every engine and the gateway read the model from (`proto.model_ref`):
+    LULL_MODELS_ROOT moves the hf:// and pvc:// mounts off the chart's /models."""
     if config.model.path:
-        return str(config.model.path)
+        return local_model_dir(str(config.model.path), os.environ.get("LULL_MODELS_ROOT", MODELS_ROOT))
     from workers.tiny_model import ensure_tiny_model
 
     return str(ensure_tiny_model())
