@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from proto.config_checks import (PORT, Check, ConfigError, Flag, FloatRange, IntRange, ModelPath, Nullable, OneOf,
-                                 Pattern, Text, Url)
+                                 Pattern, Text, Url, VllmArgs)
 from proto.config_secrets import API_KEYS_ENV, REDIS_PASSWORD_ENV, Secrets, load_secrets, read_api_keys
 from proto.tier_capacity import dram_fit_problem
 
@@ -75,6 +75,7 @@ class EngineConfig(Section):
     gpu_memory_utilization: float = setting(0.9, "Fraction of each GPU's memory vLLM may use (weights + KV).", FloatRange(0.0, 1.0, lo_open=True))
     cpu_kv_cache_space_gib: float = setting(1.0, "KV cache size per replica on cpu, whole GiB (VLLM_CPU_KVCACHE_SPACE).", FloatRange(0.0, 4096.0, lo_open=True))
     tool_call_parser: str | None = setting("hermes", "vLLM's parser of the model's tool calls (--tool-call-parser); null: no automatic tool choice.", Nullable(Text()))
+    vllm_args: dict | None = setting(None, "More `vllm serve` arguments for every engine, by name, e.g. {enable_chunked_prefill: true}; null: none.", Nullable(VllmArgs()))
     dtype: str = setting("auto", "Weights' and KV's type; auto: the checkpoint's, a float32 one in the platform's 16-bit type (bfloat16 on CPUs).", OneOf(("auto", "float32", "bfloat16", "float16")))
 
 

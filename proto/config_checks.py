@@ -5,6 +5,7 @@ definition of what a setting accepts."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -222,6 +223,36 @@ class Nullable(Check):
 
     def schema(self) -> dict[str, Any]:
         return {"anyOf": [self.inner.schema(), {"type": "null"}]}
+
+
+class VllmArgs(Check):
+    """More `vllm serve` arguments by their Python name ({"enable_chunked_prefill": true}), for
+    every engine. Lull sets the ones in ``owned`` itself (from its own settings, or per call),
+    so those are refused with the setting to use instead."""
+
+    allowed = "a mapping of vLLM argument names (snake_case) to values"
+    owned = {"model": "model.path", "served_model_name": "model.served_name", "max_model_len": "engine.max_model_len",
+             "block_size": "engine.block_size", "tensor_parallel_size": "engine.tensor_parallel_size",
+             "dtype": "engine.dtype", "max_num_seqs": "engine.max_num_seqs",
+             "gpu_memory_utilization": "engine.gpu_memory_utilization",
+             "tool_call_parser": "engine.tool_call_parser", "kv_transfer_config": "(Lull's KV connector)",
+             "api_key": "auth (the gateway checks keys)", "port": "gateway.http_port", "host": "gateway.http_port"}
+
+    def validate(self, name: str, value: Any) -> None:
+        super().validate(name, value)
+        for arg in value:
+            if arg in self.owned:
+                raise ConfigError(f"{name}.{arg} is Lull's to set: use {self.owned[arg]}")
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and re.fullmatch(r"[a-z][a-z0-9_]*", k)
+                                               for k in value)
+
+    def parse(self, name: str, text: str) -> Any:
+        return self._convert(name, text, json.loads)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "object", "propertyNames": {"pattern": "^[a-z][a-z0-9_]*$"}}
 
 
 PORT = IntRange(1, 65535)

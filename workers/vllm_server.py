@@ -21,6 +21,8 @@ Who calls what:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 from argparse import Namespace
 from collections.abc import AsyncIterator
@@ -54,7 +56,16 @@ def server_args(settings) -> Namespace:
     else:
         flags += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     flags += extra_flags(settings.extra_engine_args)
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags)
+    refusal = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(refusal):  # argparse explains on stderr, then exits
+            args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags)
+    except SystemExit:
+        lines = refusal.getvalue().strip().splitlines()
+        start = next((i for i, line in enumerate(lines) if "error:" in line), max(0, len(lines) - 1))
+        reason = " ".join(line.strip() for line in lines[start:start + 3]) or "see its usage"
+        raise ValueError(f"vLLM refused the engine arguments (engine.vllm_args and the engine settings): "
+                         f"{reason}") from None
     validate_parsed_serve_args(args)
     return args
 

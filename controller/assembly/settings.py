@@ -59,7 +59,8 @@ def engine_settings(config: LullConfig) -> dict:
                 tensor_parallel_size=engine.tensor_parallel_size, cpu_kv_cache_gib=engine.cpu_kv_cache_space_gib,
                 gpu_memory_utilization=engine.gpu_memory_utilization, dram_dir=config.tiers.dram_dir,
                 dram_capacity_bytes=int(config.tiers.dram_capacity_gib * GIB) or 1,
-                served_model_name=config.model.served_name, tool_call_parser=engine.tool_call_parser)
+                served_model_name=config.model.served_name, tool_call_parser=engine.tool_call_parser,
+                extra_engine_args=dict(engine.vllm_args or {}))
 
 
 @dataclass(frozen=True)

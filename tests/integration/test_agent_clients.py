@@ -28,7 +28,10 @@ WEATHER = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def platform():
     env = {"LULL_ENGINE__MAX_MODEL_LEN": "4096"}
-    with serve_platform(env, {"gateway": {"grpc_port": 0}}, port=PORT):
+    # JSON grammars allow unbounded whitespace, which random weights fill until max_tokens cuts the
+    # call; vLLM's own switch (`vllm serve --structured-outputs-config`) removes it.
+    vllm_args = {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
+    with serve_platform(env, {"gateway": {"grpc_port": 0}, "engine": {"vllm_args": vllm_args}}, port=PORT):
         yield f"http://127.0.0.1:{PORT}"
 
 
