@@ -89,9 +89,14 @@ class PlanDriver:
         self.state.call_finished(session_id, now, context_tokens)
         return self.definition.event_driven
 
+    def abandoned(self, session_id: str, now: float) -> bool:
+        """The admitted call never reached the engine (its caller left)."""
+        self.state.call_abandoned(session_id, now)
+        return self.definition.event_driven
+
     def tool_started(self, session_id: str, now: float) -> bool:
         """A hint only: the gap since the last call already counts as tool time."""
-        self.state.get(session_id)
+        self.state.tool_call_started(session_id, now)
         return self.definition.event_driven
 
     def tool_finished(self, session_id: str, now: float) -> bool:
@@ -132,7 +137,7 @@ class PlanDriver:
             now = clock()
         for admit in plan.admits:
             try:
-                self.state.apply_admit(admit, now)
+                self.state.apply_admit(admit, now, was=before[admit.session_id][0])
             except StaleDecision as stale:
                 log.debug("admit skipped: %s", stale)
                 continue

@@ -81,6 +81,16 @@ class IdlenessHistory:
         self._cycles[-1][0] = _elapsed(self._since, now)
         self._phase, self._since = Phase.GATED, now
 
+    def call_abandoned(self, now: float) -> None:
+        """The admitted call never reached the engine (its caller left): as if its request had
+        been withdrawn at the gate. The cycle its start opened is dropped (an older cycle the
+        full window let go then stays gone: one cycle fewer, not a wrong one)."""
+        if self._phase is not Phase.LLM:
+            raise ValueError(f"a call was abandoned while the session is {self._phase.value}")
+        self._cycles.pop()
+        self._phase = Phase.GATED
+        self.request_withdrawn(now)
+
     def request_withdrawn(self, now: float) -> None:
         """The gated request was given up (gate timeout, client gone): the gap it
         closed runs on. The gated wait counts in neither term, so the gap's start
@@ -88,7 +98,8 @@ class IdlenessHistory:
         if self._phase is not Phase.GATED:
             raise ValueError(f"a request was withdrawn while the session is {self._phase.value}")
         if self._cycles:
-            self._phase, self._since = Phase.TOOL, now - self._cycles[-1][1]
+            gap, self._cycles[-1][1] = self._cycles[-1][1], 0.0  # open again: accounted from _since
+            self._phase, self._since = Phase.TOOL, now - gap
         else:
             self._phase, self._since = Phase.TOOL, None
 

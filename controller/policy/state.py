@@ -48,6 +48,10 @@ class PendingRequest:
     prompt_tokens: int
     need_tokens: int  # prompt + max output: the HBM the call reserves
     arrived_at: float
+    # Set on admission: the session's context before the call, and whether its KV existed
+    # (not waiting), which an abandoned call (one that never reached the engine) leaves it with.
+    kept_context: int = 0
+    kept_kv: bool = False
 
 
 @dataclass(slots=True)
@@ -60,6 +64,7 @@ class SessionRecord:
     request: PendingRequest | None = None  # set from arrival until the call finishes
     expecting: bool = False  # the client said its tool call finished: prefetch
     closing: bool = False
+    active_at: float = 0.0  # the last event of its client (a request, a call's end, a tool hint)
 
     @property
     def phase(self) -> Phase:
@@ -147,7 +152,7 @@ class ClusterState:
             raise ValueError("session id must be a non-empty string")
         if session_id in self.sessions:
             raise ValueError(f"session {session_id!r} is already open")
-        record = SessionRecord(session_id, WAITING, 0, 0, IdlenessHistory(self.k))
+        record = SessionRecord(session_id, WAITING, 0, 0, IdlenessHistory(self.k), active_at=now)
         self.sessions[session_id] = record
         self.residents[WAITING].add(session_id)
         return record
@@ -175,6 +180,7 @@ class ClusterState:
         record.history.request_arrived(now)
         record.request = PendingRequest(prompt_tokens, need, now)
         record.expecting = False
+        record.active_at = now
         self.attention[session_id] = None
 
     def call_finished(self, session_id: str, now: float, context_tokens: int) -> None:
@@ -190,11 +196,34 @@ class ClusterState:
         record.history.call_finished(now)
         record.request = None
         record.context_tokens = context_tokens
+        record.active_at = now
         self._relocate(record, record.location, context_tokens)
+
+    def call_abandoned(self, session_id: str, now: float) -> None:
+        """The admitted call never reached the engine (its caller left): its reservation is
+        freed and the session keeps the KV it had before the call, where the admission put
+        it; with none (new, or dropped before), it goes back to waiting."""
+        record = self.get(session_id)
+        if record.phase is not Phase.LLM:
+            raise ValueError(f"session {session_id!r} has no call running")
+        request = record.request
+        record.history.call_abandoned(now)
+        record.request = None
+        record.active_at = now
+        record.context_tokens = request.kept_context
+        if request.kept_kv:
+            self._relocate(record, record.location, request.kept_context)
+        else:
+            self._relocate(record, WAITING, 0)
+
+    def tool_call_started(self, session_id: str, now: float) -> None:
+        """A hint only (the gap since the last call already counts as tool time); the client is there."""
+        self.get(session_id).active_at = now
 
     def tool_call_finished(self, session_id: str, now: float) -> None:
         """The client says its tool returned: a request is coming, prefetch its KV."""
         record = self.get(session_id)
+        record.active_at = now
         if record.phase is Phase.TOOL and not record.history.is_new:
             record.expecting = True
             self.attention[session_id] = None
@@ -204,6 +233,7 @@ class ClusterState:
         record = self.get(session_id)
         record.history.request_withdrawn(now)
         record.request = None
+        record.active_at = now
         if not record.closing:
             self.attention.pop(session_id, None)
 
@@ -248,14 +278,21 @@ class ClusterState:
             record.expecting = False  # the prefetch is done
             self.attention.pop(move.session_id, None)
 
-    def apply_admit(self, admit: Admit, now: float) -> None:
+    def apply_admit(self, admit: Admit, now: float, was: Location | None = None) -> None:
+        """``was``: where the session's KV was when the admitting plan was made (before its
+        moves); None: where the books have it now. KV that was waiting was never there."""
         record = self.get(admit.session_id)
         where = Location(Tier.GPU, admit.replica)
         if record.location != where or record.phase is not Phase.GATED or record.request is None:
             raise StaleDecision(f"{admit.session_id} is not gated on {where}")
+        if admit.tokens < record.request.need_tokens:  # planned for an earlier request, since withdrawn
+            raise StaleDecision(f"{admit.session_id} needs {record.request.need_tokens}, not {admit.tokens}")
         growth = admit.tokens - record.footprint
         if growth > self.free(where):
             raise StaleDecision(f"{where} has {self.free(where)} free, needs {growth} more")
+        record.request.kept_context = record.context_tokens
+        record.request.kept_kv = record.context_tokens > 0 and (was or record.location).tier is not Tier.WAITING
+        record.active_at = now
         self._relocate(record, where, admit.tokens)
         # The engine's KV is now the prompt: longer than the last context as the
         # conversation grows, shorter when the client compacted it.
@@ -281,6 +318,12 @@ class ClusterState:
         record.location, record.footprint = where, footprint
 
     # -- views ------------------------------------------------------------------
+
+    def idle_sessions(self, now: float, ttl_s: float) -> list[str]:
+        """Sessions with no call running or gated, not closing, whose client has sent
+        nothing for ``ttl_s`` seconds or more."""
+        return [s for s, r in self.sessions.items()
+                if r.phase is Phase.TOOL and not r.closing and now - r.active_at >= ttl_s]
 
     def locations(self) -> Iterator[Location]:
         return iter(self.residents)

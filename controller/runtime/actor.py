@@ -104,13 +104,24 @@ class Controller:
 
     async def admit(self, session_id: str, tenant: str, prompt_tokens: int, max_tokens: int,
                     timeout_s: float) -> Admitted:
-        """Wait until the call may run (``LiveController.admit``); records the session's idleness
-        on arrival and answers with its tier and context then."""
+        """Wait until the call may run (``LiveController.admit``: a call of a session whose
+        previous call runs or waits waits for it first); records the session's idleness as
+        the call's turn comes and answers with its tier and context then.
+
+        Cancellation (the gateway's caller left: ``ray.cancel`` on this call's ref) withdraws
+        the call, or gives back the reservation of a call admitted just before; the ref then
+        raises TaskCancelledError. A caller that got an ``Admitted`` and will not run the call
+        reports ``call_failed(session_id, started=False)``."""
         self._ready()
-        tier, context_tokens, idleness = session_on_arrival(self.controller, session_id)
-        if idleness is not None and "lull:session_idleness" in self.controller.metrics:
-            self.controller.metrics["lull:session_idleness"].labels(tier=tier).observe(idleness)
-        admission = await self.controller.admit(session_id, tenant, prompt_tokens, max_tokens, timeout_s)
+        live, arrival = self.controller, {}
+
+        def on_turn() -> None:
+            tier, context_tokens, idleness = arrival["at"] = session_on_arrival(live, session_id)
+            if idleness is not None and "lull:session_idleness" in live.metrics:
+                live.metrics["lull:session_idleness"].labels(tier=tier).observe(idleness)
+
+        admission = await live.admit(session_id, tenant, prompt_tokens, max_tokens, timeout_s, on_turn)
+        tier, context_tokens, _ = arrival["at"]
         return Admitted(admission.replica_id, admission.tier_label, admission.waited_s, tier, context_tokens)
 
     async def call_finished(self, session_id: str, context_tokens: int, close: bool = False) -> None:
@@ -120,13 +131,15 @@ class Controller:
         if close:
             self.controller.close_session(session_id)
 
-    async def call_failed(self, session_id: str, lost_replica: str | None = None, dead: bool = False) -> None:
+    async def call_failed(self, session_id: str, lost_replica: str | None = None, dead: bool = False,
+                          started: bool = True) -> None:
         """The call failed. ``lost_replica``: its replica died (``dead``: the caller was told so)
         or became unreachable under it, so membership looks at once, and a dead replica is
-        drained or removed before the call is retried."""
+        drained or removed before the call is retried. ``started`` False: the admitted call
+        never reached an engine (its caller left): its reservation is given back whole."""
         self._ready()
         try:
-            self.controller.call_failed(session_id)
+            self.controller.call_failed(session_id, started)
         finally:
             if lost_replica is not None and self.membership is not None:
                 await self.membership.lost(lost_replica, dead)
@@ -169,7 +182,7 @@ class Controller:
         if snap["sessions"] or snap["gated"]:
             raise ValueError(f"cannot switch policy with {len(snap['sessions'])} session(s) open; close them first")
         new = LiveController(old.mover, policy=policy, planner_config=self.planner_config,
-                             idleness_window=old.idleness_window, metrics=old.metrics)
+                             idleness_window=old.idleness_window, metrics=old.metrics, session_ttl_s=old.session_ttl_s)
         for replica_id, node_id in old.nodes.items():
             new.add_replica(replica_id, node_id, old.capacity[Location(Tier.GPU, replica_id)],
                             old.capacity[Location(Tier.DRAM, replica_id)])
@@ -192,7 +205,7 @@ class Controller:
 class ControllerActor(Controller):
     def __init__(self, agents: dict[str, str], *, policy: str = "lull", planner_config: PlannerConfig | None = None,
                  tick_s: float = 5.0, idleness_window: int = DEFAULT_CYCLES, bytes_per_token: int = 0,
-                 metrics: bool = False, shared_tokens: int = 0, start_agent=None) -> None:
+                 metrics: bool = False, shared_tokens: int = 0, start_agent=None, session_ttl_s: float = 0.0) -> None:
         """``agents``: node id -> address of the agents started with the platform; ``start_agent``:
         the assembly's ``node id -> agent actor handle``, for nodes that join later."""
         from proto.telemetry.metrics import make_metrics
@@ -201,12 +214,12 @@ class ControllerActor(Controller):
         setup_tracing("lull-controller")  # KV move spans; exports only when OTEL_* ask for it
         self._options = dict(agents=dict(agents), policy=policy, planner_config=planner_config, tick_s=tick_s,
                              idleness_window=idleness_window, bytes_per_token=bytes_per_token, metrics=metrics,
-                             shared_tokens=shared_tokens,
-                             start_agent=start_agent)
+                             shared_tokens=shared_tokens, start_agent=start_agent, session_ttl_s=session_ttl_s)
         self.shared_tokens, self.tick_s, self.bytes_per_token = shared_tokens, tick_s, bytes_per_token
         self.mover = GrpcMover(agents, bytes_per_token=bytes_per_token)
         live = LiveController(self.mover, policy=policy, planner_config=planner_config, idleness_window=idleness_window,
-                              metrics=make_metrics() if metrics else None)  # the process's registry
+                              metrics=make_metrics() if metrics else None,  # the process's registry
+                              session_ttl_s=session_ttl_s)
         membership = Membership(lambda: self.controller, self.mover, RayCluster(start_agent), GcsStore())
         super().__init__(live, membership, planner_config=planner_config, started=False)
         self._start_lock = asyncio.Lock()

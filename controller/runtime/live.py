@@ -2,10 +2,13 @@
 
 Who calls what: the gateway calls ``admit`` once per request (it returns when the
 request may run, on which replica, with which engine tier label) and reports the
-call's end (``call_finished`` / ``call_failed``), tool-call hints and closures. Every
-event plans at once (policies that plan only on the tick excepted); ``run`` is the
-backstop tick. The driver owns the books and the event -> plan -> apply loop (the
-simulator runs the same one); here the ``Mover`` carries the bytes and admitted
+call's end (``call_finished`` / ``call_failed``), tool-call hints and closures. Calls
+of one session take turns (``turns``): a second call waits for the first to end. A
+caller that goes away (its ``admit`` cancelled) withdraws its call, and a call admitted
+just before gives its reservation back. Every event plans at once (policies that plan
+only on the tick excepted); ``run`` is the backstop tick, which also closes sessions
+idle longer than ``session_ttl_s``. The driver owns the books and the event -> plan ->
+apply loop (the simulator runs the same one); here the ``Mover`` carries the bytes and admitted
 callers are woken: a move is recorded only once the mover committed it, so a refused
 or failed move leaves the session where it was, and the next plan tries again.
 
@@ -21,40 +24,37 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from controller.policy import (
-    POLICY_DEFINITIONS, Admit, ClusterState, Location, Move, Phase, Plan, PlanDriver, Planner, PlannerConfig, Release,
-    Tier,
+    POLICY_DEFINITIONS, ClusterState, Location, Phase, Plan, PlanDriver, Planner, PlannerConfig, Tier,
 )
 from controller.policy.idleness import DEFAULT_CYCLES
 from controller.runtime.contracts import Admission, GateTimeout, Mover, SessionClosed  # noqa: F401 (re-exported)
+from controller.runtime.mechanism import LiveMechanism, Waiter
 from controller.runtime.restore import Placement, placements_from_reports
+from controller.runtime.turns import WAITING_FOR_TURN, SessionTurns, TurnTimeout
 
 log = logging.getLogger(__name__)
 RECENT_WAITS_S = 5.0  # gate waits that count towards the autoscaler's signal after the request left the gate
 
 
-@dataclass
-class _Waiter:
-    future: asyncio.Future
-    arrived: float
-    reason: str = "waiting for GPU capacity"
-
-
 class LiveController:
     def __init__(self, mover: Mover, *, policy: str = "lull", planner_config: PlannerConfig | None = None,
                  clock: Callable[[], float] = time.monotonic, idleness_window: int = DEFAULT_CYCLES,
-                 metrics: dict | None = None) -> None:
+                 metrics: dict | None = None, session_ttl_s: float = 0.0) -> None:
+        """``session_ttl_s``: close a session idle this long (no call running or waiting); 0: never."""
+        if not session_ttl_s >= 0:
+            raise ValueError(f"session_ttl_s must be >= 0 (0: sessions never expire), got {session_ttl_s}")
         self.policy_name = policy
         self.policy = POLICY_DEFINITIONS.get(policy)
-        self.idleness_window = idleness_window
-        self.driver = PlanDriver(self.policy, _LiveMechanism(self), planner_config, k=idleness_window)
+        self.idleness_window, self.session_ttl_s = idleness_window, session_ttl_s
+        self.driver = PlanDriver(self.policy, LiveMechanism(self), planner_config, k=idleness_window)
         self.mover, self.clock, self.metrics = mover, clock, metrics or {}
         self.nodes: dict[str, str] = {}  # replica -> Ray node
         self.capacity: dict[Location, int] = {Location(Tier.SHARED): 0}  # as configured, for status
         self.draining: set[str] = set()  # replicas being drained (runtime.drain), booked at zero capacity
-        self._waiters: dict[str, _Waiter] = {}
+        self._waiters: dict[str, Waiter] = {}
+        self.turns = SessionTurns(self._busy)
         self.unreleased: dict[str, Location] = {}  # sessions the books forgot whose KV a failed release left
         self._recent_waits: deque[tuple[float, float]] = deque(maxlen=10_000)  # (left the gate at, waited)
         self._lock = asyncio.Lock()
@@ -100,24 +100,27 @@ class LiveController:
     # -- requests -------------------------------------------------------------------
 
     async def admit(self, session_id: str, tenant: str, prompt_tokens: int, max_tokens: int,
-                    timeout_s: float) -> Admission:
-        """Wait until the session's request may run from HBM; see the module docstring.
-        Raises GateTimeout, SessionClosed, or ValueError for a request that cannot run."""
+                    timeout_s: float, on_turn: Callable[[], None] | None = None) -> Admission:
+        """Wait for the session's turn, then until its request may run from HBM; ``timeout_s``
+        bounds both waits together. ``on_turn``: called as the turn comes, before the request
+        enters the books. Cancelled, it withdraws the call (see the module docstring).
+        Raises GateTimeout, SessionClosed, or ValueError for a request that can never run."""
         self._check_size(prompt_tokens, max_tokens)
-        if session_id in self._waiters:
-            raise ValueError(f"session {session_id!r} already has a request waiting")
-        now = self.clock()
-        if session_id not in self.state.sessions:
-            self.driver.open(session_id, now)
-        plan_now = self.driver.request(session_id, now, prompt_tokens, max_tokens)
-        waiter = self._waiters[session_id] = _Waiter(asyncio.get_running_loop().create_future(), now)
-        if not plan_now:
-            waiter.reason = "waiting for the next planning tick"
-        self._gauge_gated()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         try:
-            if plan_now:
-                await self.plan_step()
-            await asyncio.wait({waiter.future}, timeout=timeout_s)
+            await self.turns.take(session_id, timeout_s)
+        except TurnTimeout:
+            raise GateTimeout(session_id, timeout_s, WAITING_FOR_TURN) from None
+        try:
+            waiter, plan_now = self._enter(session_id, prompt_tokens, max_tokens, on_turn)
+        except BaseException:
+            self.turns.pass_on()  # the turn this call took goes to the next
+            raise
+        try:
+            if plan_now:  # shielded: a caller that leaves must not cut a plan short between its moves
+                await asyncio.shield(self.plan_step())
+            await asyncio.wait({waiter.future}, timeout=max(0.0, deadline - loop.time()))
         except asyncio.CancelledError:
             self._give_up(session_id, waiter, "cancelled")
             raise
@@ -126,16 +129,41 @@ class LiveController:
             raise GateTimeout(session_id, timeout_s, waiter.reason)
         return waiter.future.result()
 
-    def _give_up(self, session_id: str, waiter: _Waiter, outcome: str) -> None:
+    def _enter(self, session_id: str, prompt_tokens: int, max_tokens: int,
+               on_turn: Callable[[], None] | None) -> tuple[Waiter, bool]:
+        """The call's turn came: its request enters the books and waits at the gate."""
+        record = self.state.sessions.get(session_id)
+        if record is not None and record.closing:  # closed between its turn and now
+            raise SessionClosed(f"session {session_id!r} was closed while its call waited for its turn")
+        if on_turn is not None:
+            on_turn()
+        now = self.clock()
+        if record is None:
+            self.driver.open(session_id, now)
+        plan_now = self.driver.request(session_id, now, prompt_tokens, max_tokens)
+        waiter = self._waiters[session_id] = Waiter(asyncio.get_running_loop().create_future(), now)
+        if not plan_now:
+            waiter.reason = "waiting for the next planning tick"
+        self._gauge_gated()
+        return waiter, plan_now
+
+    def _give_up(self, session_id: str, waiter: Waiter, outcome: str) -> None:
         if waiter.future.done():
             if not waiter.future.exception() and outcome == "cancelled":
-                self.call_failed(session_id)  # admitted, but the call will never run
+                self.call_failed(session_id, started=False)  # admitted, but the call will never run
             return
         waiter.future.cancel()
         self._waiters.pop(session_id, None)
         plan_now = self.driver.withdrawn(session_id, self.clock())
         self._observe_wait(waiter, outcome)
         self._kick(plan_now)
+
+    def _busy(self, session_id: str) -> bool:
+        """A call of the session runs or waits at the gate, or the session is closing."""
+        record = self.state.sessions.get(session_id)
+        if session_id in self._waiters:
+            return True
+        return record is not None and (record.closing or record.phase is not Phase.TOOL)
 
     def _check_size(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens < 1 or max_tokens < 1:
@@ -151,10 +179,14 @@ class LiveController:
     def call_finished(self, session_id: str, context_tokens: int) -> None:
         self._kick(self.driver.finished(session_id, self.clock(), context_tokens))
 
-    def call_failed(self, session_id: str) -> None:
-        """The engine call failed (or never ran). Its KV is taken to be the prompt's."""
+    def call_failed(self, session_id: str, started: bool = True) -> None:
+        """The engine call failed: its KV is taken to be the prompt's. ``started`` False: the
+        admitted call never reached the engine (its caller left), so its reservation is
+        freed and the session keeps the KV it had before (``ClusterState.call_abandoned``)."""
         record = self.state.get(session_id)
-        if record.phase is Phase.LLM:
+        if record.phase is Phase.LLM and not started:
+            plan_now = self.driver.abandoned(session_id, self.clock())
+        elif record.phase is Phase.LLM:
             plan_now = self.driver.finished(session_id, self.clock(), max(1, record.context_tokens))
         elif record.phase is Phase.GATED and session_id not in self._waiters:
             plan_now = self.driver.withdrawn(session_id, self.clock())
@@ -170,19 +202,45 @@ class LiveController:
         self._kick(self.driver.tool_finished(session_id, self.clock()))
 
     def close_session(self, session_id: str) -> None:
-        self._kick(self.driver.close(session_id, self.clock()))
+        """Calls queued for their turn fail with SessionClosed, as does one gated (on the
+        release); a call that arrives later waits for the release and opens it afresh."""
+        plan_now = self.driver.close(session_id, self.clock())
+        self.turns.fail(session_id, SessionClosed(f"session {session_id!r} was closed while its call waited"))
+        self._kick(plan_now)
+
+    def expire_idle(self) -> list[str]:
+        """Close the sessions idle longer than ``session_ttl_s`` (no call running, gated or
+        queued); the next plan releases their KV from whatever tier holds it."""
+        if not self.session_ttl_s:
+            return []
+        now = self.clock()
+        expired = [s for s in self.state.idle_sessions(now, self.session_ttl_s) if not self.turns.holds(s)]
+        plan_now = False
+        for session_id in expired:
+            plan_now |= self.driver.close(session_id, now)
+        if expired:
+            log.info("%d session(s) idle over %g s closed", len(expired), self.session_ttl_s)
+            if "lull:sessions_expired" in self.metrics:
+                self.metrics["lull:sessions_expired"].inc(len(expired))
+        self._kick(plan_now)
+        return expired
 
     # -- planning ---------------------------------------------------------------------
 
     async def run(self, tick_s: float) -> None:
-        """The backstop tick: a planning step every ``tick_s`` seconds, until cancelled."""
+        """The backstop tick every ``tick_s`` seconds, until cancelled."""
         while True:
             await asyncio.sleep(tick_s)
             try:
-                await self.retry_releases()
-                await self.plan_step()
+                await self.tick()
             except Exception:  # a bad step must not stop the tick
                 log.exception("planning step failed")
+
+    async def tick(self) -> None:
+        """Expire idle sessions, retry failed releases, plan once."""
+        self.expire_idle()
+        await self.retry_releases()
+        await self.plan_step()
 
     async def retry_releases(self) -> None:
         """Carry out the releases that failed (an agent restarting, a network blip). The books
@@ -213,6 +271,7 @@ class LiveController:
             for gate in plan.gates:
                 if gate.session_id in self._waiters:
                     self._waiters[gate.session_id].reason = gate.reason
+            self.turns.pass_on()  # sessions released by the plan are free for their next call
             self._gauge_gated()
             if "lull:plan_step_seconds" in self.metrics:
                 self.metrics["lull:plan_step_seconds"].observe(time.perf_counter() - started)
@@ -222,7 +281,9 @@ class LiveController:
         return self.nodes.get(where.replica) if where.replica is not None else None
 
     def _kick(self, plan_now: bool) -> None:
-        """Plan soon (when the policy plans on this event): one background stepper, coalescing events."""
+        """After an event: hand freed sessions their next call's turn, and plan soon (when the
+        policy plans on this event): one background stepper, coalescing events."""
+        self.turns.pass_on()
         if not plan_now:
             return
         self._dirty = True
@@ -272,6 +333,7 @@ class LiveController:
 
     def check_integrity(self) -> None:
         self.state.check_integrity()
+        self.turns.check_integrity()
         for session_id, waiter in self._waiters.items():
             assert self.state.get(session_id).phase is Phase.GATED, f"{session_id} waits but is not gated"
             assert not waiter.future.done()
@@ -285,13 +347,15 @@ class LiveController:
             sessions.append(dict(
                 session_id=record.session_id, tier=where.tier.name.lower(), replica=where.replica,
                 node=self._node(where), phase=record.phase.value, idleness=round(record.idleness(now), 4),
-                kv_tokens=record.context_tokens, footprint_tokens=record.footprint, closing=record.closing))
+                kv_tokens=record.context_tokens, footprint_tokens=record.footprint, closing=record.closing,
+                idle_s=round(now - record.active_at, 3)))
         tiers = []
         for where, used in self.state.used.items():
             tiers.append(dict(tier=where.tier.name.lower(), replica=where.replica, node=self._node(where),
                               used_tokens=used, capacity_tokens=self.capacity.get(where),
                               sessions=len(self.state.residents[where])))
-        return dict(policy=self.policy_name, sessions=sessions, tiers=tiers, gated=len(self._waiters))
+        return dict(policy=self.policy_name, sessions=sessions, tiers=tiers, gated=len(self._waiters),
+                    queued=self.turns.queued(), session_ttl_s=self.session_ttl_s)
 
     # -- metrics -------------------------------------------------------------------------
 
@@ -310,41 +374,3 @@ class LiveController:
         self._recent_waits.append((now, now - waiter.arrived))
         if "lull:gate_wait_seconds" in self.metrics:
             self.metrics["lull:gate_wait_seconds"].labels(outcome=outcome).observe(now - waiter.arrived)
-
-
-class _LiveMechanism:
-    """Carries the driver's plans out live: bytes through the controller's mover,
-    admissions and closures to the callers waiting at the gate."""
-
-    def __init__(self, live: LiveController) -> None:
-        self.live = live
-
-    async def release(self, release: Release, free_kv: bool) -> None:
-        live, session_id = self.live, release.session_id
-        waiter = live._waiters.pop(session_id, None)
-        if waiter is not None:
-            waiter.future.set_exception(SessionClosed(f"session {session_id!r} was closed while gated"))
-            live._observe_wait(waiter, "closed")
-        if free_kv:
-            try:
-                await live.mover.release(session_id, release.location, live._node(release.location))
-            except Exception:  # the tiers never drop a copy on their own: retried on the tick
-                log.exception("release of %s in %s failed; retried on the next tick", session_id, release.location)
-                live.unreleased[session_id] = release.location
-
-    async def move(self, move: Move) -> bool:
-        live = self.live
-        try:
-            return bool(await live.mover.move(move, live._node(move.src), live._node(move.dst)))
-        except Exception:
-            log.exception("move of %s %s -> %s failed", move.session_id, move.src, move.dst)
-            return False
-
-    def admitted(self, admit: Admit, was: Location, kv_tokens: int, now: float) -> None:
-        live = self.live
-        waiter = live._waiters.pop(admit.session_id, None)
-        if waiter is None:  # no one to run it (should not happen): give the room back
-            live.call_failed(admit.session_id)
-            return
-        waiter.future.set_result(Admission(admit.replica, live.policy.tier_label, now - waiter.arrived))
-        live._observe_wait(waiter, "admitted")

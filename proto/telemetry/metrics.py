@@ -72,6 +72,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     # sessions
     MetricSpec("lull:sessions", "gauge", "Live sessions by the tier their KV is in (waiting: KV dropped).",
                ("tier",), multiprocess_mode="mostrecent"),
+    MetricSpec("lull:sessions_expired", "counter",
+               "Sessions the controller closed after policy.session_idle_ttl_s without a call; their KV left every tier.", ()),
     MetricSpec("lull:session_idleness", "histogram",
                "Idleness (tool time / (tool + LLM time), last cycles) of a session when its request arrives, by its tier then.",
                ("tier",), buckets=IDLENESS_BUCKETS),

@@ -55,6 +55,25 @@ def test_gated_time_counts_in_neither_term():
     assert held.idleness(1015.0) == pytest.approx(direct.idleness(35.0))
 
 
+def test_an_abandoned_call_counts_nowhere_and_the_gap_runs_on():
+    left = IdlenessHistory()
+    run_cycle(left, 0.0, 0.0, 10.0)
+    left.request_arrived(20.0)
+    left.call_started(25.0)  # admitted, but its caller left before the engine saw it
+    left.call_abandoned(40.0)
+    assert left.phase is Phase.TOOL
+    untouched = IdlenessHistory()
+    run_cycle(untouched, 0.0, 0.0, 10.0)
+    assert left.idleness(60.0) == pytest.approx(untouched.idleness(40.0)) == pytest.approx(30 / 40)
+    with pytest.raises(ValueError, match="abandoned while the session is tool"):
+        left.call_abandoned(61.0)
+    withdrawn = IdlenessHistory()
+    run_cycle(withdrawn, 0.0, 0.0, 10.0)
+    withdrawn.request_arrived(20.0)
+    withdrawn.request_withdrawn(40.0)  # timed out at the gate
+    assert withdrawn.idleness(60.0) == pytest.approx(30 / 40)
+
+
 def test_window_keeps_last_k_cycles():
     history = IdlenessHistory(k=2)
     run_cycle(history, 0.0, 0.0, 1.0)  # cycle 1: llm 1, tool 99 (forgotten below)

@@ -76,6 +76,27 @@ class PolicyMachine(RuleBasedStateMachine):
         self.plan()
 
     @rule(data=st.data())
+    def abandon(self, data):
+        """An admitted call whose caller left before it reached the engine."""
+        running = sorted(s for s, r in self.state.sessions.items() if r.phase is Phase.LLM)
+        if not running:
+            return
+        session_id = data.draw(st.sampled_from(running))
+        kept = self.state.sessions[session_id].request.kept_context
+        self.state.call_abandoned(session_id, self.now)
+        record = self.state.sessions[session_id]
+        assert record.phase is Phase.TOOL and record.context_tokens == kept
+        assert record.footprint == (kept if record.location.tier is Tier.GPU else 0)
+        self.plan()
+
+    @rule(ttl=st.floats(0, 2000, allow_nan=False))
+    def expire(self, ttl):
+        for session_id in self.state.idle_sessions(self.now, ttl):
+            assert self.state.sessions[session_id].phase is Phase.TOOL
+            self.state.close_session(session_id, self.now)
+        self.plan()
+
+    @rule(data=st.data())
     def tool_finished(self, data):
         idle = self.sessions_in(Phase.TOOL)
         if idle:

