@@ -77,9 +77,11 @@ class ControllerClient:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def call_failed(self, session_id: str, lost_replica: str | None = None, dead: bool = False) -> None:
-        """``lost_replica``: the call's replica died (``dead``) or became unreachable under it."""
-        await self._call("call_failed", session_id, lost_replica, dead)
+    async def call_failed(self, session_id: str, lost_replica: str | None = None, dead: bool = False,
+                          started: bool = True) -> None:
+        """``lost_replica``: the call's replica died (``dead``) or became unreachable under it;
+        ``started`` False: the admitted call never reached an engine (its reservation goes back whole)."""
+        await self._call("call_failed", session_id, lost_replica, dead, started)
 
     async def tool_call_started(self, session_id: str) -> None:
         await self._call("tool_call_started", session_id)
@@ -108,7 +110,7 @@ class ControllerClient:
             except BaseException:  # cancelled or failed: nothing was granted
                 return
             log.info("admission of session %s granted after its caller left; handed back", session_id)
-            await self.call_failed(session_id)
+            await self.call_failed(session_id, started=False)
 
         task = asyncio.get_running_loop().create_task(hand_back())
         self._pending.add(task)

@@ -187,8 +187,9 @@ class GatewayCore:
         """The client-facing error of a failed admission (the error itself when it is not the client's)."""
         if is_error(error, "GateTimeout"):
             retry = max(1, math.ceil(self.limits.gate_timeout_s / 4))
-            return ApiError(503, f"the session waited {self.limits.gate_timeout_s:g} s for GPU capacity "
-                                 f"without being admitted; retry after {retry} s",
+            reason = getattr(cause(error), "reason", None) or "waiting for GPU capacity"
+            return ApiError(503, f"the call waited {self.limits.gate_timeout_s:g} s at the gate without being "
+                                 f"admitted ({reason}); retry after {retry} s",
                             type="overloaded_error", code="gate_timeout", headers={"Retry-After": str(retry)})
         if is_error(error, "SessionClosed"):
             return ApiError(409, "the session was closed while its request waited", code="session_closed")
