@@ -17,11 +17,47 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BUILD_VERSION = 1  # bump when the recipe changes, so caches rebuild
+BUILD_VERSION = 2  # bump when the recipe changes, so caches rebuild
 
+# Hermes style, the format vLLM's `hermes` tool parser reads back: the tools are
+# listed in the first system turn, a call is `<tool_call>{"name", "arguments"}</tool_call>`
+# and a result comes back as a user turn in `<tool_response>`. Real agent clients
+# (Claude Code) send tools, earlier calls and results on every request; a template
+# that dropped them would hand the engine a prompt that is not the conversation.
+# Content may be a string or a list of parts (only text parts carry text here).
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{%- macro text(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- elif content -%}{%- for part in content -%}"
+    "{%- if part is string -%}{{ part }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- set ns = namespace(first=0) -%}"
+    "{%- if tools -%}"
+    "<|system|>"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ text(messages[0]['content']) }}{{ '\n\n' }}{%- set ns.first = 1 -%}"
+    "{%- endif -%}"
+    "{{ '# Tools\n\nYou may call one or more functions. Their signatures are in <tools></tools>:\n<tools>' }}"
+    "{%- for tool in tools -%}{{ '\n' }}{{ tool | tojson }}{%- endfor -%}"
+    "{{ '\n</tools>\n\nFor each call, return <tool_call>{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}</tool_call>\n' }}"
+    "{%- endif -%}"
+    "{%- for m in messages[ns.first:] -%}"
+    "{%- if m['role'] == 'tool' -%}"
+    "<|user|><tool_response>{{ '\n' }}{{ text(m['content']) }}{{ '\n' }}</tool_response>{{ '\n' }}"
+    "{%- else -%}"
+    "<|{{ m['role'] }}|>{{ text(m['content']) }}"
+    "{%- for call in m.get('tool_calls') or [] -%}"
+    "{%- set f = call['function'] if call['function'] is defined else call -%}"
+    "<tool_call>{\"name\": {{ f['name'] | tojson }}, \"arguments\": "
+    "{%- if f['arguments'] is string -%}{{ ' ' ~ f['arguments'] }}{%- else -%}{{ ' ' ~ (f['arguments'] | tojson) }}{%- endif -%}"
+    "}</tool_call>"
+    "{%- endfor -%}"
+    "{{ '\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -36,7 +72,7 @@ class TinyModelSpec:
     num_heads: int = 4
     num_kv_heads: int = 2  # GQA, like every model Lull targets
     intermediate_size: int = 512
-    max_position_embeddings: int = 8192
+    max_position_embeddings: int = 131072  # RoPE has no learned positions; agent prompts are long
     seed: int = 0
 
     @property

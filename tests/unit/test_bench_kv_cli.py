@@ -6,6 +6,7 @@ import pytest
 
 from controller.cli import build_parser, main
 from controller.cli.bench.kv import MOVES, TIERS, BenchSettings, render, write_report
+from workers.tiny_model import TinyModelSpec
 
 
 def parse(*argv: str):
@@ -37,8 +38,9 @@ def test_bad_context_is_a_usage_error_naming_the_value(value, message, capsys):
 
 
 def test_settings_that_cannot_run_fail_before_anything_starts(capsys):
-    assert main(["bench-kv", "--context", "8190"]) == 2
-    assert "exceeds the model's 8192 positions" in capsys.readouterr().err
+    positions = TinyModelSpec().max_position_embeddings
+    assert main(["bench-kv", "--context", str(positions - 2)]) == 2  # + 4 output tokens
+    assert f"exceeds the model's {positions} positions" in capsys.readouterr().err
     assert main(["bench-kv", "--max-tokens", "40"]) == 2
     assert "max_tokens must be in 1..16" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least one context"):
