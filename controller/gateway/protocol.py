@@ -22,7 +22,7 @@ SESSION_HEADERS = ("x-session-id", "x-claude-code-session-id")
 AGENT_HEADER = "x-claude-code-agent-id"  # a Claude Code sub-agent: its own session (as Dynamo reads it)
 SESSION_BODY_FIELD = "session_id"  # Lull's own body field, removed before vLLM sees the body
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # the charset proto/session.proto documents
-# Claude Code puts its session in Anthropic's metadata.user_id: "user_<hash>_account_<id>_session_<uuid>".
+# Claude Code before 2.x put its session in metadata.user_id as "user_<hash>_account_<id>_session_<uuid>".
 CLAUDE_CODE_USER = re.compile(r"_session_([A-Za-z0-9-]{8,64})$")
 ANONYMOUS_TENANT = "anonymous"
 LULL_OWNED_FIELDS = ("kv_transfer_params",)  # Lull sets them; a client's would steer another tier
@@ -65,14 +65,26 @@ def session_id_from(headers: Mapping[str, str], body: Mapping[str, Any] | None =
     if sid is None and body is not None:
         if (value := body.get(SESSION_BODY_FIELD)) is not None:
             sid = check_session_id(value, SESSION_BODY_FIELD)
-        elif isinstance(user := (body.get("metadata") or {}).get("user_id"), str) and (
-                found := CLAUDE_CODE_USER.search(user)):
-            sid = found.group(1)
+        elif isinstance(user := (body.get("metadata") or {}).get("user_id"), str):
+            sid = _claude_code_session(user)
     if sid is not None and (agent := headers.get(AGENT_HEADER)) is not None:
         sid = f"{sid}:agent:{check_session_id(agent, AGENT_HEADER)}"
         check_session_id(sid[:128], AGENT_HEADER)
         sid = sid[:128]
     return sid
+
+
+def _claude_code_session(user_id: str) -> str | None:
+    """The session Claude Code puts in Anthropic's metadata.user_id: a JSON object with
+    "session_id" (2.x), or "user_<hash>_account_<id>_session_<uuid>" (earlier versions)."""
+    if user_id.startswith("{"):
+        try:
+            value = json.loads(user_id).get("session_id")
+        except (ValueError, AttributeError):
+            return None
+        return check_session_id(value, "metadata.user_id") if isinstance(value, str) and value else None
+    found = CLAUDE_CODE_USER.search(user_id)
+    return found.group(1) if found else None
 
 
 def inferred_session_id(kind: str, body: Mapping[str, Any]) -> str:

@@ -105,7 +105,8 @@ class GatewayCore:
                                 f"{lim.max_prompt_tokens} prompt tokens (context limit {lim.max_model_len})",
                            code="context_length_exceeded", param="messages")
         per_prompt = prompt_tokens // prompts
-        output = client_limit or min(lim.default_max_tokens, max(1, lim.max_model_len - per_prompt))
+        room = max(1, lim.max_model_len - per_prompt)  # vLLM cuts a larger limit to the window's rest
+        output = min(client_limit or lim.default_max_tokens, room)
         choices = call.body.get("n") if isinstance(call.body.get("n"), int) and call.body.get("n") > 0 else 1
         return output * choices * prompts
 

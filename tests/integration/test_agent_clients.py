@@ -10,16 +10,19 @@ The tiny model's words are noise; what is tested is that every field is honoured
 from __future__ import annotations
 
 import json
+import os
 
 import anthropic
 import openai
 import pytest
 
+from tests.claude_code import INSTALL_SCRIPT, SHORT_REPLIES, claude_binary, run_claude
 from tests.integration.gateway_client import RawHttp, snapshot
 from tests.integration.live_platform import serve_platform
 
 PORT = 8771
 MODEL = "lull"
+MAX_MODEL_LEN = 65536  # Claude Code's first request is ~24 k tokens (system prompt, reminder, 12 tools)
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -27,10 +30,13 @@ WEATHER = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def platform():
-    env = {"LULL_ENGINE__MAX_MODEL_LEN": "4096"}
+    env = {"LULL_ENGINE__MAX_MODEL_LEN": str(MAX_MODEL_LEN)}
     # JSON grammars allow unbounded whitespace, which random weights fill until max_tokens cuts the
-    # call; vLLM's own switch (`vllm serve --structured-outputs-config`) removes it.
-    vllm_args = {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
+    # call; vLLM's own switch (`vllm serve --structured-outputs-config`) removes it. Claude Code sets
+    # no temperature: greedy with a repetition penalty as the default keeps the noise short
+    # (tests/claude_code.py), and every test here that samples sets its own temperature.
+    vllm_args = {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+                 "override_generation_config": SHORT_REPLIES}
     with serve_platform(env, {"gateway": {"grpc_port": 0}, "engine": {"vllm_args": vllm_args}}, port=PORT):
         yield f"http://127.0.0.1:{PORT}"
 
@@ -108,7 +114,8 @@ def test_anthropic_messages_create_stream_tools_and_count_tokens(claude):
     assert final.usage.output_tokens > 0 and isinstance(text, str)
     counted = claude.messages.count_tokens(model=MODEL, system="You are terse.", tools=[tool],
                                            messages=ask("weather in Paris?"))
-    assert counted.input_tokens == reply.usage.input_tokens + reply.usage.cache_read_input_tokens
+    usage = reply.usage  # Anthropic's input_tokens leaves out what was read from or written to the cache
+    assert counted.input_tokens == usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
 
 
 def test_lulls_own_field_is_refused_and_unknown_routes_are_openai_errors(platform, oai):
@@ -119,7 +126,7 @@ def test_lulls_own_field_is_refused_and_unknown_routes_are_openai_errors(platfor
     status, _, body = raw("POST", "/v1/embeddings", b"{}")
     assert status == 404 and "not served here" in body["error"]["message"]
     models = oai.models.list().data
-    assert models[0].id == MODEL and models[0].model_extra["max_model_len"] == 4096
+    assert models[0].id == MODEL and models[0].model_extra["max_model_len"] == MAX_MODEL_LEN
     tokens = raw("POST", "/tokenize", json.dumps({"model": MODEL, "prompt": "hello world"}).encode())[2]
     assert tokens["count"] > 0
     text = raw("POST", "/detokenize", json.dumps({"model": MODEL, "tokens": tokens["tokens"]}).encode())[2]
@@ -131,3 +138,20 @@ def test_clients_without_a_session_get_one_per_conversation(oai):
     oai.chat.completions.create(model=MODEL, messages=ask("an unnamed agent's task"), max_tokens=2)
     new = {s["session_id"] for s in snapshot()["sessions"]} - before
     assert len(new) == 1 and next(iter(new)).startswith("anonymous/auto-")
+
+
+def test_claude_code_itself_runs_against_lull(platform):
+    """Claude Code from npm (`scripts/install_claude_code.sh`), offline: its Messages API calls go
+    through Lull's gate as one session, named by its own session header."""
+    binary = claude_binary()
+    if binary is None:
+        message = f"Claude Code is not installed: run {INSTALL_SCRIPT} (needs npm)"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(message + "; .ci/run installs it")
+        pytest.skip(message)
+    before = {s["session_id"] for s in snapshot()["sessions"]}
+    result = run_claude(platform, MODEL, "say hello", context_tokens=MAX_MODEL_LEN, timeout_s=400, binary=binary)
+    assert result.returncode == 0, f"claude exited {result.returncode}:\n{result.stderr[-3000:]}"
+    assert result.stdout.strip(), f"claude printed nothing:\n{result.stderr[-3000:]}"
+    sessions = [s for s in snapshot()["sessions"] if s["session_id"] not in before]
+    assert len(sessions) == 1 and sessions[0]["kv_tokens"] > 10_000  # its ~24 k-token prompt, booked

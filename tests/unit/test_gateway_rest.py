@@ -35,6 +35,8 @@ def test_session_id_sources_in_order():
     assert session_id_from(Headers({"x-claude-code-session-id": "h2"}), body) == "h2"
     assert session_id_from(Headers({}), body) == "from-body"
     assert session_id_from(Headers({}), {"metadata": body["metadata"]}) == "1234abcd-5678"
+    claude_code_2 = {"metadata": {"user_id": json.dumps({"device_id": "d", "account_uuid": "", "session_id": "u-1"})}}
+    assert session_id_from(Headers({}), claude_code_2) == "u-1"
     assert session_id_from(Headers({"x-claude-code-agent-id": "a7"}), body) == "from-body:agent:a7"
     assert session_id_from(Headers({}), {"user": "someone"}) is None  # OpenAI's user is a person, not a session
     for bad in ("   ", "a/b", "x" * 129):
