@@ -68,7 +68,7 @@ def test_every_request_completes_exactly_once_in_a_drained_run(policy):
 @pytest.fixture(scope="module")
 def small_trace_workload():
     sessions = load_sessions(limit=12)
-    return build_workload(sessions, gpu_tokens=40_000, seed=3, token_scale=0.1)
+    return build_workload(sessions, context_window=32_768, seed=3, token_scale=0.1)
 
 
 def test_infinite_hbm_bounds_the_others(small_trace_workload):
