@@ -177,14 +177,14 @@ class TierPlanner:
             if failed and failed[0] != view.changes:
                 failed = None  # something moved since: that failure proves nothing now
             growing = scope[1].tier is Tier.GPU  # its need counts what it holds: not comparable
-            if failed and not growing and need >= failed[1]:
-                replica = None
+            if (failed and not growing and need >= failed[1]) or len(held) == len(bounds):
+                replica = None  # (every GPU tier held: nothing younger can go anywhere)
             else:
                 replica = self._place_on_gpu(state, view, record, held, aged)
                 if replica is None:
                     futile[scope] = (view.changes, min(need, failed[1]) if failed else need)
-            if aged and replica is None:
-                held.add(self._hold_for(state, view, record, bounds))
+            if aged and replica is None and len(held) < len(bounds):
+                held.add(self._hold_for(state, view, record, bounds, held))
             if record.request is None:
                 continue
             if replica is None:
@@ -195,17 +195,18 @@ class TierPlanner:
         return admits
 
     def _hold_for(self, state: ClusterState, view: Overlay, record: SessionRecord,
-                  bounds: dict[Location, int]) -> Location:
+                  bounds: dict[Location, int], held: set[Location]) -> Location:
         """The GPU tier an aged request that did not fit holds: where it is, its node's
-        (from DRAM), or the one with the most room displacement could free."""
+        (from DRAM), or the one with the most room displacement could free, preferring
+        tiers no older request holds, so that aged requests spread over the cluster."""
         here = view.location(record.session_id)
         if here.tier is Tier.GPU:
             return here
         if here.tier is Tier.DRAM:
             return Location(Tier.GPU, here.replica)
         need = self._need(record)
-        gpus = [Location(Tier.GPU, r) for r in state.replicas if state.capacity[Location(Tier.GPU, r)] >= need]
-        return max(gpus, key=lambda g: (bounds[g], g.replica or ""))
+        gpus = [g for g in bounds if state.capacity[g] >= need]
+        return max(gpus, key=lambda g: (g not in held, bounds[g], g.replica or ""))
 
     @staticmethod
     def _room_bounds(state: ClusterState, view: Overlay) -> dict[Location, int]:
