@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import re
 import statistics
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 from loadgen.trace_model import TRACE_FORMATS, BlockIds, GapKind, TraceCall, TraceSession
+
+log = logging.getLogger(__name__)
 
 # Seconds per output token of the calls whose api_time was recorded (median over the
 # split, measured): the fallback for a session that recorded none (see _api_times).
@@ -76,25 +79,10 @@ def _sessions(
     for entry in entries:
         kind = entry["type"]
         if kind == "subagent":
-            child_id = f"{session_id}/{entry['agent_id']}"
-            # A sub-agent's `t` is in seconds and marks when it FINISHED, not when it
-            # started: on all 38 sub-agents of the split, t - duration_ms/1000 falls
-            # 0.1-1.1 s after the end (t + api_time) of the parent call that spawned
-            # it, sub-agents spawned together share that start to 0.1 s while their t
-            # differ by their durations, the sub-agent's own calls span duration_ms
-            # less 1-7 s, and the entry sits in the list sorted by t (after the
-            # spawning call, before the parent call that reads the results). Read as
-            # milliseconds, trace_0004's t=440243.4 and t=440281.8 (durations 94 s and
-            # 133 s) would give two different starts, and every other trace's
-            # t=100.65 would be 0.1 s. trace_0004's two sub-agents start at 440149.3 s,
-            # 39.7 h after the parent's last recorded call: its spawning call and what
-            # followed are missing from the trace, so they have no gap to fill.
-            child_start = start_s + _seconds(entry, "t") - _seconds(entry, "duration_ms") / 1000.0
-            children += _sessions(
-                child_id, entry["requests"], spans, child_start, session_id,
-                str(entry.get("subagent_type", "")) or None, header,
-            )
-            waiting.append(child_id)
+            child = _subagent(session_id, entry, spans, start_s, header)
+            if child:
+                children += child
+                waiting.append(child[0].session_id)
         elif kind in ("n", "s"):  # non-streamed / streamed: the same call to the server
             requests.append((entry, tuple(waiting)))
             waiting = []
@@ -108,6 +96,56 @@ def _sessions(
     except ValueError as error:
         raise ValueError(f"{session_id} {error}") from None
     return [session, *children]
+
+
+def _subagent(
+    parent_id: str, entry: dict[str, Any], spans: list[bytes], parent_start: float, header: dict[str, int],
+) -> list[TraceSession]:
+    """A sub-agent and its own sub-agents, or none: a malformed sub-agent is skipped
+    with a warning (its parent and the rest of the folder still load), because one
+    bad nested entry says nothing about the parent's calls, which are the workload.
+
+    Its ``t`` is in seconds and marks when it FINISHED, not when it started: on all 38
+    sub-agents of the split, t - duration_ms/1000 falls 0.1-1.1 s after the end (t +
+    api_time) of the parent call that spawned it, sub-agents spawned together share
+    that start to 0.1 s while their t differ by their durations, the sub-agent's own
+    calls span duration_ms less 1-7 s, and the entry sits in the list sorted by t
+    (after the spawning call, before the parent call that reads the results). Read as
+    milliseconds, trace_0004's t=440243.4 and t=440281.8 (durations 94 s and 133 s)
+    would give two different starts, and every other trace's t=100.65 would be 0.1 s.
+    trace_0004's two sub-agents start at 440149.3 s, 39.7 h after the parent's last
+    recorded call: its spawning call and what followed are missing from the trace, so
+    they have no gap to fill.
+    """
+    try:
+        child_id = f"{parent_id}/{entry['agent_id']}"
+        finished = parent_start + _seconds(entry, "t")
+        if entry.get("duration_ms") is None:
+            # Async-launched sub-agents record ``duration_ms: null``: the parent did not
+            # wait for them, so nobody timed them. Unknown is not zero (that would start
+            # the sub-agent when it finished, its calls running past that end), and not
+            # a reason to drop calls that did run. Its own calls' span (first call to the
+            # end of the last) is the one measured lower bound, short of duration_ms by
+            # 1-7 s on the 38 sub-agents that have one: the start is estimated from it.
+            start = max(parent_start, finished - _own_span(entry["requests"]))
+            log.warning("%s: duration_ms is null (an async sub-agent?); its start is estimated "
+                        "from its own calls' span", child_id)
+        else:
+            start = finished - _seconds(entry, "duration_ms") / 1000.0
+        return _sessions(child_id, entry["requests"], spans, start, parent_id,
+                         str(entry.get("subagent_type", "")) or None, header)
+    except (KeyError, TypeError, ValueError) as error:
+        detail = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+        log.warning("%s: sub-agent %r skipped, malformed: %s", parent_id, entry.get("agent_id"), detail)
+        return []
+
+
+def _own_span(entries: list[dict[str, Any]]) -> float:
+    """Seconds from a sub-agent's start to the end of its last call (its ``t`` plus
+    ``api_time``, 0 where unrecorded)."""
+    ends = [_seconds(e, "t") + (_seconds(e, "api_time") if e.get("api_time") is not None else 0.0)
+            for e in entries if isinstance(e, dict) and e.get("type") in ("n", "s")]
+    return max(ends, default=0.0)
 
 
 def _calls(

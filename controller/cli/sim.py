@@ -23,7 +23,7 @@ from loadgen.sim.cost_model import CostModel, get_profile
 from loadgen.sim.policies import POLICIES
 from loadgen.sim.report import markdown_table, write_report
 from loadgen.sim.simulator import SimConfig, Simulation, summarize
-from loadgen.sim.workload import build_workload
+from loadgen.sim.workload import DEFAULT_MAX_TOKENS, build_workload
 from loadgen.traces import load_sessions
 
 PROGRESS_AFTER_S = 1800.0  # show a progress bar when a comparison simulates this much or more
@@ -40,6 +40,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--cpu-ratio", type=float, default=1.0, help="DRAM tier / GPU KV capacity per replica")
     parser.add_argument("--shared-ratio", type=float, default=None,
                         help="shared tier / total GPU KV (default: 4 for policies that use it, else 0)")
+    parser.add_argument("--unequal-memory", action="store_true",
+                        help="do not give a policy without a shared tier the shared tier's bytes as DRAM")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help="max_tokens each request asks for (reserved by the controller), cut to the window")
+    parser.add_argument("--oracle-output", action="store_true",
+                        help="reserve each call's exact output instead of max_tokens (an oracle)")
     parser.add_argument("--duration", type=float, required=True, help="simulated seconds")
     parser.add_argument("--trace-dir", type=Path, default=None, help="trace folder (default: the shared split)")
     parser.add_argument("--trace-limit", type=int, default=None, help="read only the first N trace files")
@@ -69,13 +75,17 @@ def run(args: argparse.Namespace) -> int:
     for name in policies:
         POLICIES.get(name)
     sweep = _programs(args.programs)
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     profile = get_profile(args.profile, args.model, cpu_ratio=args.cpu_ratio)
     cost = CostModel(profile)
     gpu, dram = profile.kv_capacity_tokens, profile.dram_kv_tokens
-    workload = build_workload(load_sessions(args.trace_dir, limit=args.trace_limit), gpu_tokens=gpu,
-                              seed=args.seed, token_scale=args.token_scale)
+    workload = build_workload(load_sessions(args.trace_dir, limit=args.trace_limit),
+                              context_window=profile.context_window, seed=args.seed, token_scale=args.token_scale,
+                              max_tokens=None if args.oracle_output else args.max_tokens)
     shared = None if args.shared_ratio is None else int(args.shared_ratio * gpu * args.replicas)
     console = Console(stderr=True)
+    console.print(f"workload (simulated): {workload.notes}", markup=False, highlight=False)
     runs = [(n, p) for n in sweep for p in policies]
     records = []
     show = args.duration * len(runs) >= PROGRESS_AFTER_S
@@ -83,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         for n, name in runs:
             task = progress.add_task(f"{name} x{n}", total=args.duration)
             config = SimConfig(name, n, args.replicas, args.duration, gpu, dram, shared, seed=args.seed,
-                               arrival=args.arrival, rate=args.rate)
+                               arrival=args.arrival, rate=args.rate, equal_memory=not args.unequal_memory)
             started = time.perf_counter()
             sim = Simulation(config, workload, cost, progress=lambda t, k=task: progress.update(k, completed=t))
             metrics = sim.run()

@@ -33,6 +33,13 @@ sessions, smallest context first; then prefetches (no request yet). Later groups
 may backfill capacity an earlier one could not use (a large request does not
 block small ones; a 5 s backstop tick retries it).
 
+Anti-starvation: backfilling alone can starve a large request for ever (smaller
+ones keep taking each freed slot). A request that has waited ``starvation_age_s``
+goes first, oldest first, and may displace any movable resident. If it still does
+not fit, it holds one GPU tier (see ``_hold_for``) where nothing younger is admitted;
+there calls only end, so its room bound only grows, and it runs within its age plus
+the longest call running there plus one plan interval (``test_planner_starvation``).
+
 Cost: a plan touches only the sessions that asked for attention and the tiers
 that are over capacity; idleness is computed on demand for the residents of the
 tiers it inspects.
@@ -70,14 +77,16 @@ class PlannerConfig:
     """Promote a session when the client reports its tool call finished."""
     shared_tier: bool = True
     """Use the cluster-wide shared tier; without it, DRAM overflow drops KV."""
+    starvation_age_s: float | None = 30.0
+    """A request waiting this long goes first and holds a GPU tier (see the module doc); None: off."""
 
     def __post_init__(self) -> None:
+        if self.starvation_age_s is not None and not self.starvation_age_s > 0:
+            raise ValueError(f"starvation_age_s must be > 0 or None, got {self.starvation_age_s}")
         if not 0.0 <= self.displace_margin < 1.0:
             raise ValueError(f"displace_margin must be in [0, 1), got {self.displace_margin}")
         if self.displacement_candidates < 1:
-            raise ValueError(
-                f"displacement_candidates must be >= 1, got {self.displacement_candidates}"
-            )
+            raise ValueError(f"displacement_candidates must be >= 1, got {self.displacement_candidates}")
 
     @classmethod
     def from_config(cls, config: LullConfig) -> PlannerConfig:
@@ -94,13 +103,8 @@ class TierPlanner:
         view = Overlay(state, now)
         releases = self._releases(state, view)
         self._fix_overflow(state, view)
-        admits, gates = self._promote(state, view)
-        return Plan(
-            releases=tuple(releases),
-            moves=tuple(view.moves),
-            admits=tuple(admits),
-            gates=tuple(gates),
-        )
+        admits, gates = self._promote(state, view, now)
+        return Plan(releases=tuple(releases), moves=tuple(view.moves), admits=tuple(admits), gates=tuple(gates))
 
     # -- steps ----------------------------------------------------------------
 
@@ -122,12 +126,12 @@ class TierPlanner:
                     break
                 self._push_down(view, session_id, Tier(where.tier + 1), MoveReason.OVERFLOW)
 
-    def _promote(self, state: ClusterState, view: Overlay) -> tuple[list[Admit], list[Gate]]:
-        admits: list[Admit] = []
+    def _promote(self, state: ClusterState, view: Overlay, now: float) -> tuple[list[Admit], list[Gate]]:
         gates: list[Gate] = []
         largest = state.largest_gpu()
         bounds = self._room_bounds(state, view)
         most = max(bounds.values(), default=0)
+        age = self.config.starvation_age_s
         keyed = []
         for index, session_id in enumerate(state.attention):
             record = state.sessions[session_id]
@@ -142,6 +146,9 @@ class TierPlanner:
                 if record.request is not None:
                     gates.append(Gate(session_id, _too_large(need, largest)))
                 continue
+            if age is not None and record.request is not None and now - record.request.arrived_at >= age:
+                keyed.append(((-1, record.request.arrived_at), index, record))  # aged: oldest first
+                continue
             if not self._may_fit(view, record, need, bounds, most):
                 # Gated without a sort key or a placement attempt: under load most
                 # gated requests are here, and a plan runs on every event.
@@ -150,24 +157,34 @@ class TierPlanner:
                 continue
             keyed.append((self._promotion_key(view, record), index, record))
         keyed.sort(key=lambda item: item[:2])
+        admits = self._admit_in_order(state, view, keyed, bounds, gates)
+        return admits, gates
+
+    def _admit_in_order(self, state: ClusterState, view: Overlay, keyed: list, bounds: dict[Location, int],
+                        gates: list[Gate]) -> list[Admit]:
+        admits = []
         # Inside a group, requests come in ascending idleness (or, for new sessions,
         # equal idleness and ascending size), so each later one may displace at most
         # what an earlier one could. Once a need failed and nothing has moved since,
         # every later need at least as large fails too: skip it.
         futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
+        held: set[Location] = set()  # GPU tiers held by aged requests: nothing younger goes there
         for key, _, record in keyed:
+            aged = key[0] == -1
             scope = (key[0], self._scope(view, record))
             need = self._need(record)
             failed = futile.get(scope)
             if failed and failed[0] != view.changes:
                 failed = None  # something moved since: that failure proves nothing now
             growing = scope[1].tier is Tier.GPU  # its need counts what it holds: not comparable
-            if failed and not growing and need >= failed[1]:
-                replica = None
+            if (failed and not growing and need >= failed[1]) or len(held) == len(bounds):
+                replica = None  # (every GPU tier held: nothing younger can go anywhere)
             else:
-                replica = self._place_on_gpu(state, view, record)
+                replica = self._place_on_gpu(state, view, record, held, aged)
                 if replica is None:
                     futile[scope] = (view.changes, min(need, failed[1]) if failed else need)
+            if aged and replica is None and len(held) < len(bounds):
+                held.add(self._hold_for(state, view, record, bounds, held))
             if record.request is None:
                 continue
             if replica is None:
@@ -175,7 +192,21 @@ class TierPlanner:
             else:
                 view.admit(record.session_id, replica, record.request.need_tokens)
                 admits.append(Admit(record.session_id, replica, record.request.need_tokens))
-        return admits, gates
+        return admits
+
+    def _hold_for(self, state: ClusterState, view: Overlay, record: SessionRecord,
+                  bounds: dict[Location, int], held: set[Location]) -> Location:
+        """The GPU tier an aged request that did not fit holds: where it is, its node's
+        (from DRAM), or the one with the most room displacement could free, preferring
+        tiers no older request holds, so that aged requests spread over the cluster."""
+        here = view.location(record.session_id)
+        if here.tier is Tier.GPU:
+            return here
+        if here.tier is Tier.DRAM:
+            return Location(Tier.GPU, here.replica)
+        need = self._need(record)
+        gpus = [g for g in bounds if state.capacity[g] >= need]
+        return max(gpus, key=lambda g: (g not in held, bounds[g], g.replica or ""))
 
     @staticmethod
     def _room_bounds(state: ClusterState, view: Overlay) -> dict[Location, int]:
@@ -225,28 +256,33 @@ class TierPlanner:
         here = view.location(record.session_id)
         return here if here.tier is not Tier.SHARED else WAITING
 
-    def _place_on_gpu(self, state: ClusterState, view: Overlay, record: SessionRecord) -> str | None:
-        """Reserve HBM for the session; return its replica, or None if it must wait."""
+    def _place_on_gpu(self, state: ClusterState, view: Overlay, record: SessionRecord,
+                      held: set[Location] = frozenset(), aged: bool = False) -> str | None:
+        """Reserve HBM for the session (not in ``held``); its replica, or None: it waits."""
         session_id = record.session_id
         need = self._need(record)
         here = view.location(session_id)
         if here.tier is Tier.GPU:
+            if here in held:
+                return None
             growth = need - view.footprint(session_id)
-            return here.replica if self._room(view, here, growth, session_id) else None
+            return here.replica if self._room(view, here, growth, session_id, aged) else None
         if here.tier is Tier.DRAM:
             candidates = [Location(Tier.GPU, here.replica)]
         else:
-            candidates = self._best_fit(state, view, need)
+            candidates = self._best_fit(state, view, need, held)
         for target in candidates:
-            if self._room(view, target, need, session_id):
+            if target not in held and self._room(view, target, need, session_id, aged):
                 view.move(session_id, target, need, MoveReason.PROMOTE)
                 return target.replica
         return None
 
-    def _best_fit(self, state: ClusterState, view: Overlay, need: int) -> list[Location]:
+    def _best_fit(self, state: ClusterState, view: Overlay, need: int,
+                  held: set[Location] = frozenset()) -> list[Location]:
         """GPU tiers to try: those where the need fits, tightest first (best fit),
-        then the rest by most free room, where displacement has the best chance."""
-        gpus = [Location(Tier.GPU, r) for r in state.replicas]
+        then the rest by most free room, where displacement has the best chance.
+        Tiers in ``held`` are not offered."""
+        gpus = [Location(Tier.GPU, r) for r in state.replicas if Location(Tier.GPU, r) not in held]
         fitting = sorted(
             (g for g in gpus if view.free(g) >= need), key=lambda g: (view.free(g), g.replica)
         )
@@ -260,10 +296,15 @@ class TierPlanner:
         # are where displacement is cheapest, so a burst stays O(attention).
         return roomiest[: self.config.displacement_candidates]
 
-    def _room(self, view: Overlay, target: Location, amount: int, requester: str) -> bool:
-        """Make ``amount`` tokens free in a GPU tier, displacing if allowed."""
+    def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: bool = False) -> bool:
+        """Make ``amount`` tokens free in a GPU tier, displacing if allowed. An aged
+        request may displace every movable resident, those waiting for HBM too:
+        otherwise two requests could hold each other off for ever."""
         if amount <= view.free(target):
             return True
+        if aged:
+            return self._make_room(view, target, amount, -1.0, MoveReason.DISPLACED,
+                                   wanting_more_idle_than=-1.0, keep=requester)
         if not self.config.displacement:
             return False
         if view.record(requester).request is not None:
@@ -284,15 +325,18 @@ class TierPlanner:
         reason: MoveReason,
         *,
         wanting_more_idle_than: float | None = -1.0,
+        keep: str = "",
     ) -> bool:
         """Free ``amount`` tokens in ``target`` by pushing residents more idle than
         ``more_idle_than`` one tier down, most idle first. Residents that want HBM
         themselves (last in the order) go only when more idle than
         ``wanting_more_idle_than`` (None: never). All or nothing: if the room cannot
-        be made in full, nothing moves."""
+        be made in full, nothing moves. ``keep`` (the requester) never goes."""
         room = view.free(target)
         victims = []
         for session_id in self._demotion_order(view, target):
+            if session_id == keep:
+                continue
             iota = view.idleness(session_id)
             if room >= amount or iota <= more_idle_than:
                 break

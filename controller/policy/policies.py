@@ -10,7 +10,8 @@ The live controller (``controller.runtime.live``) and the simulator
 - ``mori``: MORI ("Idleness is Relative", 2026) as published: the same idleness
   ranking over HBM and host DRAM only (no shared tier: DRAM overflow drops KV), no
   prefetch, and plans only on the tick, so an arriving request waits for the next
-  tick. It shares the planner's promotion rules with ``lull``.
+  tick. It shares the planner's promotion rules with ``lull``, but not its
+  anti-starvation rule (``starvation_age_s``): the paper has no aging.
 - ``lru-offload``: the no-gating baseline (vLLM prefix caching + write-through
   offload, LRU; LMCache's "CPU offloading"). Every request is admitted at once to its
   sticky replica (a new or dropped session: the one with the fewest sessions); the
@@ -78,7 +79,7 @@ class PolicyDefinition:
 
 
 def _mori_planner(config: PlannerConfig) -> TierPlanner:
-    return TierPlanner(replace(config, shared_tier=False, prefetch=False))
+    return TierPlanner(replace(config, shared_tier=False, prefetch=False, starvation_age_s=None))
 
 
 def _no_gate_planner(config: PlannerConfig) -> NoGatePlanner:

@@ -78,7 +78,8 @@ class Profile:
         if self.kv_capacity_tokens < 1:
             usable = self.gpu.hbm_bytes * tp * self.gpu_memory_utilization
             raise ValueError(
-                f"{self.model.name} weights ({self.model.weight_bytes / 1e9:.1f} GB) leave no KV "
+                f"{self.model.name} weights ({self.model.weight_bytes / 1e9:.1f} GB) and activations "
+                f"({self.activation_reserve_bytes / 1e9:.1f} GB) leave no KV "
                 f"space in {usable / 1e9:.1f} GB on {tp} x {self.gpu.name}: raise tensor_parallel "
                 f"or gpu_memory_utilization, or pick a larger GPU"
             )
@@ -95,12 +96,33 @@ class Profile:
         return f"{self.gpu.name}/{self.model.name}"
 
     @property
+    def context_window(self) -> int:
+        """Longest prompt + output one request may hold: the model's window, and no more
+        than one replica's KV (vLLM refuses to start with a max_model_len it cannot hold)."""
+        return min(self.model.context_window, self.kv_capacity_tokens)
+
+    @property
+    def activation_reserve_bytes(self) -> int:
+        """Device memory vLLM's profiling run finds busy besides weights and KV, whole
+        replica: the peak of one full step, ``token_budget x (2 x MLP width + 4 x hidden)
+        x dtype`` (gate and up projections; residual, norm, attention in/out) plus fp32
+        logits of ``max_num_seqs`` rows, ``max_num_seqs x vocab x 4``; MoE's MLP width is
+        top-k x expert width (the fused kernel's intermediate cache). Plus the GPU's fixed
+        runtime reserve per GPU. An estimate of the order vLLM logs, not a measurement."""
+        if not self.gpu.reserves_activations:
+            return 0
+        m = self.model
+        width = m.intermediate * max(1, m.experts_per_token)
+        peak = self.token_budget * (2 * width + 4 * m.hidden) * m.dtype_bytes + self.max_num_seqs * m.vocab * 4
+        return peak + self.gpu.runtime_reserve_bytes * self.tensor_parallel
+
+    @property
     def kv_capacity_tokens(self) -> int:
-        """GPU KV tier: ``floor((hbm_bytes * tp * gpu_memory_utilization - weight_bytes)
-        / kv_bytes_per_token)``. Activation workspace and CUDA graphs are not reserved
-        (vLLM profiles them; a few GB), so this is a slight overestimate."""
+        """GPU KV tier: ``floor((hbm_bytes * tp * gpu_memory_utilization - weight_bytes -
+        activation_reserve_bytes) / kv_bytes_per_token)``, as vLLM sizes its KV cache."""
         usable = self.gpu.hbm_bytes * self.tensor_parallel * self.gpu_memory_utilization
-        return max(0, math.floor((usable - self.model.weight_bytes) / self.model.kv_bytes_per_token))
+        free = usable - self.model.weight_bytes - self.activation_reserve_bytes
+        return max(0, math.floor(free / self.model.kv_bytes_per_token))
 
     @property
     def dram_kv_tokens(self) -> int:
@@ -120,7 +142,7 @@ def get_profile(
 ) -> Profile:
     """A profile by names, e.g. ``get_profile("h200-80g", "qwen2.5-7b")``. The GPU names
     are the named hardware profiles (``GPUS.names()``); ``tensor_parallel`` defaults to
-    the model's deployment TP (2 for llama-3.1-70b)."""
+    the model's deployment TP (4 for llama-3.1-70b)."""
     shape = MODELS.get(model)
     return Profile(
         gpu=GPUS.get(gpu),
@@ -306,7 +328,7 @@ class CostModel:
             f"**Cost model `{p.name}`** (TP={self.tp}; no per-policy constants). "
             f"GPU `{g.name}` ({g.notes}): peak {g.peak_flops / 1e12:g} TFLOP/s dense bf16 x "
             f"MFU {g.mfu}, HBM {g.hbm_bandwidth / 1e12:g} TB/s x MBU {g.mbu}, "
-            f"{g.hbm_bytes / 2**30:g} GiB HBM, PCIe {g.pcie_bandwidth / 1e9:g} GB/s per GPU "
+            f"{g.hbm_bytes / 1e9:g} GB HBM, PCIe {g.pcie_bandwidth / 1e9:g} GB/s per GPU "
             f"(HBM<->DRAM), network {g.network_bandwidth * 8 / 1e9:g} Gb/s per replica "
             f"(DRAM<->shared), NVLink {g.nvlink_bandwidth / 1e9:g} GB/s with "
             f"{g.allreduce_latency_s * 1e6:g} us per all-reduce, {g.dram_bytes / 2**30:g} GiB "
@@ -318,8 +340,11 @@ class CostModel:
             f"{m.dtype_bytes} B/param. "
             f"KV bytes/token = 2 x layers x kv_heads x head_dim x dtype = "
             f"{m.kv_bytes_per_token:,} B. GPU KV capacity = (HBM x TP x "
-            f"{p.gpu_memory_utilization} - weights {m.weight_bytes / 1e9:.2f} GB) / KV bytes/token "
-            f"= {p.kv_capacity_tokens:,} tokens; DRAM tier = cpu_ratio {p.cpu_ratio:g} x that "
+            f"{p.gpu_memory_utilization} - weights {m.weight_bytes / 1e9:.2f} GB - activation and "
+            f"runtime reserve {p.activation_reserve_bytes / 1e9:.2f} GB) / KV bytes/token "
+            f"= {p.kv_capacity_tokens:,} tokens; context window {p.context_window:,} tokens "
+            f"(prompt + output; longer calls are compacted by the workload, and the engine "
+            f"refuses any that is not); DRAM tier = cpu_ratio {p.cpu_ratio:g} x that "
             f"= {p.dram_kv_tokens:,} tokens. "
             f"Engine step (continuous batching, <= {p.token_budget} tokens and "
             f"<= {p.max_num_seqs} seqs) = max(compute, memory) + TP all-reduce + overhead, with "

@@ -35,6 +35,13 @@ def _step_if(driver: PlanDriver, plan_now: bool, now: float) -> None:
         driver.step_now(now)
 
 
+_HOPS = {  # the links a copy between two tiers crosses, in order
+    frozenset((Tier.GPU, Tier.DRAM)): (Link.PCIE,),
+    frozenset((Tier.DRAM, Tier.SHARED)): (Link.NETWORK,),
+    frozenset((Tier.GPU, Tier.SHARED)): (Link.PCIE, Link.NETWORK),  # through the node's DRAM
+}
+
+
 class CorePolicy(SimPolicy):
     """A core policy that moves KV: the driver's books are the tiers. Bytes are
     counted from each ``Move``, transfer times come from the cost model."""
@@ -42,25 +49,33 @@ class CorePolicy(SimPolicy):
     def __init__(self, cluster: Cluster, definition: PolicyDefinition) -> None:
         super().__init__(cluster)
         self.driver = _driver(definition, self, cluster)
+        self._now = 0.0  # the time of the event being planned on: moves book links then
+        self._ready: dict[str, float] = {}  # session -> when its promotion's copy is in HBM
 
     @property
     def state(self) -> ClusterState:
         return self.driver.state
 
+    def _step_if(self, plan_now: bool, now: float) -> None:
+        self._now = now
+        _step_if(self.driver, plan_now, now)
+
     def open(self, sid: str, now: float) -> None:
         self.driver.open(sid, now)
 
     def request(self, sid: str, now: float, call: CallSpec) -> None:
-        _step_if(self.driver, self.driver.request(sid, now, call.input_tokens, call.output_tokens), now)
+        # The books reserve what the live controller reserves: prompt + max_tokens.
+        self._step_if(self.driver.request(sid, now, call.input_tokens, call.reserve_tokens - call.input_tokens), now)
 
     def finished(self, sid: str, now: float, context_tokens: int) -> None:
-        _step_if(self.driver, self.driver.finished(sid, now, context_tokens), now)
+        self._step_if(self.driver.finished(sid, now, context_tokens), now)
 
     def close(self, sid: str, now: float) -> None:
-        _step_if(self.driver, self.driver.close(sid, now), now)
+        self._ready.pop(sid, None)
+        self._step_if(self.driver.close(sid, now), now)
 
     def tick(self, now: float) -> None:
-        _step_if(self.driver, self.driver.tick(now), now)
+        self._step_if(self.driver.tick(now), now)
 
     def occupancy(self) -> tuple[int, int, int]:
         totals = [0, 0, 0]
@@ -75,6 +90,8 @@ class CorePolicy(SimPolicy):
         """Freeing KV moves no bytes and takes no time."""
 
     async def move(self, move: Move) -> bool:
+        """Book the copy on its links (a demotion too: it holds the link), count its
+        bytes; a promotion's arrival in HBM is what an admitted call waits on."""
         if move.dst.tier is Tier.WAITING:
             return True  # a drop moves nothing
         nbytes = self.cluster.cost.kv_bytes(move.tokens)
@@ -84,17 +101,20 @@ class CorePolicy(SimPolicy):
             counters.bytes_hbm_dram += nbytes  # GPU<->shared also crosses PCIe via DRAM
         if Tier.SHARED in tiers:
             counters.bytes_dram_shared += nbytes
+        hops = _HOPS[frozenset(tiers)]
+        promotion = move.is_promotion
+        replica = move.dst.replica if promotion else move.src.replica
+        if replica is None:  # DRAM <-> shared: the node's own link
+            replica = move.src.replica or move.dst.replica
+        done = self.cluster.copy_done(move.tokens, replica, hops if not promotion else hops[::-1], self._now)
+        if promotion and move.dst.tier is Tier.GPU:
+            self._ready[move.session_id] = done
         return True
 
     def admitted(self, admit: Admit, was: Location, kv_tokens: int, now: float) -> None:
-        cost = self.cluster.cost
-        transfer = 0.0
-        if was.tier is Tier.DRAM:
-            transfer = cost.kv_transfer_time(kv_tokens, Link.PCIE)
-        elif was.tier is Tier.SHARED:
-            transfer = cost.kv_transfer_time(kv_tokens, Link.NETWORK) + cost.kv_transfer_time(kv_tokens, Link.PCIE)
+        ready = self._ready.pop(admit.session_id, now)
         kept = 0 if was.tier is Tier.WAITING else kv_tokens  # from nowhere: a recompute
-        self.cluster.launch(admit.session_id, admit.replica, kept, transfer, now)
+        self.cluster.launch(admit.session_id, admit.replica, kept, max(0.0, ready - now), now)
 
 
 class EngineCachePolicy(LruPolicy):
@@ -119,7 +139,9 @@ class EngineCachePolicy(LruPolicy):
 
     def request(self, sid: str, now: float, call: CallSpec) -> None:
         self._calls[sid] = call
-        _step_if(self.driver, self.driver.request(sid, now, call.input_tokens, call.output_tokens), now)
+        # The books reserve what the live controller reserves: prompt + max_tokens.
+        _step_if(self.driver, self.driver.request(sid, now, call.input_tokens,
+                                                  call.reserve_tokens - call.input_tokens), now)
 
     def finished(self, sid: str, now: float, context_tokens: int) -> None:
         super().finished(sid, now, context_tokens)
@@ -159,6 +181,10 @@ class Driven:
     @property
     def uses_shared_tier(self) -> bool:
         return self.definition.shared_tier
+
+    @property
+    def uses_dram_tier(self) -> bool:
+        return self.definition.moves_kv or self.definition.admitted_tier is Tier.DRAM
 
     def __call__(self, cluster: Cluster) -> SimPolicy:
         model = CorePolicy if self.definition.moves_kv else EngineCachePolicy

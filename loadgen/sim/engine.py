@@ -25,12 +25,19 @@ from loadgen.sim.cost_model import CostModel
 Schedule = Callable[[float, Callable[[float], None]], None]
 
 
+class ContextWindowExceeded(ValueError):
+    """vLLM's 400: the prompt plus max_tokens exceed the model's max_model_len."""
+
+
 class Seq:
-    __slots__ = ("sid", "prefill_left", "cached", "ctx", "output", "arrived", "joined", "finish_at", "on_first", "on_done")
+    __slots__ = ("sid", "prefill_left", "cached", "ctx", "output", "max_tokens", "arrived", "joined",
+                 "finish_at", "on_first", "on_done")
 
     def __init__(self, sid: str, prefill: int, cached: int, output: int, arrived: float,
-                 on_first: Callable[[float], None], on_done: Callable[[float], None]) -> None:
+                 on_first: Callable[[float], None], on_done: Callable[[float], None],
+                 max_tokens: int = 0) -> None:
         self.sid = sid
+        self.max_tokens = max(output, max_tokens)  # what the request asked for
         self.prefill_left = prefill
         self.cached = cached  # KV already in HBM when the prefill starts
         self.ctx = cached  # KV tokens held so far
@@ -47,6 +54,7 @@ class Engine:
         self.replica = replica
         self.cost = cost
         self.budget = cost.profile.token_budget
+        self.max_model_len = cost.profile.context_window
         self.max_seqs = cost.profile.max_num_seqs
         self._schedule = schedule
         self.prefilling: deque[Seq] = deque()
@@ -65,7 +73,13 @@ class Engine:
         return len(self.prefilling) + len(self.decoding)
 
     def add(self, seq: Seq, now: float) -> None:
-        """Queue a call whose KV (``seq.cached`` tokens) is in HBM now."""
+        """Queue a call whose KV (``seq.cached`` tokens) is in HBM now. A call whose
+        prompt + max_tokens exceed the context window is refused, as vLLM refuses it."""
+        asked = seq.prefill_left + seq.cached + seq.max_tokens
+        if asked > self.max_model_len:
+            raise ContextWindowExceeded(
+                f"{self.replica}: {seq.sid} asks for {asked} tokens (prompt + max_tokens); the "
+                f"context window is {self.max_model_len}: compact the workload to it")
         self.prefilling.append(seq)
         if self._chunk is None:
             self._plan(now)

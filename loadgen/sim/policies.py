@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from proto.registry import Registry
-from loadgen.sim.cost_model import CostModel
+from loadgen.sim.cost_model import CostModel, Link
 from loadgen.sim.workload import CallSpec
 
 TICK_S = 5.0  # the controller's backstop planning tick (ARCHITECTURE: "how a call flows")
@@ -39,10 +39,32 @@ class Counters:
     bytes_dram_shared: int = 0
 
 
+class LinkQueue:
+    """One link, one copy at a time, first come first served: a copy booked at ``now``
+    starts when the link is free and takes ``bytes / bandwidth``. Demotions and write-
+    throughs book it too, so they delay the loads behind them (HBM is freed at once:
+    the source blocks are copied out of, not waited on, in this model)."""
+
+    def __init__(self, bandwidth: float) -> None:
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+        self.bandwidth = bandwidth
+        self.free_at = 0.0
+        self.busy_s = 0.0
+
+    def book(self, nbytes: float, now: float) -> float:
+        """Queue a copy of ``nbytes``; returns when it is done."""
+        seconds = nbytes / self.bandwidth
+        self.free_at = max(now, self.free_at) + seconds
+        self.busy_s += seconds
+        return self.free_at
+
+
 @dataclass
 class Cluster:
-    """What a policy is given: the replicas, the tier capacities (KV tokens) and the
-    simulator's hooks."""
+    """What a policy is given: the replicas, the tier capacities (KV tokens), the links
+    and the simulator's hooks. Each replica has its own PCIe link (HBM <-> its node's
+    DRAM); the shared tier is one server, so its network link is one, cluster-wide."""
 
     replicas: list[str]
     gpu_tokens: int  # per replica
@@ -53,12 +75,28 @@ class Cluster:
     counters: Counters = field(default_factory=Counters)
     # wake_at(t): the simulator calls the policy's ``tick`` at t (a timer, e.g. a TTL).
     wake_at: Callable[[float], None] = lambda at: None
+    pcie: dict[str, LinkQueue] = field(init=False)
+    network: LinkQueue = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pcie = {r: LinkQueue(self.cost.link_bandwidth(Link.PCIE)) for r in self.replicas}
+        self.network = LinkQueue(self.cost.link_bandwidth(Link.NETWORK))
+
+    def copy_done(self, tokens: int, replica: str | None, hops: tuple[Link, ...], now: float) -> float:
+        """Book a copy of ``tokens`` of KV over ``hops`` in order (each starts when the
+        previous one is done); returns when the last is done."""
+        nbytes = self.cost.kv_bytes(tokens)
+        done = now
+        for hop in hops:
+            done = (self.pcie[replica] if hop is Link.PCIE else self.network).book(nbytes, done)
+        return done
 
 
 class SimPolicy:
     """Base class of a simulated policy. Subclasses register with ``POLICIES``."""
 
     uses_shared_tier = False  # True: the default shared capacity is 4x total GPU KV
+    uses_dram_tier = True  # False: no off-GPU tier at all (equal memory does not apply)
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
@@ -89,6 +127,7 @@ class SimModel(Protocol):
     """A registry entry: builds the policy for a cluster (a ``SimPolicy`` subclass is one)."""
 
     uses_shared_tier: bool
+    uses_dram_tier: bool
 
     def __call__(self, cluster: Cluster) -> SimPolicy: ...
 

@@ -18,6 +18,11 @@ COLUMNS = (
     ("ttft_mean_s", "TTFT mean s", "{:.2f}"),
     ("ttft_p50_s", "TTFT p50 s", "{:.2f}"),
     ("ttft_p99_s", "TTFT p99 s", "{:.2f}"),
+    ("ttft_censored_mean_s", "censored TTFT mean s", "{:.2f}"),
+    ("calls_past_gate_timeout", "calls past gate timeout", "{:,}"),
+    ("programs_zero_progress", "programs with no output", "{}"),
+    ("program_output_p10", "program output p10 tok", "{:,.0f}"),
+    ("jain_fairness", "Jain fairness", "{:.3f}"),
     ("recompute_tokens", "recompute tok", "{:,}"),
     ("bytes_hbm_dram", "HBM<->DRAM GB", None),
     ("bytes_dram_shared", "DRAM<->shared GB", None),
@@ -51,6 +56,16 @@ def write_report(folder: Path, records: list[dict], describe: str, notes: str) -
         f"{first['seed']}. Workload: {notes}.",
         "",
         markdown_table(records),
+        "",
+        f"Starvation (simulated): censored TTFT counts the waits still open at the end; a call "
+        f"past the gate timeout waited over the live `gateway.gate_timeout_s` "
+        f"({first['gate_timeout_s']:g} s) to run and would have failed live (not enforced here); "
+        f"program output is output tokens per program; Jain's index is over them.",
+        "",
+        "Memory (equal off-GPU bytes unless `--unequal-memory`):",
+        "",
+        *[f"- {policy}: {memory}" for policy, memory in
+          dict.fromkeys((r["policy"], r["memory"]) for r in records)],
         "",
         *[f"![{p.stem}]({p.name})" for p in written],
         "",

@@ -230,3 +230,4 @@ class ThunderAgentOffload(ThunderAgent):
     at both tiers; a resumed program on its old replica loads from DRAM."""
 
     offload = True
+    uses_dram_tier = True

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loadgen.scaling import ScaleSpec, scale_session
 from loadgen.traces import TraceSession
@@ -25,10 +25,18 @@ class CallSpec:
     output_tokens: int
     reuse_tokens: int  # leading input tokens the previous call's KV already holds
     tool_call: bool = True  # the reply asks for a tool (not the end of a human turn)
+    max_tokens: int = 0  # the request's max_tokens (>= output_tokens); 0: the output, an oracle
 
     @property
     def need_tokens(self) -> int:
+        """The KV the call ends with: prompt and the output it produced."""
         return self.input_tokens + self.output_tokens
+
+    @property
+    def reserve_tokens(self) -> int:
+        """The KV a controller reserves before the call, knowing only the request:
+        prompt + max_tokens (exactly ``need_tokens`` with the oracle)."""
+        return self.input_tokens + max(self.output_tokens, self.max_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +70,11 @@ def session_spec(session: TraceSession) -> SessionSpec:
 @dataclass(frozen=True)
 class Workload:
     sessions: tuple[SessionSpec, ...]  # main agents, in the seeded replay order
-    skipped_calls: int  # calls dropped because they exceeded the GPU KV capacity
+    skipped_calls: int  # calls dropped because they exceeded the context window
     notes: str
+    calls: int = 0  # main-agent calls before compaction
+    calls_over_window: int = 0  # of them, calls whose prompt + output exceeded the window
+    calls_compacted: int = 0  # calls whose prompt or output the compaction shortened
 
     def program_sessions(self, program: int, programs: int) -> "ProgramScript":
         """Program p replays sessions p, p + P, p + 2P, ... of the seeded order
@@ -88,37 +99,72 @@ class ProgramScript:
         return spec
 
 
+DEFAULT_MAX_TOKENS = 8192  # the max_tokens a simulated client sends (an agent's usual order)
+
+
 def build_workload(
     sessions: Sequence[TraceSession],
     *,
-    gpu_tokens: int,
+    context_window: int,
     seed: int = 0,
     token_scale: float = 1.0,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
 ) -> Workload:
     """Main agents only (see the module doc), scaled by ``token_scale``, shuffled by
-    ``seed``. A call whose input + output exceeds the GPU KV capacity cannot run on
-    one replica: sessions holding one are compacted to the capacity with
-    ``loadgen.scaling``'s agent-like context cap, which drops old history."""
+    ``seed``, every call within ``context_window`` (prompt + output).
+
+    A call above the window would get a 400 from the live gateway (and from vLLM), and
+    a compacting agent then shortens its history and retries. Sessions holding one are
+    compacted the way ``loadgen.scaling``'s context cap does, as the live benchmarks'
+    clients do: when a call would overflow, the oldest history after the system and
+    tool prefix is dropped down to half the prompt budget (3/4 of the window) in one
+    step, and later calls keep dropping it, so they share their prefix again until the
+    next overflow; output is capped at a quarter of the window.
+
+    ``max_tokens``: what each request asks for, cut to the room the window leaves
+    (the live gateway refuses more) and never below what the call produced; None: the
+    exact output (an oracle no live client has).
+    """
     mains = [s for s in sessions if not s.is_subagent]
     specs = []
-    capped = 0
+    capped = over = changed = 0
     for session in mains:
-        too_big = any(c.context_tokens * token_scale > gpu_tokens for c in session.calls)
-        if token_scale != 1.0 or too_big:
-            cap = gpu_tokens if too_big else None
-            session = scale_session(session, ScaleSpec(token_scale=token_scale, context_cap=cap), seed)
-            capped += too_big
-        spec = session_spec(session)
-        # The cap leaves input + output <= cap; a rounding edge is skipped, not run.
-        calls = tuple(c for c in spec.calls if c.need_tokens <= gpu_tokens)
+        over_here = sum(c.context_tokens * token_scale > context_window for c in session.calls)
+        scaled = session
+        if token_scale != 1.0 or over_here:
+            scaled = scale_session(session, ScaleSpec(token_scale=token_scale,
+                                                      context_cap=context_window if over_here else None), seed)
+            if over_here:
+                plain = scale_session(session, ScaleSpec(token_scale=token_scale), seed)
+                changed += sum((a.input_tokens, a.output_tokens) != (b.input_tokens, b.output_tokens)
+                               for a, b in zip(plain.calls, scaled.calls))
+        capped += bool(over_here)
+        over += over_here
+        spec = session_spec(scaled)
+        # The cap leaves input + output <= window; a rounding edge is skipped, not run.
+        calls = tuple(_with_max_tokens(c, context_window, max_tokens) for c in spec.calls
+                      if c.need_tokens <= context_window)
         if calls:
             specs.append(SessionSpec(spec.trace_id, calls))
     random.Random(seed).shuffle(specs)
-    skipped = sum(len(s.calls) for s in mains) - sum(len(s.calls) for s in specs)
+    total = sum(len(s.calls) for s in mains)
+    skipped = total - sum(len(s.calls) for s in specs)
+    asked = "the exact output (oracle)" if max_tokens is None else f"max_tokens {max_tokens:,}"
     notes = (f"{len(specs)} main-agent sessions (sub-agents skipped: their time is the "
-             f"parent's tool gap), token scale {token_scale:g}, {capped} sessions compacted "
-             f"to the GPU KV capacity of {gpu_tokens:,} tokens, {skipped} calls dropped by it")
-    return Workload(tuple(specs), skipped, notes)
+             f"parent's tool gap), token scale {token_scale:g}; context window {context_window:,} "
+             f"tokens: {over:,} of {total:,} calls ({over / max(1, total):.1%}) exceeded it, so "
+             f"{capped} sessions were compacted as an agent does (oldest history after the system "
+             f"and tool prefix dropped to half the prompt budget, output capped at a quarter of the "
+             f"window), shortening {changed:,} calls ({changed / max(1, total):.1%}); {skipped} calls "
+             f"dropped at a rounding edge; each request reserves prompt + {asked}")
+    return Workload(tuple(specs), skipped, notes, total, over, changed)
+
+
+def _with_max_tokens(call: CallSpec, window: int, max_tokens: int | None) -> CallSpec:
+    if max_tokens is None:
+        return call
+    asked = max(call.output_tokens, min(max_tokens, window - call.input_tokens))
+    return replace(call, max_tokens=asked)
 
 
 def scripted_workload(sessions: Sequence[Sequence[tuple[float, int, int, int]]]) -> Workload:

@@ -66,27 +66,43 @@ def test_moe_split_recovers_one_expert() -> None:
 
 
 def test_kv_capacity_h200_80g_qwen() -> None:
-    # 80 GiB = 85,899,345,920 B; x 0.9 = 77,309,411,328; weights 7,615,616,512 * 2
-    # = 15,231,233,024; left 62,078,178,304 / 57,344 = 1,082,557.5 -> 1,082,557 tokens
+    # 80 GB (MORI's cap, not GiB) x 0.9 = 72,000,000,000; weights 7,615,616,512 * 2
+    # = 15,231,233,024; activations 8192 x (2 x 18944 + 4 x 3584) x 2 = 855,638,016, fp32
+    # logits 256 x 152,064 x 4 = 155,713,536, runtime 1 GiB = 1,073,741,824; left
+    # 54,683,673,600 / 57,344 = 953,607.6 -> 953,607 tokens
     profile = get_profile("h200-80g", "qwen2.5-7b")
-    assert profile.kv_capacity_tokens == 1_082_557
+    assert profile.activation_reserve_bytes == 855_638_016 + 155_713_536 + 1_073_741_824
+    assert profile.kv_capacity_tokens == 953_607
     assert profile.tensor_parallel == 1
 
 
-def test_kv_capacity_llama_70b_uses_two_gpus() -> None:
-    # 2 x 80 GiB x 0.9 = 154,618,822,656; weights 70,553,706,496 * 2 = 141,107,412,992;
-    # left 13,511,409,664 / 327,680 = 41,233.5 -> 41,233 tokens
+def test_context_window_is_the_models_and_yarn_is_its_own_profile() -> None:
+    assert get_profile("h200-80g", "qwen2.5-7b").context_window == 32_768
+    assert get_profile("h200-80g", "qwen2.5-7b-yarn").context_window == 131_072
+    assert get_profile("h200-80g", "qwen3-30b-a3b").context_window == 40_960
+    assert get_profile("h200-80g", "llama-3.1-70b").context_window == 131_072
+    # no more than one replica's KV: vLLM would refuse such a max_model_len
+    assert get_profile("cpu-small", "llama-tiny").context_window == 4096
+    assert MODELS.get("qwen2.5-7b-yarn").kv_bytes_per_token == MODELS.get("qwen2.5-7b").kv_bytes_per_token
+
+
+def test_kv_capacity_llama_70b_uses_four_gpus() -> None:
+    # 4 x 80 GB x 0.9 = 288,000,000,000; weights 70,553,706,496 * 2 = 141,107,412,992;
+    # activations 8192 x (2 x 28672 + 4 x 8192) x 2 = 1,476,395,008, logits 256 x 128,256
+    # x 4 = 131,334,144, runtime 4 x 1 GiB; left 140,989,890,560 / 327,680 = 430,267.7
     profile = get_profile("h100-80g", "llama-3.1-70b")
-    assert profile.tensor_parallel == 2
-    assert profile.kv_capacity_tokens == 41_233
+    assert profile.tensor_parallel == 4
+    assert profile.kv_capacity_tokens == 430_267
+    with pytest.raises(ValueError, match="leave no KV"):  # two 80 GB GPUs hold no KV
+        get_profile("h100-80g", "llama-3.1-70b", tensor_parallel=2)
 
 
 def test_dram_tier_from_cpu_ratio_and_its_limit() -> None:
     profile = get_profile("h100-80g", "qwen2.5-7b", cpu_ratio=2.0)
-    assert profile.dram_kv_tokens == 2 * 1_082_557
-    # 256 GiB / (1,082,557 * 57,344 B) = 4.43: a ratio of 5 does not fit the host
-    with pytest.raises(ValueError, match="reduce cpu_ratio to at most 4.43"):
-        get_profile("h100-80g", "qwen2.5-7b", cpu_ratio=5.0)
+    assert profile.dram_kv_tokens == 2 * 953_607
+    # 256 GiB / (953,607 * 57,344 B) = 5.03: a ratio of 5.5 does not fit the host
+    with pytest.raises(ValueError, match="reduce cpu_ratio to at most 5.03"):
+        get_profile("h100-80g", "qwen2.5-7b", cpu_ratio=5.5)
 
 
 def test_model_that_does_not_fit_names_the_fix() -> None:
@@ -205,9 +221,9 @@ def test_transfer_time_is_bytes_over_bandwidth() -> None:
     assert qwen.transfer_time(1e9, "network") == pytest.approx(1e9 / 12.5e9)  # 100 Gb/s: 80 ms
     # 10,000 tokens of KV = 573,440,000 B over PCIe = 10.43 ms
     assert qwen.kv_transfer_time(10_000, "pcie") == pytest.approx(573_440_000 / 55e9)
-    # TP=2: each rank moves its half over its own PCIe link
+    # TP=4: each rank moves its quarter over its own PCIe link
     llama = model("h100-80g", "llama-3.1-70b")
-    assert llama.transfer_time(1e9, "pcie") == pytest.approx(1e9 / 110e9)
+    assert llama.transfer_time(1e9, "pcie") == pytest.approx(1e9 / 220e9)
     assert llama.transfer_time(1e9, "network") == pytest.approx(1e9 / 12.5e9)
 
 
@@ -239,7 +255,7 @@ def test_invalid_step_inputs_raise(call) -> None:
 def test_unknown_names_list_the_valid_choices() -> None:
     with pytest.raises(ValueError, match="valid choices: cpu-small, h100-80g, h200-80g"):
         get_profile("a100", "qwen2.5-7b")
-    with pytest.raises(ValueError, match="llama-3.1-70b, llama-tiny, qwen2.5-7b, qwen3-30b-a3b"):
+    with pytest.raises(ValueError, match="llama-3.1-70b, llama-tiny, qwen2.5-7b, qwen2.5-7b-yarn, qwen3-30b-a3b"):
         get_profile("h100-80g", "gpt-5")
     with pytest.raises(ValueError, match="valid choices: pcie, network"):
         model("h100-80g", "qwen2.5-7b").transfer_time(1, "nvme")
@@ -278,8 +294,9 @@ def test_registry_register_and_duplicates() -> None:
 def test_describe_lists_constants_and_formulas() -> None:
     text = model("h200-80g", "qwen2.5-7b").describe()
     for fragment in ("h200-80g/qwen2.5-7b", "989 TFLOP/s", "MFU 0.5", "4.8 TB/s", "MBU 0.7",
-                     "PCIe 55 GB/s", "network 100 Gb/s", "57,344 B", "1,082,557 tokens",
+                     "PCIe 55 GB/s", "network 100 Gb/s", "57,344 B", "953,607 tokens",
+                     "context window 32,768 tokens",
                      "max(compute, memory)", "no per-policy constants", "recompute = prefill"):
         assert fragment in text
     assert "CALIBRATE" in model("cpu-small", "llama-tiny").describe()
-    assert GPUS.get("h200-80g").hbm_bytes == 80 * GiB
+    assert GPUS.get("h200-80g").hbm_bytes == 80 * 10**9

@@ -83,7 +83,7 @@ def test_the_switches_decide_the_books():
     assert lru.booked_at(Location(Tier.DRAM, "r1")) == Location(Tier.GPU, "r1")
     assert mori.booked_at(Location(Tier.SHARED)) == Location(Tier.WAITING)
     config = mori.make_planner(PlannerConfig()).config
-    assert (config.shared_tier, config.prefetch) == (False, False)
+    assert (config.shared_tier, config.prefetch, config.starvation_age_s) == (False, False, None)
     assert isinstance(lru.make_planner(PlannerConfig()), NoGatePlanner)
     with pytest.raises(ValueError, match="admitted_tier must be GPU"):
         type(lull)("x", TierPlanner, True, True, True, Tier.SHARED)

@@ -68,7 +68,7 @@ def test_every_request_completes_exactly_once_in_a_drained_run(policy):
 @pytest.fixture(scope="module")
 def small_trace_workload():
     sessions = load_sessions(limit=12)
-    return build_workload(sessions, gpu_tokens=40_000, seed=3, token_scale=0.1)
+    return build_workload(sessions, context_window=32_768, seed=3, token_scale=0.1)
 
 
 def test_infinite_hbm_bounds_the_others(small_trace_workload):
@@ -98,11 +98,14 @@ def test_cli_writes_json_and_report(tmp_path):
         assert record["simulated"] is True
         for key in ("policy", "profile", "programs_per_replica", "replicas", "duration_s",
                     "output_tokens_per_s", "requests_per_s", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s",
-                    "recompute_tokens", "bytes_hbm_dram", "bytes_dram_shared", "occupancy"):
+                    "recompute_tokens", "bytes_hbm_dram", "bytes_dram_shared", "occupancy",
+                    "ttft_censored_mean_s", "calls_past_gate_timeout", "programs_zero_progress",
+                    "program_output_p10", "program_output_p50", "jain_fairness", "memory"):
             assert key in record
         assert len(record["occupancy"]["t_s"]) == len(record["occupancy"]["gpu_tokens"]) > 10
     text = (report / "report.md").read_text()
     assert "simulated" in text and "Cost model" in text and "| mori |" in text
+    assert "censored TTFT" in text and "Jain" in text and "given as DRAM" in text
     assert (report / "occupancy.png").stat().st_size > 0
     assert (report / "sweep.png").stat().st_size > 0
 

@@ -113,7 +113,6 @@ def bad(mutate):
         (bad(lambda d: d["requests"][1].update(t=-1)), "'t' must be a number >= 0"),
         (bad(lambda d: d["requests"][2].update(t=5.0)), "before the previous call"),
         (bad(lambda d: d["requests"][1].update(type="x")), "unknown request type 'x'"),
-        (bad(lambda d: d["requests"][3]["requests"][0].pop("t")), "trace_9000/agent_001 call 0"),
         (bad(lambda d: d["requests"][1].update(hash_ids=list(range(9)))), "9 hash ids for 300 input"),
         (bad(lambda d: d.pop("block_size")), "missing field 'block_size'"),
         (bad(lambda d: d.update(requests=[])), "no LLM calls"),
@@ -125,6 +124,29 @@ def test_malformed_input_is_a_value_error_naming_the_file(tmp_path, content, mes
     with pytest.raises(ValueError, match=message) as error:
         load_sessions(tmp_path)
     assert str(path) in str(error.value)
+
+
+def test_a_malformed_subagent_is_skipped_with_a_warning_and_the_folder_loads(tmp_path, caplog):
+    write(tmp_path, bad(lambda d: d["requests"][3]["requests"][0].pop("t")))
+    write(tmp_path, {**FAMILY, "id": "trace_9001"})
+    with caplog.at_level("WARNING"):
+        sessions = load_sessions(tmp_path)
+    assert [s.session_id for s in sessions] == ["trace_9000", "trace_9001", "trace_9001/agent_001"]
+    assert "trace_9000: sub-agent 'agent_001' skipped" in caplog.text and "missing field 't'" in caplog.text
+    parent = sessions[0]
+    assert len(parent.calls) == 6 and not any(c.subagent_ids for c in parent.calls)
+
+
+def test_a_null_duration_is_unknown_and_the_start_comes_from_the_subagents_own_calls(tmp_path, caplog):
+    # Async-launched sub-agents record duration_ms: null. The sub-agent's calls (t=0 and
+    # t=5, api_time 1 s each) span 6 s, and it finished at the parent's t=154: it is
+    # taken to start at 148, not dropped and not given a zero length.
+    write(tmp_path, bad(lambda d: d["requests"][3].update(duration_ms=None)))
+    with caplog.at_level("WARNING"):
+        parent, child = load_sessions(tmp_path)
+    assert child.start_s == pytest.approx(148.0) and len(child.calls) == 2
+    assert parent.calls[3].subagent_ids == (child.session_id,)
+    assert "duration_ms is null" in caplog.text
 
 
 def test_not_gzip_and_duplicate_ids_are_value_errors(tmp_path):

@@ -180,8 +180,8 @@ def run(args: argparse.Namespace) -> int:
     from loadgen.traces import load_sessions
 
     console = Console(stderr=True)
-    raw = build_workload(load_sessions(args.trace_dir), gpu_tokens=args.max_context, seed=args.seed,
-                         token_scale=args.token_scale)
+    raw = build_workload(load_sessions(args.trace_dir), context_window=args.max_context, seed=args.seed,
+                         token_scale=args.token_scale, max_tokens=None)
     workload = bench_workload(raw, args.max_context, args.max_output, args.time_scale)
     probes, live, gpu_tokens, dram_tokens = asyncio.run(_live(args, workload, console))
     base = GPUS.get("cpu-small")

@@ -212,8 +212,8 @@ async def bench(args, console: Console) -> list[dict]:
         raise ValueError("the controller knows no engine replica yet; wait for `lull up` to finish")
     # Calls are compacted to what one prompt may hold, as a compacting agent does.
     workload = build_workload(load_sessions(args.trace_dir, limit=args.trace_limit),
-                              gpu_tokens=min(gpu_tokens, args.max_context), seed=args.seed,
-                              token_scale=args.token_scale)
+                              context_window=min(gpu_tokens, args.max_context), seed=args.seed,
+                              token_scale=args.token_scale, max_tokens=None)
     make_client = client_factory(args, url, target, api_key(args))
     records = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[calls]} calls, "
