@@ -122,10 +122,13 @@ def _serve(config: LullConfig, overrides: dict, state: dict, nodes: int) -> None
     serve.start(detached=True, http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     print(f"starting {config.replicas.initial} engine replica(s) on {nodes} Ray node(s); this takes a minute ...")
     serve.run(build_app(overrides), name=SERVE_APP, route_prefix="/")
-    print(f"Lull is up: OpenAI-compatible API at http://127.0.0.1:{port}/v1 (Ray at {state['address']})")
+    print(f"Lull is up: OpenAI API at http://127.0.0.1:{port}/v1, Anthropic API at http://127.0.0.1:{port} "
+          f"(model {config.model.served_name!r}; Ray at {state['address']})")
     print(f"  curl http://127.0.0.1:{port}/v1/chat/completions -H 'content-type: application/json' "
           f"-H 'x-session-id: demo' -d '{{\"model\": \"{config.model.served_name}\", "
           f"\"messages\": [{{\"role\": \"user\", \"content\": \"hello\"}}], \"max_tokens\": 16}}'")
+    print(f"  ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_API_KEY=any claude --model "
+          f"{config.model.served_name}   # Claude Code (README: 'Point your agents at it')")
     print(f"  metrics (lull:* and vllm:*, for Prometheus): http://127.0.0.1:{config.telemetry.metrics_port}/metrics")
     print("  lull status    # sessions by tier;   lull down    # stop everything")
 
