@@ -142,20 +142,24 @@ class GatewayCore:
         first_at = time.monotonic()
         if call.body.get("stream"):
             self.metrics.first_token(admission, call.arrived_at, first_at)
-        ended = False
+        failure: BaseException | None = None
         try:
             part = first
             while not isinstance(part, CallUsage):
                 yield part
                 part = await anext(parts)
-            ended = True
         except StopAsyncIteration:  # the replica ended without its count: treat as a failure
-            raise RuntimeError("the engine's answer ended without its usage") from None
+            failure = RuntimeError("the engine's answer ended without its usage")
+            raise failure from None
+        except BaseException as error:  # the replica failed, or the client went away (cancelled)
+            failure = error
+            raise
         finally:
             span.end()
-            if not ended:  # failed, or the client went away: vLLM aborted the request
+            if failure is not None:  # vLLM aborted the request; a lost replica is looked at
                 await _close(parts)
-                await self._failed(call.key, admission.replica_id, None)
+                await self._failed(call.key, admission.replica_id,
+                                   None if isinstance(failure, (asyncio.CancelledError, GeneratorExit)) else failure)
         forwarded.usage = part
         if forwarded.status >= 400:  # vLLM refused the request: nothing ran
             await self._failed(call.key, admission.replica_id, None)

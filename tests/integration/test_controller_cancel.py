@@ -55,3 +55,32 @@ def test_ray_cancel_of_a_gated_admit_withdraws_it(local_ray):
     assert [t["used_tokens"] for t in snapshot["tiers"] if t["tier"] == "gpu"] == [250]
     ray.get(shell.call_finished.remote("s1", 60))  # room for s2 without moving s1
     assert ray.get(shell.admit.remote("s2", "t", 150, 50, 10)).replica_id == "r1"
+
+
+def test_a_gateway_caller_who_leaves_while_gated_leaks_nothing(local_ray):
+    """The gateway's side: its task awaiting `ControllerClient.admit` is cancelled (the client
+    disconnected); the client cancels the actor's admit, and the GPU books are back at baseline."""
+    import asyncio
+
+    from controller.gateway.controller_client import ControllerClient
+
+    shell = ControllerShell.remote()
+    client = ControllerClient(shell)
+    client._launch = {}  # the shell is never relaunched: no launch options to learn first
+
+    async def scenario() -> dict:
+        await client.admit("s1", "t", 200, 50, 10)  # 250 of 300
+        gated = asyncio.get_running_loop().create_task(client.admit("s2", "t", 150, 50, 60))
+        while (await shell.snapshot.remote())["gated"] != 1:
+            await asyncio.sleep(0.05)
+        gated.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gated
+        while (await shell.snapshot.remote())["gated"] != 0 or client._pending:
+            await asyncio.sleep(0.05)
+        return await shell.snapshot.remote()
+
+    snapshot = asyncio.run(asyncio.wait_for(scenario(), 30))  # a leaked gate entry never clears
+    assert [t["used_tokens"] for t in snapshot["tiers"] if t["tier"] == "gpu"] == [250]  # s1's only
+    ray.get(shell.call_finished.remote("s1", 60))
+    assert ray.get(shell.admit.remote("s2", "t", 150, 50, 10)).replica_id == "r1"
