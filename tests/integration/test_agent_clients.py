@@ -155,3 +155,16 @@ def test_claude_code_itself_runs_against_lull(platform):
     assert result.stdout.strip(), f"claude printed nothing:\n{result.stderr[-3000:]}"
     sessions = [s for s in snapshot()["sessions"] if s["session_id"] not in before]
     assert len(sessions) == 1 and sessions[0]["kv_tokens"] > 10_000  # its ~24 k-token prompt, booked
+
+
+def test_parallel_calls_on_one_session_take_turns(oai):
+    """Sub-agents sharing a session id: the calls queue at the gate in turn, none is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def call(i: int):
+        return oai.chat.completions.create(model=MODEL, messages=ask(f"sub-agent {i}"), max_tokens=4,
+                                           extra_headers={"x-session-id": "shared-by-subagents"})
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(call, range(4)))
+    assert [r.usage.completion_tokens for r in replies] == [4, 4, 4, 4]

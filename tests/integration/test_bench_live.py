@@ -14,6 +14,7 @@ from controller.cli import main
 from tests.integration.live_platform import serve_platform
 
 PORT = 8767
+TTL_S = 5  # sessions another client leaves open expire this long after their last call
 GRPC_PORT = 9767
 KEY = "sk-acme-bench"
 SIM_KEYS = {"policy", "profile", "programs_per_replica", "replicas", "duration_s", "output_tokens_per_s",
@@ -23,7 +24,8 @@ SIM_KEYS = {"policy", "profile", "programs_per_replica", "replicas", "duration_s
 
 @pytest.fixture(scope="module")
 def platform():
-    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_GATEWAY__GATE_TIMEOUT_S": "60"}
+    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_GATEWAY__GATE_TIMEOUT_S": "60",
+           "LULL_POLICY__SESSION_IDLE_TTL_S": str(TTL_S)}
     args = {"replicas": {"initial": 1}, "cluster": {"engine_cpus": 1.0}, "gateway": {"grpc_port": GRPC_PORT}}
     with serve_platform(env, args, port=PORT):
         yield ray.get_runtime_context().gcs_address
@@ -59,3 +61,20 @@ def test_bench_over_completions_with_token_ids(platform, tmp_path):
     code, [record] = bench(platform, tmp_path, "--policy", "lull", "--duration", "8", "--api", "completions")
     assert code == 0, record["error_samples"]
     assert record["api"] == "completions" and record["requests_completed"] > 0 and record["errors"] == 0
+
+
+def test_bench_starts_on_a_platform_another_client_used(platform, tmp_path):
+    """A client's session left open expires after policy.session_idle_ttl_s, dropped from every
+    tier; the bench waits it out instead of refusing to start."""
+    import openai
+
+    from tests.integration.gateway_client import snapshot
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=0, timeout=120)
+    client.chat.completions.create(model="lull", messages=[{"role": "user", "content": "left open"}],
+                                   max_tokens=2, extra_headers={"x-session-id": "left-open"})
+    assert "acme/left-open" in {s["session_id"] for s in snapshot()["sessions"]}
+    code, [record] = bench(platform, tmp_path, "--policy", "lull", "--duration", "6")
+    assert code == 0 and record["requests_completed"] > 0, record["error_samples"]
+    books = snapshot()
+    assert "acme/left-open" not in {s["session_id"] for s in books["sessions"]}

@@ -330,7 +330,7 @@ def markdown_table(records: list[dict]) -> str:
     for record in records:
         cells = []
         for key, _, fmt in COLUMNS:
-            value = record[key]
+            value = record.get(key)  # the simulator's starvation columns are not measured live yet
             if value is None:
                 cells.append("n/a")
             else:
