@@ -1,7 +1,10 @@
 """The node agent on the wire: the gRPC NodeAgentService over `NodeAgent`, and its Ray actor.
 
 Input checks live here: a malformed request gets INVALID_ARGUMENT with a
-message and never reaches the agent's state.
+message and never reaches the agent's state. Every id must be of the proto's
+charset (``proto.names.ID_CHARSET``); a replica id, which names the folder of
+that replica's control file, must also not be `.` or `..`. A call without the
+internal token gets UNAUTHENTICATED (``proto.internal_auth``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from concurrent import futures
 
 import grpc
 
+from proto.internal_auth import TokenCheck
+from proto.names import id_problem
 from proto.tiers import Tier
 from proto import node_agent_pb2 as pb
 from proto import node_agent_pb2_grpc as pb_grpc
@@ -102,8 +107,8 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
                 reserved_bytes=move.reserved_bytes, lease_s=max(0.0, move.deadline - self.clock())))
 
     def CompleteMove(self, request, context):
-        if not request.move_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "move_id is required")
+        if problem := id_problem("move_id", request.move_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         with self._lock:
             move = self.agent.moves.get(request.move_id)
             state, tier = self.agent.complete(request.move_id, self.clock())
@@ -113,8 +118,8 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
                                        location=tiers_pb2.KvLocation(tier=tier.pb, node_id=self.agent.node_id))
 
     def AbortMove(self, request, context):
-        if not request.move_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "move_id is required")
+        if problem := id_problem("move_id", request.move_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         with self._lock:
             move = self.agent.moves.get(request.move_id)
             state = self.agent.abort(request.move_id, request.reason or "aborted by caller")
@@ -154,8 +159,8 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
 
 
 def _check_prepare(request) -> str:
-    if not request.move_id or not request.session_id:
-        return "move_id and session_id are required"
+    if problem := _id_problems(request):
+        return problem
     if request.kind not in KIND_FROM_PB:
         return f"kind must be DEMOTE, PROMOTE or DROP, got {request.kind}"
     if not {request.src.tier, request.dst.tier} <= KNOWN_TIERS:
@@ -173,10 +178,24 @@ def _check_prepare(request) -> str:
     return ""
 
 
-def serve(agent: NodeAgent, port: int = 0, host: str = "0.0.0.0",
+def _id_problems(request) -> str:
+    problem = id_problem("move_id", request.move_id) or id_problem("session_id", request.session_id)
+    for end in ("src", "dst"):
+        replica = getattr(request, end).replica_id
+        if problem or not replica:
+            continue
+        problem = id_problem(f"{end}.replica_id", replica)
+        if not problem and replica in (".", ".."):
+            problem = f"{end}.replica_id must not be . or ..; got {replica!r}"
+    return problem
+
+
+def serve(agent: NodeAgent, port: int = 0, host: str = "127.0.0.1", *, token: str,
           metrics: dict | None = None) -> tuple[grpc.Server, int, NodeAgentServicer]:
-    """Start the agent's gRPC server; returns it, the bound port (pick one with port=0) and the servicer."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    """Start the agent's gRPC server on ``host`` (the node's own address, never every
+    interface by default); every call must carry ``token``. Returns the server, the bound
+    port (pick one with port=0) and the servicer."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[TokenCheck(token)])
     servicer = NodeAgentServicer(agent, metrics=metrics)
     pb_grpc.add_NodeAgentServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import grpc
 
 from controller.policy import Location, Move, Tier
+from proto.internal_auth import agent_channel
 from proto.telemetry import tracing
 from proto import node_agent_pb2 as pb
 from proto import node_agent_pb2_grpc as pb_grpc
@@ -141,7 +142,7 @@ class GrpcMover:
         if node_id not in self._stubs:
             if node_id not in self.addresses:
                 raise LookupError(f"no node agent known for node {node_id!r}")
-            channel = grpc.aio.insecure_channel(self.addresses[node_id])
+            channel = agent_channel(self.addresses[node_id])  # every call carries LULL_INTERNAL_TOKEN
             self._stubs[node_id] = (channel, pb_grpc.NodeAgentServiceStub(channel))
         return self._stubs[node_id][1]
 
