@@ -67,7 +67,7 @@ def _denial(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(deny_stream, **options)
 
 
-class _AddToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class _AddToken:
     def __init__(self, token: str) -> None:
         self._metadata = token_metadata(token)
 
@@ -76,16 +76,22 @@ class _AddToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClient
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                           details.wait_for_ready)
 
+
+# One class per kind of call: an asyncio channel files each interceptor under its first kind only.
+class _AddTokenUnary(_AddToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _AddTokenStream(_AddToken, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
 
 def agent_channel(address: str, env: Mapping[str, str] | None = None) -> grpc.aio.Channel:
     """An asyncio channel to a node agent whose every call carries this process's token."""
-    return grpc.aio.insecure_channel(address, interceptors=[_AddToken(internal_token(env))])
+    token = internal_token(env)
+    return grpc.aio.insecure_channel(address, interceptors=[_AddTokenUnary(token), _AddTokenStream(token)])
 
 
 class _CallDetails(NamedTuple):

@@ -33,6 +33,9 @@ KIND_FROM_PB = {pb.MOVE_KIND_DEMOTE: MoveKind.DEMOTE, pb.MOVE_KIND_PROMOTE: Move
 STATE_TO_PB = {"committed": pb.MOVE_STATE_COMMITTED, "aborted": pb.MOVE_STATE_ABORTED,
                "unknown": pb.MOVE_STATE_UNKNOWN}
 MAX_LEASE_S = 600.0
+# A session entry is at most ~420 bytes (ids of 128 characters): 8,192 of them stay below 4 MB.
+MAX_CHUNK_SESSIONS, DEFAULT_CHUNK_SESSIONS = 8192, 2048
+MAX_REPORT_BYTES = (4 << 20) - (64 << 10)  # gRPC's default receive limit, less room for framing
 
 
 class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
@@ -48,6 +51,28 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
             return self.agent.expire(self.clock())
 
     def ReportOccupancy(self, request, context):
+        report = self._snapshot(request)
+        if report.ByteSize() > MAX_REPORT_BYTES:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{len(report.sessions)} sessions make a {report.ByteSize()}-byte report, past gRPC's "
+                          "message limit: ask StreamOccupancy")
+        return report
+
+    def StreamOccupancy(self, request, context):
+        size = request.max_sessions_per_chunk or DEFAULT_CHUNK_SESSIONS
+        if size > MAX_CHUNK_SESSIONS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"max_sessions_per_chunk must be at most {MAX_CHUNK_SESSIONS}, got {size}")
+        report = self._snapshot(request)  # one snapshot, taken under the lock; sent without it
+        sessions = list(report.sessions)
+        del report.sessions[:]
+        head = dict(node_id=report.node_id, agent_instance_id=report.agent_instance_id, report_seq=report.report_seq)
+        report.sessions.extend(sessions[:size])
+        yield report
+        for start in range(size, len(sessions), size):
+            yield pb.OccupancyReport(**head, sessions=sessions[start:start + size])
+
+    def _snapshot(self, request) -> pb.OccupancyReport:
         with self._lock:
             self.agent.expire(self.clock())
             self.agent.report_seq += 1

@@ -177,6 +177,32 @@ def test_a_corrupted_or_foreign_block_is_recomputed_never_loaded(plane, fault, c
     plane.dram.drop_session(f"{session}-ref")
 
 
+def test_a_block_corrupted_in_the_shared_tier_is_recomputed_never_loaded(plane):
+    """The shared tier keeps each block's header and checksum: a byte flipped in Redis is
+    refused when the block, promoted back through DRAM, is loaded."""
+    import redis
+
+    empty_dram(plane)
+    next_prompt = first_call(plane, "integrity-shared", seed=13)
+    plane.move("integrity-shared", Tier.GPU, Tier.DRAM)
+    plane.evict_from_engine()
+    reference = plane.call(next_prompt, "integrity-shared-ref", tier="dram")
+    plane.evict_from_engine()
+    plane.dram.drop_session("integrity-shared-ref")
+    plane.move("integrity-shared", Tier.DRAM, Tier.SHARED)
+    key = plane.shared.get_session("integrity-shared").block_hashes[0]
+    client = redis.Redis.from_url(plane.redis.url)
+    stored = client.hget("{lull}:blocks", key)
+    client.hset("{lull}:blocks", key, stored[:-1] + bytes([stored[-1] ^ 0x01]))  # same size: the books still hold
+    plane.move("integrity-shared", Tier.SHARED, Tier.GPU, kind=MoveKind.PROMOTE)
+    before = stats(plane).get("load_refused_checksum", 0)
+    resumed = plane.call(next_prompt, "integrity-shared", tier="dram")
+    assert resumed.token_ids == reference.token_ids
+    assert stats(plane)["load_refused_checksum"] == before + 1
+    plane.dram.drop_session("integrity-shared")
+    plane.shared.check_integrity()
+
+
 def stats(plane) -> dict:
     return {"save_seconds": 0.0, "save_refused": 0, "redundant_dropped": 0,
             **read_connector_stats(plane.dram_dir, plane.replica_id)}

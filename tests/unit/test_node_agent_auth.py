@@ -48,6 +48,7 @@ def demote(move_id="m1", session="s1", replica="r1"):
 def every_call(stub, **kw):
     return [lambda: stub.Health(pb.HealthRequest(), timeout=5, **kw),
             lambda: stub.ReportOccupancy(pb.ReportOccupancyRequest(), timeout=5, **kw),
+            lambda: list(stub.StreamOccupancy(pb.ReportOccupancyRequest(), timeout=5, **kw)),
             lambda: stub.PrepareMove(demote(), timeout=5, **kw),
             lambda: stub.CompleteMove(pb.CompleteMoveRequest(move_id="m1"), timeout=5, **kw),
             lambda: stub.AbortMove(pb.AbortMoveRequest(move_id="m1"), timeout=5, **kw)]
