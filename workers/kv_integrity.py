@@ -45,7 +45,7 @@ class BlockRejected(ValueError):
 def model_fingerprint(model_dir: str | Path, served_name: str, dtype: str, block_size: int) -> bytes:
     """The identity of the KV a model computes; equal on every replica serving the same model."""
     digest = hashlib.sha256()
-    for part in (served_name, str(dtype).removeprefix("torch."), str(int(block_size))):
+    for part in (str(served_name), str(dtype).removeprefix("torch."), str(int(block_size))):
         digest.update(part.encode() + b"\0")
     folder = Path(model_dir)
     config = folder / "config.json"
