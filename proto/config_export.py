@@ -31,6 +31,7 @@ CHART_DEFAULTS: dict[str, dict[str, Any]] = {
     "replicas": {"min": 1, "max": 4, "initial": 1},
     # dram_capacity_gib fits ray.gpuWorkers.shmSize (40Gi) with its headroom (proto/tier_capacity.py).
     "tiers": {"dram_capacity_gib": 32.0, "shared_capacity_gib": 32.0, "node_agent_port": 50061},
+    "gateway": {"host": "0.0.0.0"},  # behind the gateway Service; the agents stay on the pod IP
     "auth": {"required": True, "api_keys_file": "/etc/lull/secrets/api-keys"},
     "cluster": {"gateway_cpus": 1.0, "autoscaled_nodes": True},
 }

@@ -1,5 +1,6 @@
-"""Lull's secrets: API keys by tenant and the Redis password. They come only from a file
-(``auth.api_keys_file``) or the environment, and never appear in reprs, logs or pickles."""
+"""Lull's secrets: API keys by tenant, the Redis password and the token of the internal
+services. They come only from a file (``auth.api_keys_file``) or the environment, and never
+appear in reprs, logs or pickles."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proto.config_checks import ConfigError
+from proto.names import id_problem
 
 API_KEYS_ENV = "LULL_API_KEYS"
 REDIS_PASSWORD_ENV = "LULL_REDIS_PASSWORD"
+INTERNAL_TOKEN_ENV = "LULL_INTERNAL_TOKEN"
+MIN_TOKEN_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ def read_api_keys(text: str, source: str) -> dict[str, str]:
         tenant, sep, key = (part.strip() for part in entry.partition(":"))
         if not sep or not tenant or not key:
             raise ConfigError(f"{source} entry {number}: expected 'tenant:key'")
+        if problem := id_problem("a tenant name", tenant):
+            raise ConfigError(f"{source} entry {number}: {problem}")
         if tenant in keys:
             raise ConfigError(f"{source}: tenant {tenant!r} has two keys")
         if key in keys.values():
@@ -73,3 +79,20 @@ def redis_password(env: Mapping[str, str] | None = None) -> str | None:
     chart's Secret), so it never travels in actor arguments."""
     env = os.environ if env is None else env
     return env.get(REDIS_PASSWORD_ENV) or None
+
+
+def internal_token(env: Mapping[str, str] | None = None) -> str:
+    """The shared token of Lull's internal gRPC services (the node agents), from
+    ``LULL_INTERNAL_TOKEN``: on Kubernetes the chart's Secret, under `lull up` one it
+    generates. Every agent and every caller of one reads it from its own environment, so
+    it never travels in actor arguments. Missing or weak is an error naming the fix."""
+    env = os.environ if env is None else env
+    token = env.get(INTERNAL_TOKEN_ENV, "")
+    fix = (f"set {INTERNAL_TOKEN_ENV} to the same random secret of at least {MIN_TOKEN_CHARS} characters "
+           "on every Ray node (the Helm chart sets it from its internal-token Secret; `lull up` generates one)")
+    if not token:
+        raise ConfigError(f"{INTERNAL_TOKEN_ENV} is not set: {fix}")
+    if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
+        raise ConfigError(f"{INTERNAL_TOKEN_ENV} is not a usable token (printable ASCII, no spaces, "
+                          f"at least {MIN_TOKEN_CHARS} characters): {fix}")
+    return token

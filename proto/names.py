@@ -4,6 +4,8 @@ point at every file that still uses the old name."""
 
 from __future__ import annotations
 
+import re
+
 RAY_NAMESPACE = "lull"
 SERVE_APP = "lull"
 SERVE_IMPORT_PATH = "controller.assembly:build_app"
@@ -20,3 +22,25 @@ def node_agent_actor(node_id: str) -> str:
     if not node_id:
         raise ValueError("node_id must be a non-empty Ray node id")
     return f"{NODE_AGENT_ACTOR_PREFIX}{node_id}"
+
+
+# Every id a caller names (tenants, sessions, replicas, moves, nodes): the charset
+# proto/session.proto documents. No `/`, so a tenant cannot address another's namespace.
+ID_CHARSET = r"[A-Za-z0-9._:-]{1,128}"
+ID_PATTERN = re.compile(ID_CHARSET)
+
+
+def id_problem(what: str, value: object) -> str:
+    """Why ``value`` is not a valid id, naming ``what`` it is; empty when it is one."""
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        return f"{what} must be 1 to 128 characters of A-Z a-z 0-9 . _ : -; got {value!r:.140}"
+    return ""
+
+
+def path_safe_id(what: str, value: str) -> str:
+    """``value`` when it is an id that can name a folder inside another: an id that is not
+    `.` or `..`, or it raises ValueError. Every folder Lull names after an id goes through here."""
+    problem = id_problem(what, value) or (f"{what} must not be . or .." if value in (".", "..") else "")
+    if problem:
+        raise ValueError(problem)
+    return value

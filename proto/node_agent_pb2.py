@@ -25,49 +25,49 @@ _sym_db = _symbol_database.Default()
 from proto import tiers_pb2 as proto_dot_tiers__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16proto/node_agent.proto\x12\x07lull.v1\x1a\x11proto/tiers.proto\"1\n\x16ReportOccupancyRequest\x12\x17\n\x0f\x63\x61pacities_only\x18\x01 \x01(\x08\"w\n\rTierOccupancy\x12\"\n\x05where\x18\x01 \x01(\x0b\x32\x13.lull.v1.KvLocation\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x04 \x01(\x04\"\x86\x01\n\tSessionKv\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x08location\x18\x02 \x01(\x0b\x32\x13.lull.v1.KvLocation\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x04\x12\x11\n\tkv_tokens\x18\x04 \x01(\x04\x12\x19\n\x11pinned_by_move_id\x18\x05 \x01(\t\"\xb9\x01\n\x0fOccupancyReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11\x61gent_instance_id\x18\x02 \x01(\t\x12\x12\n\nreport_seq\x18\x03 \x01(\x04\x12%\n\x05tiers\x18\x04 \x03(\x0b\x32\x16.lull.v1.TierOccupancy\x12$\n\x08sessions\x18\x05 \x03(\x0b\x32\x12.lull.v1.SessionKv\x12\x19\n\x11prepared_move_ids\x18\x06 \x03(\t\"\xc1\x01\n\x12PrepareMoveRequest\x12\x0f\n\x07move_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1f\n\x04kind\x18\x03 \x01(\x0e\x32\x11.lull.v1.MoveKind\x12 \n\x03src\x18\x04 \x01(\x0b\x32\x13.lull.v1.KvLocation\x12 \n\x03\x64st\x18\x05 \x01(\x0b\x32\x13.lull.v1.KvLocation\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07lease_s\x18\x07 \x01(\x01\"6\n\x0bReservation\x12\x16\n\x0ereserved_bytes\x18\x01 \x01(\x04\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"[\n\x07Refusal\x12&\n\x06reason\x18\x01 \x01(\x0e\x32\x16.lull.v1.RefusalReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x17\n\x0f\x61vailable_bytes\x18\x03 \x01(\x04\"\x80\x01\n\x13PrepareMoveResponse\x12\x0f\n\x07move_id\x18\x01 \x01(\t\x12(\n\x08reserved\x18\x02 \x01(\x0b\x32\x14.lull.v1.ReservationH\x00\x12#\n\x07refused\x18\x03 \x01(\x0b\x32\x10.lull.v1.RefusalH\x00\x42\t\n\x07outcome\"&\n\x13\x43ompleteMoveRequest\x12\x0f\n\x07move_id\x18\x01 \x01(\t\"q\n\x14\x43ompleteMoveResponse\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.lull.v1.MoveState\x12%\n\x08location\x18\x02 \x01(\x0b\x32\x13.lull.v1.KvLocation\x12\x0f\n\x07message\x18\x03 \x01(\t\"3\n\x10\x41\x62ortMoveRequest\x12\x0f\n\x07move_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x11\x41\x62ortMoveResponse\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.lull.v1.MoveState\"\x0f\n\rHealthRequest\"\x9a\x01\n\x0eHealthResponse\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.lull.v1.HealthStatus\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x19\n\x11\x61gent_instance_id\x18\x03 \x01(\t\x12\x1d\n\x15shared_tier_reachable\x18\x04 \x01(\x08\x12\x16\n\x0eprepared_moves\x18\x05 \x01(\r*f\n\x08MoveKind\x12\x19\n\x15MOVE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MOVE_KIND_DEMOTE\x10\x01\x12\x15\n\x11MOVE_KIND_PROMOTE\x10\x02\x12\x12\n\x0eMOVE_KIND_DROP\x10\x03*\xec\x01\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12(\n$REFUSAL_REASON_INSUFFICIENT_CAPACITY\x10\x01\x12#\n\x1fREFUSAL_REASON_SOURCE_NOT_FOUND\x10\x02\x12\x1e\n\x1aREFUSAL_REASON_SOURCE_BUSY\x10\x03\x12*\n&REFUSAL_REASON_DESTINATION_UNAVAILABLE\x10\x04\x12 \n\x1cREFUSAL_REASON_MOVE_FINISHED\x10\x05*\x8a\x01\n\tMoveState\x12\x1a\n\x16MOVE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MOVE_STATE_PREPARED\x10\x01\x12\x18\n\x14MOVE_STATE_COMMITTED\x10\x02\x12\x16\n\x12MOVE_STATE_ABORTED\x10\x03\x12\x16\n\x12MOVE_STATE_UNKNOWN\x10\x04*\x83\x01\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_SERVING\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x1d\n\x19HEALTH_STATUS_NOT_SERVING\x10\x03\x32\xf6\x02\n\x10NodeAgentService\x12L\n\x0fReportOccupancy\x12\x1f.lull.v1.ReportOccupancyRequest\x1a\x18.lull.v1.OccupancyReport\x12H\n\x0bPrepareMove\x12\x1b.lull.v1.PrepareMoveRequest\x1a\x1c.lull.v1.PrepareMoveResponse\x12K\n\x0c\x43ompleteMove\x12\x1c.lull.v1.CompleteMoveRequest\x1a\x1d.lull.v1.CompleteMoveResponse\x12\x42\n\tAbortMove\x12\x19.lull.v1.AbortMoveRequest\x1a\x1a.lull.v1.AbortMoveResponse\x12\x39\n\x06Health\x12\x16.lull.v1.HealthRequest\x1a\x17.lull.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16proto/node_agent.proto\x12\x07lull.v1\x1a\x11proto/tiers.proto\"Q\n\x16ReportOccupancyRequest\x12\x17\n\x0f\x63\x61pacities_only\x18\x01 \x01(\x08\x12\x1e\n\x16max_sessions_per_chunk\x18\x02 \x01(\r\"w\n\rTierOccupancy\x12\"\n\x05where\x18\x01 \x01(\x0b\x32\x13.lull.v1.KvLocation\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x04 \x01(\x04\"\x86\x01\n\tSessionKv\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x08location\x18\x02 \x01(\x0b\x32\x13.lull.v1.KvLocation\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x04\x12\x11\n\tkv_tokens\x18\x04 \x01(\x04\x12\x19\n\x11pinned_by_move_id\x18\x05 \x01(\t\"\xb9\x01\n\x0fOccupancyReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x11\x61gent_instance_id\x18\x02 \x01(\t\x12\x12\n\nreport_seq\x18\x03 \x01(\x04\x12%\n\x05tiers\x18\x04 \x03(\x0b\x32\x16.lull.v1.TierOccupancy\x12$\n\x08sessions\x18\x05 \x03(\x0b\x32\x12.lull.v1.SessionKv\x12\x19\n\x11prepared_move_ids\x18\x06 \x03(\t\"\xc1\x01\n\x12PrepareMoveRequest\x12\x0f\n\x07move_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1f\n\x04kind\x18\x03 \x01(\x0e\x32\x11.lull.v1.MoveKind\x12 \n\x03src\x18\x04 \x01(\x0b\x32\x13.lull.v1.KvLocation\x12 \n\x03\x64st\x18\x05 \x01(\x0b\x32\x13.lull.v1.KvLocation\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07lease_s\x18\x07 \x01(\x01\"6\n\x0bReservation\x12\x16\n\x0ereserved_bytes\x18\x01 \x01(\x04\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"[\n\x07Refusal\x12&\n\x06reason\x18\x01 \x01(\x0e\x32\x16.lull.v1.RefusalReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x17\n\x0f\x61vailable_bytes\x18\x03 \x01(\x04\"\x80\x01\n\x13PrepareMoveResponse\x12\x0f\n\x07move_id\x18\x01 \x01(\t\x12(\n\x08reserved\x18\x02 \x01(\x0b\x32\x14.lull.v1.ReservationH\x00\x12#\n\x07refused\x18\x03 \x01(\x0b\x32\x10.lull.v1.RefusalH\x00\x42\t\n\x07outcome\"&\n\x13\x43ompleteMoveRequest\x12\x0f\n\x07move_id\x18\x01 \x01(\t\"q\n\x14\x43ompleteMoveResponse\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.lull.v1.MoveState\x12%\n\x08location\x18\x02 \x01(\x0b\x32\x13.lull.v1.KvLocation\x12\x0f\n\x07message\x18\x03 \x01(\t\"3\n\x10\x41\x62ortMoveRequest\x12\x0f\n\x07move_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x11\x41\x62ortMoveResponse\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.lull.v1.MoveState\"\x0f\n\rHealthRequest\"\x9a\x01\n\x0eHealthResponse\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.lull.v1.HealthStatus\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x19\n\x11\x61gent_instance_id\x18\x03 \x01(\t\x12\x1d\n\x15shared_tier_reachable\x18\x04 \x01(\x08\x12\x16\n\x0eprepared_moves\x18\x05 \x01(\r*f\n\x08MoveKind\x12\x19\n\x15MOVE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MOVE_KIND_DEMOTE\x10\x01\x12\x15\n\x11MOVE_KIND_PROMOTE\x10\x02\x12\x12\n\x0eMOVE_KIND_DROP\x10\x03*\xec\x01\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12(\n$REFUSAL_REASON_INSUFFICIENT_CAPACITY\x10\x01\x12#\n\x1fREFUSAL_REASON_SOURCE_NOT_FOUND\x10\x02\x12\x1e\n\x1aREFUSAL_REASON_SOURCE_BUSY\x10\x03\x12*\n&REFUSAL_REASON_DESTINATION_UNAVAILABLE\x10\x04\x12 \n\x1cREFUSAL_REASON_MOVE_FINISHED\x10\x05*\x8a\x01\n\tMoveState\x12\x1a\n\x16MOVE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MOVE_STATE_PREPARED\x10\x01\x12\x18\n\x14MOVE_STATE_COMMITTED\x10\x02\x12\x16\n\x12MOVE_STATE_ABORTED\x10\x03\x12\x16\n\x12MOVE_STATE_UNKNOWN\x10\x04*\x83\x01\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_SERVING\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x1d\n\x19HEALTH_STATUS_NOT_SERVING\x10\x03\x32\xc6\x03\n\x10NodeAgentService\x12L\n\x0fReportOccupancy\x12\x1f.lull.v1.ReportOccupancyRequest\x1a\x18.lull.v1.OccupancyReport\x12N\n\x0fStreamOccupancy\x12\x1f.lull.v1.ReportOccupancyRequest\x1a\x18.lull.v1.OccupancyReport0\x01\x12H\n\x0bPrepareMove\x12\x1b.lull.v1.PrepareMoveRequest\x1a\x1c.lull.v1.PrepareMoveResponse\x12K\n\x0c\x43ompleteMove\x12\x1c.lull.v1.CompleteMoveRequest\x1a\x1d.lull.v1.CompleteMoveResponse\x12\x42\n\tAbortMove\x12\x19.lull.v1.AbortMoveRequest\x1a\x1a.lull.v1.AbortMoveResponse\x12\x39\n\x06Health\x12\x16.lull.v1.HealthRequest\x1a\x17.lull.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.node_agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MOVEKIND']._serialized_start=1465
-  _globals['_MOVEKIND']._serialized_end=1567
-  _globals['_REFUSALREASON']._serialized_start=1570
-  _globals['_REFUSALREASON']._serialized_end=1806
-  _globals['_MOVESTATE']._serialized_start=1809
-  _globals['_MOVESTATE']._serialized_end=1947
-  _globals['_HEALTHSTATUS']._serialized_start=1950
-  _globals['_HEALTHSTATUS']._serialized_end=2081
+  _globals['_MOVEKIND']._serialized_start=1497
+  _globals['_MOVEKIND']._serialized_end=1599
+  _globals['_REFUSALREASON']._serialized_start=1602
+  _globals['_REFUSALREASON']._serialized_end=1838
+  _globals['_MOVESTATE']._serialized_start=1841
+  _globals['_MOVESTATE']._serialized_end=1979
+  _globals['_HEALTHSTATUS']._serialized_start=1982
+  _globals['_HEALTHSTATUS']._serialized_end=2113
   _globals['_REPORTOCCUPANCYREQUEST']._serialized_start=54
-  _globals['_REPORTOCCUPANCYREQUEST']._serialized_end=103
-  _globals['_TIEROCCUPANCY']._serialized_start=105
-  _globals['_TIEROCCUPANCY']._serialized_end=224
-  _globals['_SESSIONKV']._serialized_start=227
-  _globals['_SESSIONKV']._serialized_end=361
-  _globals['_OCCUPANCYREPORT']._serialized_start=364
-  _globals['_OCCUPANCYREPORT']._serialized_end=549
-  _globals['_PREPAREMOVEREQUEST']._serialized_start=552
-  _globals['_PREPAREMOVEREQUEST']._serialized_end=745
-  _globals['_RESERVATION']._serialized_start=747
-  _globals['_RESERVATION']._serialized_end=801
-  _globals['_REFUSAL']._serialized_start=803
-  _globals['_REFUSAL']._serialized_end=894
-  _globals['_PREPAREMOVERESPONSE']._serialized_start=897
-  _globals['_PREPAREMOVERESPONSE']._serialized_end=1025
-  _globals['_COMPLETEMOVEREQUEST']._serialized_start=1027
-  _globals['_COMPLETEMOVEREQUEST']._serialized_end=1065
-  _globals['_COMPLETEMOVERESPONSE']._serialized_start=1067
-  _globals['_COMPLETEMOVERESPONSE']._serialized_end=1180
-  _globals['_ABORTMOVEREQUEST']._serialized_start=1182
-  _globals['_ABORTMOVEREQUEST']._serialized_end=1233
-  _globals['_ABORTMOVERESPONSE']._serialized_start=1235
-  _globals['_ABORTMOVERESPONSE']._serialized_end=1289
-  _globals['_HEALTHREQUEST']._serialized_start=1291
-  _globals['_HEALTHREQUEST']._serialized_end=1306
-  _globals['_HEALTHRESPONSE']._serialized_start=1309
-  _globals['_HEALTHRESPONSE']._serialized_end=1463
-  _globals['_NODEAGENTSERVICE']._serialized_start=2084
-  _globals['_NODEAGENTSERVICE']._serialized_end=2458
+  _globals['_REPORTOCCUPANCYREQUEST']._serialized_end=135
+  _globals['_TIEROCCUPANCY']._serialized_start=137
+  _globals['_TIEROCCUPANCY']._serialized_end=256
+  _globals['_SESSIONKV']._serialized_start=259
+  _globals['_SESSIONKV']._serialized_end=393
+  _globals['_OCCUPANCYREPORT']._serialized_start=396
+  _globals['_OCCUPANCYREPORT']._serialized_end=581
+  _globals['_PREPAREMOVEREQUEST']._serialized_start=584
+  _globals['_PREPAREMOVEREQUEST']._serialized_end=777
+  _globals['_RESERVATION']._serialized_start=779
+  _globals['_RESERVATION']._serialized_end=833
+  _globals['_REFUSAL']._serialized_start=835
+  _globals['_REFUSAL']._serialized_end=926
+  _globals['_PREPAREMOVERESPONSE']._serialized_start=929
+  _globals['_PREPAREMOVERESPONSE']._serialized_end=1057
+  _globals['_COMPLETEMOVEREQUEST']._serialized_start=1059
+  _globals['_COMPLETEMOVEREQUEST']._serialized_end=1097
+  _globals['_COMPLETEMOVERESPONSE']._serialized_start=1099
+  _globals['_COMPLETEMOVERESPONSE']._serialized_end=1212
+  _globals['_ABORTMOVEREQUEST']._serialized_start=1214
+  _globals['_ABORTMOVEREQUEST']._serialized_end=1265
+  _globals['_ABORTMOVERESPONSE']._serialized_start=1267
+  _globals['_ABORTMOVERESPONSE']._serialized_end=1321
+  _globals['_HEALTHREQUEST']._serialized_start=1323
+  _globals['_HEALTHREQUEST']._serialized_end=1338
+  _globals['_HEALTHRESPONSE']._serialized_start=1341
+  _globals['_HEALTHRESPONSE']._serialized_end=1495
+  _globals['_NODEAGENTSERVICE']._serialized_start=2116
+  _globals['_NODEAGENTSERVICE']._serialized_end=2570
 # @@protoc_insertion_point(module_scope)

@@ -59,10 +59,12 @@ HEALTH_STATUS_DEGRADED: HealthStatus
 HEALTH_STATUS_NOT_SERVING: HealthStatus
 
 class ReportOccupancyRequest(_message.Message):
-    __slots__ = ("capacities_only",)
+    __slots__ = ("capacities_only", "max_sessions_per_chunk")
     CAPACITIES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
     capacities_only: bool
-    def __init__(self, capacities_only: bool = ...) -> None: ...
+    max_sessions_per_chunk: int
+    def __init__(self, capacities_only: bool = ..., max_sessions_per_chunk: _Optional[int] = ...) -> None: ...
 
 class TierOccupancy(_message.Message):
     __slots__ = ("where", "capacity_bytes", "used_bytes", "reserved_bytes")

@@ -41,6 +41,11 @@ class NodeAgentServiceStub(object):
                 request_serializer=proto_dot_node__agent__pb2.ReportOccupancyRequest.SerializeToString,
                 response_deserializer=proto_dot_node__agent__pb2.OccupancyReport.FromString,
                 _registered_method=True)
+        self.StreamOccupancy = channel.unary_stream(
+                '/lull.v1.NodeAgentService/StreamOccupancy',
+                request_serializer=proto_dot_node__agent__pb2.ReportOccupancyRequest.SerializeToString,
+                response_deserializer=proto_dot_node__agent__pb2.OccupancyReport.FromString,
+                _registered_method=True)
         self.PrepareMove = channel.unary_unary(
                 '/lull.v1.NodeAgentService/PrepareMove',
                 request_serializer=proto_dot_node__agent__pb2.PrepareMoveRequest.SerializeToString,
@@ -72,10 +77,24 @@ class NodeAgentServiceServicer(object):
         """Returns the node's tier capacities and per-session KV occupancy.
         Caller: the controller, once per planning step per node (at least every 5 s),
         and to reconcile after a failed or unknown move. Side-effect free, idempotent.
-        Unary, not a stream, by choice: the policy plans on a snapshot taken at the
+        A pull, not a subscription, by choice: the policy plans on a snapshot taken at the
         planning instant (plan(snapshot, now)), so a pull gives exactly the freshness it
         needs; a controller restart or failover needs no stream re-subscription; and a
         dead node shows up as a failed call within the deadline, not as a silent stream.
+        (StreamOccupancy below is the same pull, one snapshot cut into chunks.)
+        A report that would not fit one message (gRPC's 4 MB default, about 16,000
+        sessions) is RESOURCE_EXHAUSTED: the caller asks StreamOccupancy instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamOccupancy(self, request, context):
+        """The same report in chunks, for any number of sessions. One snapshot: every chunk
+        carries the same node_id, agent_instance_id and report_seq; the first carries the
+        tiers and prepared_move_ids, and every chunk at most max_sessions_per_chunk of the
+        sessions. The caller concatenates the chunks' sessions. Caller: the controller, as
+        for ReportOccupancy. Side-effect free, idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,6 +169,11 @@ def add_NodeAgentServiceServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_node__agent__pb2.ReportOccupancyRequest.FromString,
                     response_serializer=proto_dot_node__agent__pb2.OccupancyReport.SerializeToString,
             ),
+            'StreamOccupancy': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamOccupancy,
+                    request_deserializer=proto_dot_node__agent__pb2.ReportOccupancyRequest.FromString,
+                    response_serializer=proto_dot_node__agent__pb2.OccupancyReport.SerializeToString,
+            ),
             'PrepareMove': grpc.unary_unary_rpc_method_handler(
                     servicer.PrepareMove,
                     request_deserializer=proto_dot_node__agent__pb2.PrepareMoveRequest.FromString,
@@ -198,6 +222,33 @@ class NodeAgentService(object):
             request,
             target,
             '/lull.v1.NodeAgentService/ReportOccupancy',
+            proto_dot_node__agent__pb2.ReportOccupancyRequest.SerializeToString,
+            proto_dot_node__agent__pb2.OccupancyReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamOccupancy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lull.v1.NodeAgentService/StreamOccupancy',
             proto_dot_node__agent__pb2.ReportOccupancyRequest.SerializeToString,
             proto_dot_node__agent__pb2.OccupancyReport.FromString,
             options,

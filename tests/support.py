@@ -12,6 +12,8 @@ from controller.runtime import LiveController
 from workers.dram_store import DramStore
 
 BLOCK_BYTES = 64
+# The node agents' shared token in tests that run agents in-process (LULL_INTERNAL_TOKEN).
+INTERNAL_TOKEN = "test-internal-token-4f1c2e9a"
 
 
 @dataclass

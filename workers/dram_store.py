@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -41,6 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from proto.names import path_safe_id
 from proto.tiers import Tier
 from workers.dram_files import orphan_files, volume_problem
 from workers.tier_errors import TierFull
@@ -51,6 +53,7 @@ REDUNDANT = Tier.GPU.label  # a GPU-tier session's write-through copy
 PINNED = "pinned"  # mid-move: a marker, not a tier; never dropped until the move completes or aborts
 LABELS = (Tier.GPU.label, Tier.DRAM.label, PINNED)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_KEY = re.compile(r"[A-Za-z0-9_-]{1,200}")  # a block key names its file: no dot, no slash
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (hash TEXT PRIMARY KEY, nbytes INTEGER NOT NULL);
@@ -67,9 +70,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 
 def node_dram_dir(root: str | Path, node_id: str) -> str:
     """The DRAM tier folder of one Ray node under the platform's root (engines and agent agree on it)."""
-    if not node_id or "/" in node_id:
-        raise ValueError(f"node id {node_id!r} cannot name a folder")
-    return str(Path(root) / node_id)
+    return str(Path(root) / path_safe_id("node id", node_id))
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,8 @@ class DramStore:
         """
         if label not in LABELS:
             raise ValueError(f"unknown tier label {label!r}; valid: {', '.join(LABELS)}")
+        if (bad := next((h for h in block_hashes if not _KEY.fullmatch(h)), None)) is not None:
+            raise ValueError(f"a block key names a file: letters, digits, _ and - only; got {bad!r:.80}")
         new = {h: blocks[h] for h in dict.fromkeys(block_hashes) if h in blocks}
         record = (session_id, tenant, tokens, label, replica)
         written: list[str] = []  # files this call created; those left unindexed are removed below
@@ -355,7 +358,6 @@ class DramStore:
 
 def _write_file(path: Path, data: bytes) -> None:
     path.write_bytes(data)
-
 
 
 def write_session(store: DramStore, session_id: str, *, tenant: str, replica: str, label: str, tokens: int,

@@ -21,6 +21,10 @@ What it does, per request that carries Lull's labels in `kv_transfer_params`
   stay in vLLM's prefix cache only until vLLM reuses them.
 - **Load.** A request whose prompt prefix is not in the engine's prefix cache but
   is in the DRAM tier is loaded from there instead of recomputed.
+- **Integrity** (`workers/kv_integrity.py`). Blocks are keyed by this model's
+  fingerprint and vLLM's block hash, and stored sealed (fingerprint, checksum); a
+  block that fails the check on load is not loaded: vLLM recomputes it, and the
+  refusal is counted (`load_refused_identity`, `load_refused_checksum`).
 
 Requests without Lull labels are left entirely to vLLM.
 
@@ -48,8 +52,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from proto.names import path_safe_id
 from proto.tiers import Tier
 from workers.dram_store import DramStore, MissingBlocks, write_session
+from workers.kv_integrity import BlockRejected, block_key, model_fingerprint, seal, unseal
 from workers.kv_layout import KvLayout
 from workers.tier_errors import TierFull
 
@@ -102,8 +108,10 @@ class LullConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.block_size = vllm_config.cache_config.block_size
         self.replica_id = str(extra.get("replica_id", "replica-0"))
+        model = vllm_config.model_config
+        self.fingerprint = model_fingerprint(model.model, model.served_model_name, str(model.dtype), self.block_size)
         self.store = DramStore(extra["dram_dir"], int(extra["dram_capacity_bytes"]))
-        self.engine_dir = Path(extra["dram_dir"]) / "engines" / self.replica_id
+        self.engine_dir = engine_dir(extra["dram_dir"], self.replica_id)
         self.engine_dir.mkdir(parents=True, exist_ok=True)
         self.idle_poll_s = float(extra.get("idle_poll_s", 0.005))
         # scheduler side
@@ -118,7 +126,7 @@ class LullConnector(KVConnectorBase_V1):
         self._control_offset = 0
         self._stats = {"load_requests": 0, "loaded_tokens": 0, "loaded_bytes": 0, "load_seconds": 0.0,
                        "saved_blocks": 0, "saved_bytes": 0, "save_seconds": 0.0, "save_refused": 0, "released": 0,
-                       "redundant_dropped": 0}
+                       "redundant_dropped": 0, "load_refused_identity": 0, "load_refused_checksum": 0}
 
     # ================= scheduler side =================
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
@@ -127,12 +135,15 @@ class LullConnector(KVConnectorBase_V1):
         # vLLM must compute at least the last prompt token itself.
         loadable_blocks = (request.num_prompt_tokens - 1) // self.block_size
         first = num_computed_tokens // self.block_size
-        chain = [h.hex() for h in request.block_hashes[:loadable_blocks]]
+        chain = self._keys(request.block_hashes[:loadable_blocks])
         stored = self.store.matched_prefix(chain)
         if stored <= first:
             return 0, False
         self._pending_loads[request.request_id] = (request, first, stored - first)
         return (stored - first) * self.block_size, False
+
+    def _keys(self, block_hashes) -> list[str]:
+        return [block_key(self.fingerprint, h) for h in block_hashes]
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         if num_external_tokens == 0:
@@ -159,7 +170,7 @@ class LullConnector(KVConnectorBase_V1):
             return
         request, first, count = pending
         labels = lull_labels(request)
-        chain = [h.hex() for h in request.block_hashes[first : first + count]]
+        chain = self._keys(request.block_hashes[first : first + count])
         meta.loads.append(
             BlockCopy(req_id, labels["session"], labels.get("tenant", ""), labels.get("tier", ""),
                       count * self.block_size, tuple(block_ids[first : first + count]), tuple(chain))
@@ -177,7 +188,7 @@ class LullConnector(KVConnectorBase_V1):
             return False, None
         # The KV of the last sampled token was never computed: count whole computed blocks only.
         full = min(len(request.block_hashes), request.num_computed_tokens // self.block_size, len(block_ids))
-        chain = [h.hex() for h in request.block_hashes[:full]]
+        chain = self._keys(request.block_hashes[:full])
         missing = set(self.store.missing(chain))
         todo = [(b, h) for b, h in zip(block_ids[:full], chain) if h in missing]
         self._pending_saves.append(
@@ -197,14 +208,27 @@ class LullConnector(KVConnectorBase_V1):
             started = time.perf_counter()
             found = self.store.read_blocks(load.hashes)
             for block_id, h in zip(load.block_ids, load.hashes):
-                if h in found:
-                    self._layout.write_block(block_id, found[h])
-                else:  # dropped since the scheduler looked: vLLM recomputes it
+                payload = self._verified(found.pop(h, None))
+                if payload is None:  # dropped since the scheduler looked, or refused: vLLM recomputes it
                     self._load_errors.add(block_id)
+                else:
+                    self._layout.write_block(block_id, payload)
+                    found[h] = payload
             self._stats["load_requests"] += 1
             self._stats["loaded_tokens"] += self.block_size * len(found)
             self._stats["loaded_bytes"] += sum(map(len, found.values()))
             self._stats["load_seconds"] += time.perf_counter() - started
+
+    def _verified(self, stored: bytes | None) -> bytes | None:
+        """The payload of a stored block of this model, or None (counted) when refused."""
+        if stored is None:
+            return None
+        try:
+            return unseal(stored, self.fingerprint)
+        except BlockRejected as e:
+            self._stats["load_refused_checksum" if e.reason == "checksum" else "load_refused_identity"] += 1
+            log.warning("DRAM tier block refused on load (%s): %s; recomputing it", e.reason, e)
+            return None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous, done before the forward starts
@@ -217,7 +241,8 @@ class LullConnector(KVConnectorBase_V1):
         assert isinstance(meta, LullConnectorMetadata)
         for save in meta.saves:
             started = time.perf_counter()
-            blocks = {h: self._layout.read_block(b) for b, h in zip(save.block_ids, save.hashes)}
+            blocks = {h: seal(self._layout.read_block(b), self.fingerprint)
+                      for b, h in zip(save.block_ids, save.hashes)}
             if self._store_session(save, blocks):
                 self._stats["saved_blocks"] += len(blocks)
                 self._stats["saved_bytes"] += sum(map(len, blocks.values()))
@@ -306,14 +331,20 @@ class LullConnector(KVConnectorBase_V1):
         tmp.rename(self.engine_dir / "stats.json")
 
 
+def engine_dir(dram_dir: Path | str, replica_id: str) -> Path:
+    """The folder of one replica's control file and stats: a replica id that could leave
+    ``dram_dir/engines`` (`..`, `/`) is a ValueError, whoever passes it."""
+    return Path(dram_dir) / "engines" / path_safe_id("replica id", replica_id)
+
+
 def release_sessions(dram_dir: Path | str, replica_id: str, sessions: list[str]) -> None:
     """Tell a replica's connector to free these sessions' held GPU blocks (called by the node agent)."""
-    engine_dir = Path(dram_dir) / "engines" / replica_id
-    engine_dir.mkdir(parents=True, exist_ok=True)
-    with (engine_dir / "control.log").open("a") as f:
+    folder = engine_dir(dram_dir, replica_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "control.log").open("a") as f:
         f.write("".join(f"release {s}\n" for s in sessions))
 
 
 def read_connector_stats(dram_dir: Path | str, replica_id: str) -> dict[str, int]:
-    path = Path(dram_dir) / "engines" / replica_id / "stats.json"
+    path = engine_dir(dram_dir, replica_id) / "stats.json"
     return json.loads(path.read_text()) if path.exists() else {}

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from proto.tiers import Tier
-from workers.dram_store import PINNED, DramStore, MissingBlocks, write_session
+from workers.dram_store import PINNED, REDUNDANT, DramStore, MissingBlocks, write_session
 from workers.kv_connector import release_sessions
 from workers.shared_tier import SharedTier
 from workers.tier_errors import TierError, TierFull
@@ -89,6 +89,20 @@ class NodeAgent:
         self.moves: dict[str, PreparedMove] = {}
         self.finished: dict[str, str] = {}  # move_id -> "committed" | "aborted", for idempotent retries
         self.report_seq = 0
+        self.unpinned = self._unpin_orphans()
+
+    def _unpin_orphans(self) -> list[str]:
+        """Copies pinned by moves of an agent that died (the DRAM tier outlives it; its moves
+        do not): those moves are aborted. Each copy becomes redundant ("gpu"), outside the
+        controller's DRAM books, which drops a restarted agent's DRAM sessions: a later write
+        may let it go, and nothing holds it forever."""
+        orphans = [s.session_id for s in self.dram.sessions() if s.label == PINNED]
+        for session_id in orphans:
+            self.dram.set_label(session_id, REDUNDANT)
+        if orphans:
+            log.warning("node %s: %d copies pinned by moves of a previous agent; those moves are aborted and the "
+                        "copies left redundant", self.node_id, len(orphans))
+        return orphans
 
     # ---- two-phase moves ----
     def prepare(self, move_id: str, session_id: str, kind: MoveKind, src: Tier, dst: Tier,

@@ -1,7 +1,10 @@
 """The node agent on the wire: the gRPC NodeAgentService over `NodeAgent`, and its Ray actor.
 
 Input checks live here: a malformed request gets INVALID_ARGUMENT with a
-message and never reaches the agent's state.
+message and never reaches the agent's state. Every id must be of the proto's
+charset (``proto.names.ID_CHARSET``); a replica id, which names the folder of
+that replica's control file, must also not be `.` or `..`. A call without the
+internal token gets UNAUTHENTICATED (``proto.internal_auth``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from concurrent import futures
 
 import grpc
 
+from proto.internal_auth import TokenCheck
+from proto.names import id_problem
 from proto.tiers import Tier
 from proto import node_agent_pb2 as pb
 from proto import node_agent_pb2_grpc as pb_grpc
@@ -28,6 +33,9 @@ KIND_FROM_PB = {pb.MOVE_KIND_DEMOTE: MoveKind.DEMOTE, pb.MOVE_KIND_PROMOTE: Move
 STATE_TO_PB = {"committed": pb.MOVE_STATE_COMMITTED, "aborted": pb.MOVE_STATE_ABORTED,
                "unknown": pb.MOVE_STATE_UNKNOWN}
 MAX_LEASE_S = 600.0
+# A session entry is at most ~420 bytes (ids of 128 characters): 8,192 of them stay below 4 MB.
+MAX_CHUNK_SESSIONS, DEFAULT_CHUNK_SESSIONS = 8192, 2048
+MAX_REPORT_BYTES = (4 << 20) - (64 << 10)  # gRPC's default receive limit, less room for framing
 
 
 class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
@@ -43,6 +51,28 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
             return self.agent.expire(self.clock())
 
     def ReportOccupancy(self, request, context):
+        report = self._snapshot(request)
+        if report.ByteSize() > MAX_REPORT_BYTES:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{len(report.sessions)} sessions make a {report.ByteSize()}-byte report, past gRPC's "
+                          "message limit: ask StreamOccupancy")
+        return report
+
+    def StreamOccupancy(self, request, context):
+        size = request.max_sessions_per_chunk or DEFAULT_CHUNK_SESSIONS
+        if size > MAX_CHUNK_SESSIONS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"max_sessions_per_chunk must be at most {MAX_CHUNK_SESSIONS}, got {size}")
+        report = self._snapshot(request)  # one snapshot, taken under the lock; sent without it
+        sessions = list(report.sessions)
+        del report.sessions[:]
+        head = dict(node_id=report.node_id, agent_instance_id=report.agent_instance_id, report_seq=report.report_seq)
+        report.sessions.extend(sessions[:size])
+        yield report
+        for start in range(size, len(sessions), size):
+            yield pb.OccupancyReport(**head, sessions=sessions[start:start + size])
+
+    def _snapshot(self, request) -> pb.OccupancyReport:
         with self._lock:
             self.agent.expire(self.clock())
             self.agent.report_seq += 1
@@ -102,8 +132,8 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
                 reserved_bytes=move.reserved_bytes, lease_s=max(0.0, move.deadline - self.clock())))
 
     def CompleteMove(self, request, context):
-        if not request.move_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "move_id is required")
+        if problem := id_problem("move_id", request.move_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         with self._lock:
             move = self.agent.moves.get(request.move_id)
             state, tier = self.agent.complete(request.move_id, self.clock())
@@ -113,8 +143,8 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
                                        location=tiers_pb2.KvLocation(tier=tier.pb, node_id=self.agent.node_id))
 
     def AbortMove(self, request, context):
-        if not request.move_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "move_id is required")
+        if problem := id_problem("move_id", request.move_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         with self._lock:
             move = self.agent.moves.get(request.move_id)
             state = self.agent.abort(request.move_id, request.reason or "aborted by caller")
@@ -154,8 +184,8 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
 
 
 def _check_prepare(request) -> str:
-    if not request.move_id or not request.session_id:
-        return "move_id and session_id are required"
+    if problem := _id_problems(request):
+        return problem
     if request.kind not in KIND_FROM_PB:
         return f"kind must be DEMOTE, PROMOTE or DROP, got {request.kind}"
     if not {request.src.tier, request.dst.tier} <= KNOWN_TIERS:
@@ -173,10 +203,24 @@ def _check_prepare(request) -> str:
     return ""
 
 
-def serve(agent: NodeAgent, port: int = 0, host: str = "0.0.0.0",
+def _id_problems(request) -> str:
+    problem = id_problem("move_id", request.move_id) or id_problem("session_id", request.session_id)
+    for end in ("src", "dst"):
+        replica = getattr(request, end).replica_id
+        if problem or not replica:
+            continue
+        problem = id_problem(f"{end}.replica_id", replica)
+        if not problem and replica in (".", ".."):
+            problem = f"{end}.replica_id must not be . or ..; got {replica!r}"
+    return problem
+
+
+def serve(agent: NodeAgent, port: int = 0, host: str = "127.0.0.1", *, token: str,
           metrics: dict | None = None) -> tuple[grpc.Server, int, NodeAgentServicer]:
-    """Start the agent's gRPC server; returns it, the bound port (pick one with port=0) and the servicer."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    """Start the agent's gRPC server on ``host`` (the node's own address, never every
+    interface by default); every call must carry ``token``. Returns the server, the bound
+    port (pick one with port=0) and the servicer."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[TokenCheck(token)])
     servicer = NodeAgentServicer(agent, metrics=metrics)
     pb_grpc.add_NodeAgentServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -48,7 +48,7 @@ def server_args(settings) -> Namespace:
     if settings.connector:
         flags += ["--kv-transfer-config", json.dumps({
             "kv_connector": "LullConnector", "kv_connector_module_path": "workers.kv_connector",
-            "kv_role": "kv_both",
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",  # a refused block is recomputed
             "kv_connector_extra_config": {"dram_dir": settings.dram_dir, "replica_id": settings.replica_id,
                                           "dram_capacity_bytes": settings.dram_capacity_bytes}})]
     if settings.device == "cpu":

@@ -44,7 +44,7 @@ def start_node_agent(config: LullConfig, node_id: str):
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(node_id, tiers.dram_dir, max(1, int(tiers.dram_capacity_gib * GIB)), redis_url=redis_url,
              shared_capacity_bytes=int(tiers.shared_capacity_gib * GIB) if redis_url else 0,
-             port=tiers.node_agent_port, metrics_port=config.telemetry.metrics_port)
+             port=tiers.node_agent_port, metrics_port=config.telemetry.metrics_port, host=tiers.node_agent_host)
 
 
 def agent_starter(config: LullConfig) -> Callable[[str], Any]:

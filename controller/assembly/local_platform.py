@@ -6,6 +6,12 @@ joined with `ray start --address`), a local Redis unless `tiers.redis_url` is gi
 then the Serve app (`controller.assembly:build_app`: node agents, controller actor,
 gateway, engine replicas). What `down` must stop is kept in a small JSON state file
 under LULL_STATE_DIR (default ~/.cache/lull).
+
+Nothing listens beyond this host unless told (`lull up --host 0.0.0.0`): the REST API and
+the gateway's gRPC on ``gateway.host`` (127.0.0.1 by default), the node agents on the same
+loopback address. Ray runs with token authentication (its token in a 0600 file in the
+platform's temp dir, which `status` and `down` read again), and the node agents with a
+generated LULL_INTERNAL_TOKEN unless the environment gives one.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,6 +32,7 @@ from proto.config import ConfigError, LullConfig
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE, SERVE_APP
 
 STATE_ENV = "LULL_STATE_DIR"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def state_path() -> Path:
@@ -35,7 +43,9 @@ def read_state() -> dict:
     path = state_path()
     if not path.exists():
         raise ValueError(f"no Lull platform is up (no {path}); start one with `lull up`")
-    return json.loads(path.read_text())
+    state = json.loads(path.read_text())
+    _use_ray_token(state)  # whoever reads the state connects to its Ray next (status, down, benchmarks)
+    return state
 
 
 def _ray(*args: str, env: dict | None = None) -> str:
@@ -71,14 +81,17 @@ def up(nodes: int, overrides: dict[str, dict[str, Any]]) -> int:
     most = max(config.replicas.initial, config.replicas.max)
     overrides.setdefault("cluster", {}).setdefault("engine_cpus", local_engine_cpus(cpus, nodes, most))
     state: dict = {"temp_dir": tempfile.mkdtemp(prefix="lull-ray-"), "port": config.gateway.http_port}
+    env = _secured_env(state)
     state_path().parent.mkdir(parents=True, exist_ok=True)
     state_path().write_text(json.dumps(state))  # so `lull down` can clean up a half-started platform
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    if config.gateway.host in LOOPBACK:  # the agents stay on the loopback address the API listens on
+        overrides.setdefault("tiers", {}).setdefault("node_agent_host", config.gateway.host)
     # Every Lull process (Ray workers inherit this) writes its metrics here; the node agent serves them merged.
     env["PROMETHEUS_MULTIPROC_DIR"] = str(Path(state["temp_dir"]) / "metrics")
     Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()
     if "redis_url" not in overrides.get("tiers", {}):
-        overrides.setdefault("tiers", {})["redis_url"] = _start_redis(state)
+        env.setdefault("LULL_REDIS_PASSWORD", secrets.token_hex(24))  # its own Redis: a password too
+        overrides.setdefault("tiers", {})["redis_url"] = _start_redis(state, env)
     state["redis_url"] = overrides["tiers"]["redis_url"]
     _start_ray(state, nodes, cpus, env)
     config = launch_config(overrides)
@@ -86,13 +99,40 @@ def up(nodes: int, overrides: dict[str, dict[str, Any]]) -> int:
     return 0
 
 
-def _start_redis(state: dict) -> str:
+def _secured_env(state: dict) -> dict[str, str]:
+    """The environment of every Ray process of the platform: Ray's token authentication on
+    (a fresh token, in a file only this user reads) and the node agents' internal token.
+    This process takes Ray's settings too: it connects to the cluster next."""
+    token_path = Path(state["temp_dir"]) / "ray-auth-token"
+    token_path.touch(mode=0o600)
+    token_path.write_text(secrets.token_hex(32))
+    state["ray_token_path"] = str(token_path)
+    _use_ray_token(state)
+    env = dict(os.environ)
+    env.setdefault("LULL_INTERNAL_TOKEN", secrets.token_hex(32))
+    return env
+
+
+def _use_ray_token(state: dict) -> None:
+    """Connect this process to the platform's Ray with the token `up` made (RAY_AUTH_TOKEN
+    would win over the file: it is dropped)."""
+    if path := state.get("ray_token_path"):
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=path)
+        if "ray" in sys.modules:  # Ray read its settings when imported: have it read them again,
+            from ray._raylet import AuthenticationTokenLoader, Config  # as its own token setup does
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _start_redis(state: dict, env: dict[str, str]) -> str:
     from workers.redis_server import free_port
 
     redis_port = free_port()
     log = open(Path(state["temp_dir"]) / "redis.log", "ab")  # not our stdout: a pipe reader would wait on it
     redis = subprocess.Popen([sys.executable, "-m", "workers.redis_server", "--port", str(redis_port),
-                              "--maxmemory", "512mb"], stdout=log, stderr=log, start_new_session=True)
+                              "--maxmemory", "512mb"], stdout=log, stderr=log, start_new_session=True, env=env)
     state["redis_pid"] = redis.pid
     return f"redis://127.0.0.1:{redis_port}/0"
 
@@ -116,10 +156,10 @@ def _serve(config: LullConfig, overrides: dict, state: dict, nodes: int) -> None
     from controller.assembly import build_app
 
     ray.init(address=state["address"], namespace=RAY_NAMESPACE, log_to_driver=False)
-    port = config.gateway.http_port
+    port, host = config.gateway.http_port, config.gateway.host
     # One HTTP proxy, on the head: every Ray node here shares this host, and a proxy per node
     # would share the port, so a node's death would drop the connections its proxy held.
-    serve.start(detached=True, http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    serve.start(detached=True, http_options={"host": host, "port": port}, proxy_location="HeadOnly")
     print(f"starting {config.replicas.initial} engine replica(s) on {nodes} Ray node(s); this takes a minute ...")
     serve.run(build_app(overrides), name=SERVE_APP, route_prefix="/")
     print(f"Lull is up: OpenAI API at http://127.0.0.1:{port}/v1, Anthropic API at http://127.0.0.1:{port} "

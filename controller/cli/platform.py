@@ -24,6 +24,7 @@ FLAGS: dict[str, str] = {
     "--max-replicas": "replicas.max",
     "--policy": "policy.name",
     "--port": "gateway.http_port",
+    "--host": "gateway.host",
     "--gpu-tier-tokens": "tiers.gpu_tier_tokens",
     "--redis-url": "tiers.redis_url",
     "--engine-cpus": "cluster.engine_cpus",

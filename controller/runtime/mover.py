@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import grpc
 
 from controller.policy import Location, Move, Tier
+from proto.internal_auth import agent_channel
 from proto.telemetry import tracing
 from proto import node_agent_pb2 as pb
 from proto import node_agent_pb2_grpc as pb_grpc
@@ -89,7 +90,17 @@ class GrpcMover:
         return await self._two_phase(request, node)
 
     async def report(self, node_id: str) -> pb.OccupancyReport:
-        return await self._stub(node_id).ReportOccupancy(pb.ReportOccupancyRequest(), timeout=self.timeout_s)
+        """The node's whole report: StreamOccupancy's chunks (one snapshot) in one message,
+        which may exceed gRPC's 4 MB limit in memory, never on the wire."""
+        report = None
+        async for chunk in self._stub(node_id).StreamOccupancy(pb.ReportOccupancyRequest(), timeout=self.timeout_s):
+            if report is None:
+                report = chunk
+            else:
+                report.sessions.extend(chunk.sessions)
+        if report is None:
+            raise LookupError(f"the agent of node {node_id!r} sent an empty occupancy stream")
+        return report
 
     async def abort(self, node_id: str, move_ids: list[str], reason: str) -> None:
         """Abort moves prepared by a controller that is gone (a restart)."""
@@ -141,7 +152,7 @@ class GrpcMover:
         if node_id not in self._stubs:
             if node_id not in self.addresses:
                 raise LookupError(f"no node agent known for node {node_id!r}")
-            channel = grpc.aio.insecure_channel(self.addresses[node_id])
+            channel = agent_channel(self.addresses[node_id])  # every call carries LULL_INTERNAL_TOKEN
             self._stubs[node_id] = (channel, pb_grpc.NodeAgentServiceStub(channel))
         return self._stubs[node_id][1]
 

@@ -26,9 +26,11 @@ import ray
 from ray import serve
 
 from proto.names import RAY_NAMESPACE, SERVE_APP
+from tests.support import INTERNAL_TOKEN
 from workers.redis_server import LocalRedis
 
-BASE_ENV = {"LULL_TIERS__DRAM_CAPACITY_GIB": "0.05", "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05"}
+BASE_ENV = {"LULL_TIERS__DRAM_CAPACITY_GIB": "0.05", "LULL_TIERS__SHARED_CAPACITY_GIB": "0.05",
+            "LULL_INTERNAL_TOKEN": INTERNAL_TOKEN}
 # float32, not the default `auto` (bfloat16 on this CPU): the tests compare greedy outputs
 # across replicas and batches, and bfloat16's rounding flips the random tiny model's
 # near-tied tokens with the batch it runs in.

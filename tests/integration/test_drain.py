@@ -16,7 +16,7 @@ import pytest
 from controller.policy import Location, Phase, Tier
 from controller.runtime import GrpcMover, LiveController
 from controller.runtime.drain import drain_replica
-from tests.support import Engine, FakeClock
+from tests.support import INTERNAL_TOKEN, Engine, FakeClock
 from workers.dram_store import DramStore
 from workers.node_agent import NodeAgent
 from workers.node_agent_service import serve
@@ -34,17 +34,18 @@ def redis_server():
 
 
 @pytest.fixture
-def plane(tmp_path, redis_server):
+def plane(tmp_path, redis_server, monkeypatch):
     """Nodes n1, n2 with replicas r1, r2; both agents reach the same Redis."""
     import redis
 
     redis.Redis.from_url(redis_server.url).flushdb()
+    monkeypatch.setenv("LULL_INTERNAL_TOKEN", INTERNAL_TOKEN)  # what GrpcMover sends
     agents, servers, addresses, engines = {}, {}, {}, {}
     for node, replica in (("n1", "r1"), ("n2", "r2")):
         folder = tmp_path / node
         shared = SharedTier(redis_server.url, 1 << 20, timeout_s=1.0)
         agent = NodeAgent(node, DramStore(folder, 1 << 20), shared, dram_dir=str(folder))
-        server, port, _ = serve(agent, 0, host="127.0.0.1")
+        server, port, _ = serve(agent, 0, host="127.0.0.1", token=INTERNAL_TOKEN)
         agents[node], servers[node], addresses[node] = agent, server, f"127.0.0.1:{port}"
         engines[replica] = Engine(DramStore(folder, 1 << 20), replica)
     yield agents, servers, addresses, engines

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import pytest
 
 from controller.policy.types import Tier
 from tests.integration.engine_fixtures import start_data_plane, stop_data_plane, wait_until
 from workers.kv_connector import read_connector_stats, release_sessions
+from workers.kv_integrity import HEADER_BYTES, seal
 from workers.node_agent import MoveKind, NodeAgent, Refused
 from workers.shared_tier import SharedTier
 
@@ -136,6 +138,69 @@ def test_redis_outage_degrades_to_local_tiers(plane, caplog):
     wait_until(plane.agent.shared_reachable, what="shared tier back")
     plane.move("outage-1", Tier.GPU, Tier.SHARED)
     assert plane.shared.get_session("outage-1") is not None
+
+
+def rewrite_first_block(plane, session: str, change) -> None:
+    """Rewrite one stored block file of ``session`` in place, as a bit flip in /dev/shm would."""
+    path = Path(plane.dram_dir) / "blocks" / plane.dram.session(session).block_hashes[0]
+    path.write_bytes(change(path.read_bytes()))
+
+
+@pytest.mark.parametrize("fault, counter", [("flipped byte", "load_refused_checksum"),
+                                            ("another model's block", "load_refused_identity")])
+def test_a_corrupted_or_foreign_block_is_recomputed_never_loaded(plane, fault, counter):
+    """A block that fails its check is a miss: vLLM recomputes it (greedy output equals the
+    output with the intact KV) and the refusal is counted."""
+    session = f"integrity-{counter}"
+    empty_dram(plane)
+    next_prompt = first_call(plane, session, seed=11 if "flipped" in fault else 12)
+    plane.move(session, Tier.GPU, Tier.DRAM)
+    plane.evict_from_engine()
+    reference = plane.call(next_prompt, f"{session}-ref", tier="dram")  # the same tenant: loads the intact KV
+    assert reference.cached_tokens >= 300 // BLOCK * BLOCK
+    plane.evict_from_engine()
+
+    def flip(data: bytes) -> bytes:
+        return data[:-1] + bytes([data[-1] ^ 0x01])
+
+    def foreign(data: bytes) -> bytes:
+        return seal(data[HEADER_BYTES:], b"\xee" * 8)  # intact, but sealed by another model
+
+    rewrite_first_block(plane, session, flip if "flipped" in fault else foreign)
+    before, loaded_before = stats(plane).get(counter, 0), loaded_tokens(plane)
+    resumed = plane.call(next_prompt, session, tier="dram")
+    assert resumed.token_ids == reference.token_ids
+    assert stats(plane)[counter] == before + 1
+    # The engine asked for every stored block (its cached_tokens); the refused one was not loaded.
+    assert loaded_tokens(plane) - loaded_before == resumed.cached_tokens - BLOCK
+    plane.dram.drop_session(session)
+    plane.dram.drop_session(f"{session}-ref")
+
+
+def test_a_block_corrupted_in_the_shared_tier_is_recomputed_never_loaded(plane):
+    """The shared tier keeps each block's header and checksum: a byte flipped in Redis is
+    refused when the block, promoted back through DRAM, is loaded."""
+    import redis
+
+    empty_dram(plane)
+    next_prompt = first_call(plane, "integrity-shared", seed=13)
+    plane.move("integrity-shared", Tier.GPU, Tier.DRAM)
+    plane.evict_from_engine()
+    reference = plane.call(next_prompt, "integrity-shared-ref", tier="dram")
+    plane.evict_from_engine()
+    plane.dram.drop_session("integrity-shared-ref")
+    plane.move("integrity-shared", Tier.DRAM, Tier.SHARED)
+    key = plane.shared.get_session("integrity-shared").block_hashes[0]
+    client = redis.Redis.from_url(plane.redis.url)
+    stored = client.hget("{lull}:blocks", key)
+    client.hset("{lull}:blocks", key, stored[:-1] + bytes([stored[-1] ^ 0x01]))  # same size: the books still hold
+    plane.move("integrity-shared", Tier.SHARED, Tier.GPU, kind=MoveKind.PROMOTE)
+    before = stats(plane).get("load_refused_checksum", 0)
+    resumed = plane.call(next_prompt, "integrity-shared", tier="dram")
+    assert resumed.token_ids == reference.token_ids
+    assert stats(plane)["load_refused_checksum"] == before + 1
+    plane.dram.drop_session("integrity-shared")
+    plane.shared.check_integrity()
 
 
 def stats(plane) -> dict:

@@ -128,8 +128,7 @@ def drive_traffic(platform: Platform) -> None:
 def abort_a_move(platform: Platform) -> None:
     """Prepare a DRAM -> shared move of a demoted session at its node agent and abort it,
     as a controller that gives up does (lull:kv_move_failures)."""
-    import grpc
-
+    from proto.internal_auth import blocking_agent_channel
     from proto.names import node_agent_actor
     from proto import node_agent_pb2 as pb
     from proto import node_agent_pb2_grpc, tiers_pb2
@@ -137,7 +136,7 @@ def abort_a_move(platform: Platform) -> None:
     sessions = ray.get(platform.controller().snapshot.remote())["sessions"]
     session = next(s for s in sessions if s["tier"] == "dram")
     agent = ray.get_actor(node_agent_actor(session["node"]), namespace=RAY_NAMESPACE)
-    with grpc.insecure_channel(ray.get(agent.address.remote())) as channel:
+    with blocking_agent_channel(ray.get(agent.address.remote())) as channel:
         stub = node_agent_pb2_grpc.NodeAgentServiceStub(channel)
         move_id = f"test-abort-{uuid.uuid4().hex}"
         prepared = stub.PrepareMove(pb.PrepareMoveRequest(

@@ -3,6 +3,7 @@ the node agent actor behind real gRPC, and a real Redis shared tier."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -13,10 +14,12 @@ import ray
 from ray import serve
 
 from proto.engine_request import EngineRequest
+from proto.internal_auth import blocking_agent_channel
 from proto.names import ENGINE_DEPLOYMENT, node_agent_actor
 from proto import node_agent_pb2 as pb
 from proto import node_agent_pb2_grpc as pb_grpc
 from proto import tiers_pb2
+from tests.support import INTERNAL_TOKEN
 from workers.engine import EngineSettings
 from workers.engine_deployment import engine_app
 from workers.node_agent_actor import NodeAgentActor
@@ -30,6 +33,8 @@ DRAM_CAPACITY = 32 << 20
 def cluster():
     dram_dir = tempfile.mkdtemp(prefix="lull-ray-dram-", dir="/dev/shm")
     redis = LocalRedis("64mb").start()
+    # The agent reads LULL_INTERNAL_TOKEN from its environment, which Ray's workers inherit from here.
+    old_token = os.environ.setdefault("LULL_INTERNAL_TOKEN", INTERNAL_TOKEN)
     ray.init(num_cpus=2, include_dashboard=False, namespace="lull", log_to_driver=False)
     settings = EngineSettings(model=str(ensure_tiny_model()), dram_dir=dram_dir, dtype="float32",
                               dram_capacity_bytes=DRAM_CAPACITY, max_model_len=2048)
@@ -38,13 +43,15 @@ def cluster():
     node_id = ray.get_runtime_context().get_node_id()
     agent = NodeAgentActor.options(name=node_agent_actor(node_id)).remote(
         node_id, dram_dir, DRAM_CAPACITY, redis_url=redis.url, shared_capacity_bytes=32 << 20)
-    channel = grpc.insecure_channel(ray.get(agent.address.remote()))
+    channel = blocking_agent_channel(ray.get(agent.address.remote()))
     yield handle, pb_grpc.NodeAgentServiceStub(channel), agent
     channel.close()
     serve.shutdown()
     ray.shutdown()
     redis.stop()
     shutil.rmtree(dram_dir, ignore_errors=True)
+    if old_token == INTERNAL_TOKEN:
+        os.environ.pop("LULL_INTERNAL_TOKEN", None)
 
 
 def wait_until(condition, timeout: float = 60.0):

@@ -148,6 +148,15 @@ def test_bad_api_key_files_are_errors_that_never_quote_a_key(tmp_path, text):
     assert KEY not in str(caught.value)
 
 
+@pytest.mark.parametrize("tenant", ["acme/prod", "../acme", "a b", "x" * 129, "tenant\u00e9"])
+def test_tenant_names_are_ids_of_the_protos_charset(tenant):
+    """Tenant `acme` must not be able to address `acme/prod`'s sessions: no `/` in a name."""
+    with pytest.raises(ConfigError, match="tenant name") as caught:
+        load_config(env={"LULL_API_KEYS": f"{tenant}:{KEY}"})
+    assert KEY not in str(caught.value)
+    assert load_config(env={"LULL_API_KEYS": f"acme.prod_1-a:{KEY}"}).secrets.tenant_of(KEY) == "acme.prod_1-a"
+
+
 def test_planner_config_follows_the_policy_settings():
     config = from_dict({"policy": {"displacement": False, "displace_margin": 0.2}, "tiers": {"shared_capacity_gib": 0}})
     planner = PlannerConfig.from_config(config)

@@ -18,7 +18,7 @@ import pytest
 from controller.policy import Location, Phase, Tier, UnknownSession
 from controller.runtime import GateTimeout, GrpcMover, LiveController, SessionClosed
 from proto import tiers_pb2
-from tests.support import Engine, FakeClock
+from tests.support import INTERNAL_TOKEN, Engine, FakeClock
 from workers.dram_store import DramStore
 from workers.node_agent import NodeAgent
 from workers.node_agent_service import serve
@@ -27,13 +27,14 @@ GPU, DRAM = 300, 300  # KV tokens per replica
 
 
 @pytest.fixture
-def plane(tmp_path):
+def plane(tmp_path, monkeypatch):
     """Nodes n1, n2, each with one replica (r1, r2), its agent and gRPC server."""
+    monkeypatch.setenv("LULL_INTERNAL_TOKEN", INTERNAL_TOKEN)  # what GrpcMover sends
     agents, servers, addresses, engines = {}, [], {}, {}
     for node, replica in (("n1", "r1"), ("n2", "r2")):
         folder = tmp_path / node
         agent = NodeAgent(node, DramStore(folder, 1 << 20), None, dram_dir=str(folder))
-        server, port, _ = serve(agent, 0, host="127.0.0.1")
+        server, port, _ = serve(agent, 0, host="127.0.0.1", token=INTERNAL_TOKEN)
         agents[node], addresses[node] = agent, f"127.0.0.1:{port}"
         engines[replica] = Engine(DramStore(folder, 1 << 20), replica)
         servers.append(server)

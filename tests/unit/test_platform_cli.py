@@ -25,6 +25,7 @@ from proto.config import ConfigError, LullConfig, definition, from_dict
 from workers.engine import EngineSettings
 from workers.tiny_model import ensure_tiny_model
 
+MKDTEMP = tempfile.mkdtemp  # the real one, for tests that give `up` its temp dir
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
@@ -153,3 +154,44 @@ def test_kv_bytes_per_token_follow_the_dtype_the_engine_runs():
     assert kv_bytes_per_token(model, "float32") == 2 * 2 * 2 * 64 * 4
     assert kv_bytes_per_token(model, "auto") == kv_bytes_per_token(model, "bfloat16") == 2 * 2 * 2 * 64 * 2
 
+
+
+# --- nothing listens beyond this host unless told; Ray and the agents take tokens ----------
+
+def started_with(tmp_path, monkeypatch, flags: list[str]) -> tuple[dict, dict]:
+    """`lull up` as far as its decisions go: Redis, Ray and the Serve app are not started
+    here (each takes minutes and a core); the env Ray would start with and the overrides
+    the Serve app would get are recorded instead."""
+    import controller.assembly.local_platform as lp
+
+    monkeypatch.setenv("LULL_STATE_DIR", str(tmp_path))
+    for var in ("LULL_INTERNAL_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "LULL_REDIS_PASSWORD"):
+        monkeypatch.setenv(var, "")  # so that monkeypatch restores it after up() sets it
+        monkeypatch.delenv(var)
+    seen: dict = {}
+    monkeypatch.setattr(lp.tempfile, "mkdtemp", lambda prefix: MKDTEMP(prefix=prefix, dir=tmp_path))
+    monkeypatch.setattr(lp, "_start_redis", lambda state, env: seen.update(redis_env=env) or "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(lp, "_start_ray", lambda state, nodes, cpus, env: seen.update(env=env))
+    monkeypatch.setattr(lp, "_serve", lambda config, overrides, state, nodes: seen.update(config=config))
+    args = build_parser().parse_args(["up", *flags])
+    assert args.func(args) == 0
+    return seen["env"], seen
+
+
+def test_up_binds_the_api_and_the_agents_to_loopback_unless_told(tmp_path, monkeypatch):
+    env, seen = started_with(tmp_path, monkeypatch, [])
+    assert (seen["config"].gateway.host, seen["config"].tiers.node_agent_host) == ("127.0.0.1", "127.0.0.1")
+    (tmp_path / "open").mkdir()
+    _, seen = started_with(tmp_path / "open", monkeypatch, ["--host", "0.0.0.0"])
+    assert seen["config"].gateway.host == "0.0.0.0" and seen["config"].tiers.node_agent_host is None
+
+
+def test_up_turns_ray_token_auth_on_and_gives_the_agents_and_redis_secrets(tmp_path, monkeypatch):
+    env, seen = started_with(tmp_path, monkeypatch, [])
+    assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in env
+    token_file = Path(env["RAY_AUTH_TOKEN_PATH"])
+    assert token_file.stat().st_mode & 0o777 == 0o600 and len(token_file.read_text()) == 64
+    assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(token_file)  # this process connects with it next
+    assert len(env["LULL_INTERNAL_TOKEN"]) == 64 and seen["redis_env"]["LULL_REDIS_PASSWORD"]
+    state = json.loads((tmp_path / "platform.json").read_text())
+    assert state["ray_token_path"] == str(token_file) and env["LULL_INTERNAL_TOKEN"] not in json.dumps(state)

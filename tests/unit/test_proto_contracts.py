@@ -27,6 +27,7 @@ SESSION_RPCS = {
 }
 NODE_AGENT_RPCS = {
     "ReportOccupancy": ("ReportOccupancyRequest", "OccupancyReport", False, False),
+    "StreamOccupancy": ("ReportOccupancyRequest", "OccupancyReport", False, True),
     "PrepareMove": ("PrepareMoveRequest", "PrepareMoveResponse", False, False),
     "CompleteMove": ("CompleteMoveRequest", "CompleteMoveResponse", False, False),
     "AbortMove": ("AbortMoveRequest", "AbortMoveResponse", False, False),

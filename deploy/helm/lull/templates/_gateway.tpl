@@ -20,6 +20,9 @@ selects these pods only. Ray's autoscaler keeps the group at its fixed size. */}
         lull/metrics: "true"
     spec:
       serviceAccountName: {{ include "lull.serviceAccountName" . }}
+      automountServiceAccountToken: false  # gateways never call the Kubernetes API
+      securityContext:
+        {{- include "lull.podSecurityContext" . | nindent 8 }}
       {{- with .Values.imagePullSecrets }}
       imagePullSecrets:
         {{- toYaml . | nindent 8 }}

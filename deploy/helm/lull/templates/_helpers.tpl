@@ -114,3 +114,30 @@ and the size of the memory volume the DRAM tier lives in. */}}
 {{- $perPod := .root.Values.ray.gpuWorkers.gpusPerPod | int -}}
 {{- div (add $gpus (sub $perPod 1)) $perPod -}}
 {{- end -}}
+
+{{- define "lull.rayAuthSecret" -}}
+{{- default (printf "%s-ray-auth" (include "lull.fullname" .)) .Values.security.rayAuth.existingSecret -}}
+{{- end -}}
+
+{{- define "lull.internalTokenSecret" -}}
+{{- default (printf "%s-internal-token" (include "lull.fullname" .)) .Values.security.internalToken.existingSecret -}}
+{{- end -}}
+
+{{/* Every pod's securityContext: never root, the image's lull user (platform/Dockerfile). */}}
+{{- define "lull.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.security.runAsUser }}
+runAsGroup: {{ .Values.security.runAsUser }}
+fsGroup: {{ .Values.security.runAsUser }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Every container's: no privilege, no capability, and a read-only root filesystem where
+the container writes only to its volumes (readOnlyRoot false for one that may not). */}}
+{{- define "lull.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: {{ .readOnlyRoot }}
+capabilities:
+  drop: [ALL]
+{{- end -}}

@@ -81,7 +81,10 @@ an emptyDir per pod when there is none), or the pvc:// claim itself. */}}
           name: {{ . }}
           key: hf-token
     {{- end }}
+  securityContext:
+    {{- include "lull.containerSecurityContext" (dict "readOnlyRoot" true) | nindent 4 }}
   volumeMounts:
+    {{- include "lull.scratchMounts" . | nindent 4 }}
     {{- include "lull.modelMounts" (dict "root" $ "readOnly" false) | nindent 4 }}
 {{- end -}}
 {{- end -}}

@@ -8,6 +8,16 @@ imagePullPolicy: {{ $.Values.image.pullPolicy }}
 env:
   - name: LULL_CONFIG
     value: /etc/lull/config.yaml
+  # The pod's own address: Ray's dashboard (head) listens there, not on every interface.
+  - name: LULL_POD_IP
+    valueFrom:
+      fieldRef:
+        fieldPath: status.podIP
+  - name: LULL_INTERNAL_TOKEN
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "lull.internalTokenSecret" $ }}
+        key: internal-token
   - name: PROMETHEUS_MULTIPROC_DIR
     value: {{ $cfg.telemetry.metrics_dir | quote }}
   - name: OTEL_SERVICE_NAME
@@ -48,7 +58,10 @@ ports:
   - {name: lull-metrics, containerPort: {{ $cfg.telemetry.metrics_port }}}
   - {name: metrics, containerPort: {{ $.Values.ray.metricsExportPort }}}
 {{- include "lull.probes" . }}
+securityContext:
+  {{- include "lull.containerSecurityContext" (dict "readOnlyRoot" true) | nindent 2 }}
 volumeMounts:
+  {{- include "lull.scratchMounts" . | nindent 2 }}
   - name: lull-config
     mountPath: /etc/lull/config.yaml
     subPath: config.yaml
@@ -124,6 +137,10 @@ readinessProbe:
 {{- with $.Values.ray.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
+- name: tmp
+  emptyDir: {}
+- name: home
+  emptyDir: {}
 {{- end -}}
 
 {{/* Ray Serve's config (platform/serve/lull.yaml) with the values' ports, metrics dir and gateway count. The
@@ -138,4 +155,14 @@ engine count and what each replica asks of Ray come from the config (build_app r
 {{- end -}}
 {{- $_ := set $app.runtime_env.env_vars "PROMETHEUS_MULTIPROC_DIR" $cfg.telemetry.metrics_dir -}}
 {{- toYaml $serve -}}
+{{- end -}}
+
+
+{{/* Where a container under a read-only root filesystem writes: /tmp (Ray's session
+folder, compile caches) and $HOME (Hugging Face, vLLM and Triton caches). */}}
+{{- define "lull.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/lull
 {{- end -}}
