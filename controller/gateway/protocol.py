@@ -16,12 +16,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from proto.config import Secrets
+from proto.names import ID_PATTERN  # the charset proto/session.proto documents
 
 # Checked in this order; the first one present wins.
 SESSION_HEADERS = ("x-session-id", "x-claude-code-session-id")
 AGENT_HEADER = "x-claude-code-agent-id"  # a Claude Code sub-agent: its own session (as Dynamo reads it)
 SESSION_BODY_FIELD = "session_id"  # Lull's own body field, removed before vLLM sees the body
-SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # the charset proto/session.proto documents
 # Claude Code before 2.x put its session in metadata.user_id as "user_<hash>_account_<id>_session_<uuid>".
 CLAUDE_CODE_USER = re.compile(r"_session_([A-Za-z0-9-]{8,64})$")
 ANONYMOUS_TENANT = "anonymous"
@@ -49,7 +49,7 @@ class ApiError(Exception):
 
 
 def check_session_id(value: str, source: str) -> str:
-    if not isinstance(value, str) or not SESSION_ID.fullmatch(value.strip()):
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value.strip()):
         raise ApiError(400, f"{source}: a session id is 1 to 128 characters of A-Z a-z 0-9 . _ : -", param=source)
     return value.strip()
 
