@@ -60,16 +60,16 @@ def run(args) -> int:
                         headers={"authorization": f"Bearer {key}"} if key else {})
 
     model = http.get("/v1/models").raise_for_status().json()["data"][0]["id"]
-    path, body = _request(args.api, model)
+    route, body = _request(args.api, model)
 
     def via_gateway() -> float:
         started = time.perf_counter()
-        http.post(path, json=body, headers={"x-session-id": "bench-gw"}).raise_for_status()
+        http.post(route, json=body, headers={"x-session-id": "bench-gw"}).raise_for_status()
         return time.perf_counter() - started
 
     def direct() -> float:
         started = time.perf_counter()
-        call = EngineCall("POST", path, json.dumps(body).encode(), headers=(("content-type", "application/json"),))
+        call = EngineCall("POST", route, json.dumps(body).encode(), headers=(("content-type", "application/json"),))
         head, *_ = list(engine.options(stream=True).http.remote(call))  # head, body, usage
         if head["status"] != 200:
             raise RuntimeError(f"the engine answered {head['status']}")
@@ -82,11 +82,12 @@ def run(args) -> int:
         first, second = (via_gateway, direct) if i % 2 == 0 else (direct, via_gateway)
         for path in (first, second):
             (gateway_s if path is via_gateway else direct_s).append(path())
+    http.delete("/v1/sessions/bench-gw")  # leave no session open: `lull bench` waits for open ones
     figures = _figures(np.array(gateway_s), np.array(direct_s))
     _print(figures)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"measured": True, "api": args.api, "path": path, "max_tokens": 1,
+        args.json.write_text(json.dumps({"measured": True, "api": args.api, "path": route, "max_tokens": 1,
                                          "calls_per_path": len(gateway_s), **figures}, indent=2))
         print(f"wrote {args.json}")
     return 0
