@@ -12,6 +12,7 @@ answer: Ray delivers one caller's calls to an actor in order, so the session's n
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Any
@@ -72,16 +73,15 @@ class ControllerClient:
         if wait or not self._is_actor:
             await self._call("call_finished", session_id, context_tokens, close)
             return
-        reply = self._target.call_finished.remote(session_id, context_tokens, close)  # sent here, in order
-        task = asyncio.get_running_loop().create_task(_log_failure(reply, session_id))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        # Sent here, in order, and outside the request's context (see `_detached`).
+        reply = contextvars.Context().run(self._target.call_finished.remote, session_id, context_tokens, close)
+        self._detached(_log_failure(reply, session_id))
 
     async def call_failed(self, session_id: str, lost_replica: str | None = None, dead: bool = False,
                           started: bool = True) -> None:
         """``lost_replica``: the call's replica died (``dead``) or became unreachable under it;
         ``started`` False: the admitted call never reached an engine (its reservation goes back whole)."""
-        await self._call("call_failed", session_id, lost_replica, dead, started)
+        await asyncio.shield(self._detached(self._call("call_failed", session_id, lost_replica, dead, started)))
 
     async def tool_call_started(self, session_id: str) -> None:
         await self._call("tool_call_started", session_id)
@@ -112,9 +112,18 @@ class ControllerClient:
             log.info("admission of session %s granted after its caller left; handed back", session_id)
             await self.call_failed(session_id, started=False)
 
-        task = asyncio.get_running_loop().create_task(hand_back())
+        self._detached(hand_back())
+
+    def _detached(self, coro) -> asyncio.Task:
+        """Run ``coro`` in a fresh context, so the Ray calls it sends are no children of the client
+        request that asked: Serve cancels a request whose client leaves (even after its last
+        byte), and Ray cancels with it every call the request sent that has not run yet; a lost
+        report of how a call ended would leave its session booked in a call, and its next call
+        queued behind it until the gate timeout."""
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
     # -- restarts ---------------------------------------------------------------------------
 
