@@ -19,8 +19,9 @@ from typing import Any
 
 from controller.gateway.protocol import ApiError
 
-# Bodies smaller than this are validated on the event loop: a thread hop costs more.
-INLINE_VALIDATION_BYTES = 64 << 10
+# Bodies smaller than this are parsed, validated and serialized on the event loop (here, in
+# `rest` and in `service`): a thread hop costs more.
+INLINE_BODY_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class PromptCounter:
 
         model, render = self._renderer(kind)
         try:
-            if size > INLINE_VALIDATION_BYTES:
+            if size > INLINE_BODY_BYTES:
                 request = await asyncio.to_thread(model.model_validate, body)
             else:
                 request = model.model_validate(body)

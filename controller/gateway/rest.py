@@ -26,6 +26,7 @@ from controller.gateway.protocol import (
     session_id_from,
     session_key,
 )
+from controller.gateway.prompt_counter import INLINE_BODY_BYTES
 from controller.gateway.rest_sessions import session_routes
 from controller.gateway.service import Call, GatewayCore
 from proto.engine_call import UNFORWARDED_HEADERS
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 GENERATING = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/messages": "messages"}
 UNGATED = {("GET", "/v1/models"), ("POST", "/tokenize"), ("POST", "/detokenize"),
            ("POST", "/v1/messages/count_tokens"), ("GET", "/version")}
-INLINE_JSON_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
 
 
 def create_app(core: GatewayCore, auth: Authenticator, engines, max_body_bytes: int) -> FastAPI:
@@ -149,7 +149,7 @@ def _too_large(size: int, limit: int) -> ApiError:
 
 async def _json(raw: bytes) -> dict:
     try:
-        data = await asyncio.to_thread(json.loads, raw) if len(raw) > INLINE_JSON_BYTES else json.loads(raw)
+        data = await asyncio.to_thread(json.loads, raw) if len(raw) > INLINE_BODY_BYTES else json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"the body is not valid JSON ({error.__class__.__name__} at position "
                             f"{getattr(error, 'pos', 0)})", code="invalid_json") from None

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from controller.gateway.controller_client import ControllerClient
 from controller.gateway.metrics import CallMetrics
-from controller.gateway.prompt_counter import PromptCounter
+from controller.gateway.prompt_counter import INLINE_BODY_BYTES, PromptCounter
 from controller.gateway.protocol import ApiError, lull_fields
 from proto.actor_errors import ACTOR_GONE, cause, is_error
 from proto.engine_call import CallUsage, EngineCall
@@ -38,7 +38,6 @@ ENGINE_RETRIES = 2  # a call whose engine replica died before answering runs aga
 # the router may still send the first retry to the dead replica before Serve has noticed its death)
 ENGINE_RETRY_WAIT_S = 1.0  # before retrying a call whose replica became unreachable
 REPLICA_GONE = (*ACTOR_GONE, "RayActorError", "WorkerCrashedError")  # RayActorError: every actor-death error
-INLINE_JSON_BYTES = 64 << 10  # larger bodies are serialized in a worker thread
 
 
 class Engines(Protocol):
@@ -217,8 +216,8 @@ class GatewayCore:
         so a retry's admission goes elsewhere)."""
         lost = replica_id if error is not None and replica_lost(error) else None
         try:
-            await asyncio.shield(self.controller.call_failed(key, lost, error is not None and
-                                                             is_error(error, "ActorDiedError")))
+            # The client sends it detached and shielded: a caller who left cannot cancel it.
+            await self.controller.call_failed(key, lost, error is not None and is_error(error, "ActorDiedError"))
         except BaseException as failed:  # the original error is what the client must see
             log.warning("call_failed for session %s not recorded: %s", key, type(cause(failed)).__name__)
 
@@ -252,7 +251,7 @@ class GatewayCore:
 
 async def _payload(call: Call, tier: str, call_id: str) -> bytes:
     body = lull_fields(call.body, call.tenant, call.key, tier, call_id)
-    if call.size > INLINE_JSON_BYTES:
+    if call.size > INLINE_BODY_BYTES:
         return await asyncio.to_thread(_dumps, body)
     return _dumps(body)
 
