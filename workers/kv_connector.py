@@ -22,7 +22,15 @@ What it does, per request that carries Lull's labels in `kv_transfer_params`
 - **Load.** A request whose prompt prefix is not in the engine's prefix cache but
   is in the DRAM tier is loaded from there instead of recomputed.
 
-Requests without Lull labels are left entirely to vLLM.
+Requests without Lull labels, and those labelled ``waiting`` (``vllm-lru``: vLLM's
+prefix cache alone), are left entirely to vLLM.
+
+Counters (``stats.json`` in the replica's folder, `read_connector_stats`; the node
+agent serves them): prompt tokens loaded, by where their KV came from (``dram``: a
+write-through or demotion copy; ``shared``: the first load after the node agent
+staged the session from the shared tier, which it says with a ``shared <session>``
+line), and the seconds the engine spent in forward passes that computed tokens, so a
+benchmark can tell a busy engine from an idle one.
 
 Roles: vLLM makes one instance on the scheduler side and one per worker. They
 talk only through the metadata built each step; the node agent reaches the
@@ -64,6 +72,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GPU_TIER = Tier.GPU.label
+NO_OFFLOAD = Tier.WAITING.label  # vLLM's prefix cache alone: nothing held, written or loaded
+STATS_EVERY_S = 0.5  # how often the busy counter alone rewrites stats.json
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,12 @@ def lull_labels(request: "Request") -> dict[str, str] | None:
     return labels if isinstance(labels, dict) and labels.get("session") else None
 
 
+def offload_labels(request: "Request") -> dict[str, str] | None:
+    """Lull's labels of a request whose KV the connector manages; None: vLLM's alone."""
+    labels = lull_labels(request)
+    return None if labels is None or labels.get("tier") == NO_OFFLOAD else labels
+
+
 class LullConnector(KVConnectorBase_V1):
     _cache_hit_source = CacheHitSource.HOST
 
@@ -116,13 +132,18 @@ class LullConnector(KVConnectorBase_V1):
         self._to_free: set[str] = set()
         self._load_errors: set[int] = set()
         self._control_offset = 0
+        self._released: set[str] = set()  # sessions the node agent released, not yet freed
+        self._from_shared: set[str] = set()  # sessions staged from the shared tier, not yet loaded
+        self._step_started: float | None = None
+        self._stats_written = 0.0
         self._stats = {"load_requests": 0, "loaded_tokens": 0, "loaded_bytes": 0, "load_seconds": 0.0,
+                       "loaded_tokens_dram": 0, "loaded_tokens_shared": 0, "busy_seconds": 0.0, "busy_steps": 0,
                        "saved_blocks": 0, "saved_bytes": 0, "save_seconds": 0.0, "save_refused": 0, "released": 0,
                        "redundant_dropped": 0}
 
     # ================= scheduler side =================
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
-        if lull_labels(request) is None:
+        if offload_labels(request) is None:
             return 0, False
         # vLLM must compute at least the last prompt token itself.
         loadable_blocks = (request.num_prompt_tokens - 1) // self.block_size
@@ -171,7 +192,7 @@ class LullConnector(KVConnectorBase_V1):
             self._sessions_of[request.request_id] = labels["session"]
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        labels = lull_labels(request)
+        labels = offload_labels(request)
         self._sessions_of.pop(request.request_id, None)
         if labels is None:
             return False, None
@@ -190,9 +211,23 @@ class LullConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         self._layout = KvLayout.from_caches(kv_caches, self._kv_cache_config.num_blocks)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, LullConnectorMetadata) and not connector_metadata.idle_step:
+            self._step_started = time.perf_counter()  # a forward pass that computes tokens begins
+
+    def clear_connector_metadata(self) -> None:
+        if self._step_started is not None:
+            self._stats["busy_seconds"] += time.perf_counter() - self._step_started
+            self._stats["busy_steps"] += 1
+            self._step_started = None
+        super().clear_connector_metadata()
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, LullConnectorMetadata)
+        if meta.loads:
+            self._read_control()  # a "shared" line written since the last step names where KV came from
         for load in meta.loads:
             started = time.perf_counter()
             found = self.store.read_blocks(load.hashes)
@@ -201,8 +236,11 @@ class LullConnector(KVConnectorBase_V1):
                     self._layout.write_block(block_id, found[h])
                 else:  # dropped since the scheduler looked: vLLM recomputes it
                     self._load_errors.add(block_id)
+            source = "shared" if load.session in self._from_shared else "dram"
+            self._from_shared.discard(load.session)  # later loads read what the engine wrote through
             self._stats["load_requests"] += 1
             self._stats["loaded_tokens"] += self.block_size * len(found)
+            self._stats[f"loaded_tokens_{source}"] += self.block_size * len(found)
             self._stats["loaded_bytes"] += sum(map(len, found.values()))
             self._stats["load_seconds"] += time.perf_counter() - started
 
@@ -259,7 +297,8 @@ class LullConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         meta = self._get_connector_metadata() if self.has_connector_metadata() else None
-        released = self._read_control()
+        self._read_control()
+        released, self._released = self._released, set()
         if meta is not None:
             # A session's new call has taken references on its blocks: the old hold can go.
             released |= set(meta.started.values())
@@ -269,7 +308,8 @@ class LullConnector(KVConnectorBase_V1):
                 freed.add(req_id)
                 del self._held[req_id]
                 self._stats["released"] += 1
-        if freed or (meta is not None and (meta.saves or meta.loads)):
+        if freed or (meta is not None and (meta.saves or meta.loads)) or (
+                time.monotonic() - self._stats_written > STATS_EVERY_S):
             self._write_stats()
         elif meta is not None and meta.idle_step and self._held:
             # vLLM keeps stepping while blocks are held; without a pause an idle
@@ -281,25 +321,27 @@ class LullConnector(KVConnectorBase_V1):
         errors, self._load_errors = self._load_errors, set()
         return errors
 
-    def _read_control(self) -> set[str]:
-        """Sessions the node agent released since the last look (`release <session>` lines)."""
+    def _read_control(self) -> None:
+        """The node agent's lines since the last look: `release <session>` (free its held
+        blocks) and `shared <session>` (its KV was staged from the shared tier)."""
         path = self.engine_dir / "control.log"
         try:
             with path.open("rb") as f:
                 f.seek(self._control_offset)
                 data = f.read()
         except FileNotFoundError:
-            return set()
+            return
         complete = data[: data.rfind(b"\n") + 1]
         self._control_offset += len(complete)
-        released = set()
         for line in complete.decode().splitlines():
             verb, _, session = line.partition(" ")
             if verb == "release":
-                released.add(session)
-        return released
+                self._released.add(session)
+            elif verb == "shared":
+                self._from_shared.add(session)
 
     def _write_stats(self) -> None:
+        self._stats_written = time.monotonic()
         stats = {**self._stats, "held_requests": len(self._held)}
         tmp = self.engine_dir / "stats.json.tmp"
         tmp.write_text(json.dumps(stats))
@@ -308,12 +350,34 @@ class LullConnector(KVConnectorBase_V1):
 
 def release_sessions(dram_dir: Path | str, replica_id: str, sessions: list[str]) -> None:
     """Tell a replica's connector to free these sessions' held GPU blocks (called by the node agent)."""
+    _control(dram_dir, replica_id, "release", sessions)
+
+
+def staged_from_shared(dram_dir: Path | str, replica_id: str, sessions: list[str]) -> None:
+    """Tell a replica's connector that these sessions' KV in DRAM came from the shared tier
+    (called by the node agent), so that its next load of them counts as a shared-tier load."""
+    _control(dram_dir, replica_id, "shared", sessions)
+
+
+def _control(dram_dir: Path | str, replica_id: str, verb: str, sessions: list[str]) -> None:
     engine_dir = Path(dram_dir) / "engines" / replica_id
     engine_dir.mkdir(parents=True, exist_ok=True)
     with (engine_dir / "control.log").open("a") as f:
-        f.write("".join(f"release {s}\n" for s in sessions))
+        f.write("".join(f"{verb} {s}\n" for s in sessions))
 
 
 def read_connector_stats(dram_dir: Path | str, replica_id: str) -> dict[str, int]:
     path = Path(dram_dir) / "engines" / replica_id / "stats.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_all_connector_stats(dram_dir: Path | str) -> dict[str, dict]:
+    """Every replica's counters under a node's DRAM tier folder, by replica id."""
+    engines = Path(dram_dir) / "engines"
+    found = {}
+    for path in sorted(engines.glob("*/stats.json")) if engines.is_dir() else []:
+        try:
+            found[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError):  # replaced between the listing and the read: skip it this time
+            continue
+    return found

@@ -33,7 +33,7 @@ from enum import Enum
 
 from proto.tiers import Tier
 from workers.dram_store import PINNED, DramStore, MissingBlocks, write_session
-from workers.kv_connector import release_sessions
+from workers.kv_connector import release_sessions, staged_from_shared
 from workers.shared_tier import SharedTier
 from workers.tier_errors import TierError, TierFull
 
@@ -132,8 +132,10 @@ class NodeAgent:
         s = move.session_id
         if move.dst in DRAM_HOMES:
             self.dram.set_label(s, move.dst.label)
-            if move.copied_to_dram and self.shared is not None:
-                self._shared_call(lambda: self.shared.drop_session(s), "drop after promote")
+            if move.copied_to_dram:
+                staged_from_shared(self.dram_dir, move.replica_id, [s])  # counts the engine's next load as shared
+                if self.shared is not None:
+                    self._shared_call(lambda: self.shared.drop_session(s), "drop after promote")
         else:
             self.dram.drop_session(s)
         if move.dst == Tier.WAITING and self.shared is not None:

@@ -1,0 +1,188 @@
+"""What ``lull bench`` reads from and sets on the running platform, through Ray: the
+controller (policy switches, the books' capacities, tier occupancy), the engine replicas
+(vLLM's own counters) and the node agents (bytes moved, the KV connector's counters).
+
+Every figure the bench reports about the engine comes from here, from the engine's and
+the connector's own counters, never from the controller's books:
+
+- the engine's real KV cache: vLLM's ``vllm:cache_config_info`` (``num_gpu_blocks``,
+  one of them vLLM's null block, and ``block_size``);
+- prompt tokens by source: vLLM's ``vllm:prompt_tokens_by_source`` (computed, local
+  prefix-cache hit, external = the connector's loads), and the connector's loads split
+  by where the KV came from (``loaded_tokens_dram``, ``loaded_tokens_shared``);
+- busy time: the connector's ``busy_seconds`` (forward passes that computed tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from proto.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE, SERVE_APP, node_agent_actor
+
+DRAIN_S = 60.0  # how long closed sessions may take to leave the books before a switch
+ENGINE_COUNTERS = ("vllm:prompt_tokens_by_source_total", "vllm:generation_tokens_total",
+                   "vllm:num_preemptions_total")
+CONNECTOR_COUNTERS = ("loaded_tokens", "loaded_tokens_dram", "loaded_tokens_shared", "busy_seconds", "busy_steps",
+                      "save_refused")
+
+
+@dataclass(frozen=True)
+class EngineCache:
+    """One replica's KV cache as vLLM allocated it."""
+
+    num_gpu_blocks: int  # vLLM's pool, its null block included
+    block_size: int
+
+    @property
+    def tokens(self) -> int:
+        """The tokens the cache can hold: the pool less the null block vLLM keeps back."""
+        return (self.num_gpu_blocks - 1) * self.block_size
+
+
+def engine_cache(metrics_text: str) -> EngineCache | None:
+    """The cache a replica reports in ``vllm:cache_config_info``; None when it reports none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "vllm:cache_config_info" and sample.labels.get("num_gpu_blocks", "None") != "None":
+                return EngineCache(int(sample.labels["num_gpu_blocks"]), int(sample.labels["block_size"]))
+    return None
+
+
+def check_equal_capacity(gpu_tier: dict[str, int], caches: dict[str, EngineCache | None]) -> int:
+    """The GPU tier per replica, once every engine's real KV cache is shown to hold exactly
+    the tier the controller books on it, and every replica's tier is the same; raises
+    ValueError naming the replica and the fix otherwise. A benchmark on a cache larger than
+    the tier would let a policy's "demoted" sessions keep hitting in the engine."""
+    if not gpu_tier:
+        raise ValueError("the controller knows no engine replica yet; wait for `lull up` to finish")
+    for replica, booked in sorted(gpu_tier.items()):
+        cache = caches.get(replica)
+        if cache is None:
+            raise ValueError(f"engine replica {replica} does not report its KV cache (vllm:cache_config_info); "
+                             "the bench cannot show that it holds only the GPU tier")
+        if cache.tokens != booked:
+            raise ValueError(f"engine replica {replica}'s KV cache holds {cache.tokens:,} tokens "
+                             f"({cache.num_gpu_blocks} blocks of {cache.block_size}, one kept back by vLLM) but the "
+                             f"controller's GPU tier is {booked:,}: policies would not run on equal HBM. Start the "
+                             f"platform with `lull up --gpu-tier-tokens N`, which sizes the engine's cache to the tier")
+    if len(set(gpu_tier.values())) > 1:
+        raise ValueError(f"the replicas' GPU tiers differ ({sorted(set(gpu_tier.values()))}); the bench needs one size")
+    return next(iter(gpu_tier.values()))
+
+
+def counter_totals(metrics_text: str) -> dict[str, float]:
+    """vLLM's counters the bench reads, summed over label sets (``..._total{source=}`` by source)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name in ENGINE_COUNTERS:
+                key = sample.name + (f":{sample.labels['source']}" if "source" in sample.labels else "")
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+class Platform:
+    """The running platform as the bench sees it (controller actor, node agents, engines)."""
+
+    def __init__(self, address: str):
+        import ray
+
+        if not ray.is_initialized():  # a test drives the bench from the process that started Ray
+            ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=False, logging_level="ERROR")
+        self.controller = ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE)
+        self.agents = []
+        for node in ray.nodes():
+            if node["Alive"]:
+                try:
+                    self.agents.append(ray.get_actor(node_agent_actor(node["NodeID"]), namespace=RAY_NAMESPACE))
+                except ValueError:  # a node without an agent moves no KV
+                    pass
+
+    async def snapshot(self) -> dict:
+        return await self.controller.snapshot.remote()
+
+    async def replicas(self) -> list[dict]:
+        """The replicas as they registered: id, node, GPU and DRAM tokens."""
+        return await self.controller.replicas.remote()
+
+    async def switch(self, policy: str, tick_s: float | None = None, dram_tokens: int | None = None,
+                     shared_tokens: int | None = None) -> None:
+        """Wait until the previous run's closed sessions left the books, then switch, with
+        this policy's DRAM tokens per replica, shared tokens and backstop tick (None: the
+        registered capacities and the tick as it is)."""
+        deadline = time.monotonic() + DRAIN_S
+        while (snap := await self.snapshot())["sessions"] or snap["gated"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(snap['sessions'])} session(s) still open after {DRAIN_S:g} s; "
+                                   "is another client using this platform?")
+            await self.controller.plan_step.remote()  # releases closed sessions now, not on the tick
+            await asyncio.sleep(0.5)
+        await self.controller.set_policy.remote(policy, tick_s=tick_s, dram_tokens=dram_tokens)
+        if shared_tokens is not None:
+            await self.controller.set_shared_capacity.remote(shared_tokens)
+
+    async def engine_metrics(self, replica_ids: list[str]) -> dict[str, str]:
+        """Each replica's own metrics (Prometheus text), asked of that replica."""
+        from ray import serve
+
+        handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, SERVE_APP)
+        texts = await asyncio.gather(*(handle.options(session_id=r).metrics_text.remote() for r in replica_ids))
+        return dict(zip(replica_ids, texts))
+
+    async def engine_caches(self, replica_ids: list[str]) -> dict[str, EngineCache | None]:
+        return {r: engine_cache(text) for r, text in (await self.engine_metrics(replica_ids)).items()}
+
+    async def counters(self, replica_ids: list[str]) -> dict[str, float]:
+        """The engines' and connectors' counters, summed over the replicas."""
+        totals: dict[str, float] = {}
+        for text in (await self.engine_metrics(replica_ids)).values():
+            for key, value in counter_totals(text).items():
+                totals[key] = totals.get(key, 0.0) + value
+        for stats in await asyncio.gather(*(a.connector_stats.remote() for a in self.agents)):
+            for replica, values in stats.items():
+                if replica in replica_ids:
+                    for key in CONNECTOR_COUNTERS:
+                        totals[f"connector:{key}"] = totals.get(f"connector:{key}", 0.0) + values.get(key, 0)
+        return totals
+
+    async def move_bytes(self) -> dict[tuple[str, str], float] | None:
+        """Bytes the node agents moved so far, by (src tier, dst tier); None with no agent."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        if not self.agents:
+            return None
+        totals: dict[tuple[str, str], float] = {}
+        for text in await asyncio.gather(*(a.metrics_text.remote() for a in self.agents)):
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "lull:kv_move_bytes_total":
+                        key = (sample.labels["src_tier"], sample.labels["dst_tier"])
+                        totals[key] = totals.get(key, 0.0) + sample.value
+        return totals
+
+
+def moved(before, after) -> tuple[int | None, int | None]:
+    """HBM<->DRAM and DRAM<->shared bytes between two `move_bytes` readings."""
+    if before is None or after is None:
+        return None, None
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+    def between(a: str, b: str) -> int:
+        return int(sum(v for (src, dst), v in delta.items() if {src, dst} == {a, b}))
+
+    return between("gpu", "dram"), between("dram", "shared")
+
+
+def tier_use(snap: dict) -> dict[str, int]:
+    """The summed used tokens of each tier kind in a controller snapshot."""
+    used = {"gpu": 0, "dram": 0, "shared": 0}
+    for t in snap["tiers"]:
+        if t["tier"] in used:
+            used[t["tier"]] += t["used_tokens"]
+    return used
