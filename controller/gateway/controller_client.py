@@ -7,11 +7,18 @@ session's tier and context on arrival, for the gateway's metrics) and `call_fini
 (which also closes a one-off session). `call_finished` is sent without waiting for its
 answer: Ray delivers one caller's calls to an actor in order, so the session's next
 `admit` is recorded after it, and the client's response does not wait for the books.
+
+The reports of how a call ended (`call_finished`, `call_failed`, an admission handed
+back) are sent outside the client request's Ray task context (`_detached`): Serve
+cancels a request whose client leaves, even after its last byte, and Ray cancels with
+it every call the request sent that has not run yet; a lost report would leave its
+session booked in an LLM call, its GPU tier held, for good.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Any
@@ -72,14 +79,13 @@ class ControllerClient:
         if wait or not self._is_actor:
             await self._call("call_finished", session_id, context_tokens, close)
             return
-        reply = self._target.call_finished.remote(session_id, context_tokens, close)  # sent here, in order
-        task = asyncio.get_running_loop().create_task(_log_failure(reply, session_id))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        # Sent here, in order, and outside the request's context (module doc).
+        reply = contextvars.Context().run(self._target.call_finished.remote, session_id, context_tokens, close)
+        self._detached(_log_failure(reply, session_id))
 
     async def call_failed(self, session_id: str, lost_replica: str | None = None, dead: bool = False) -> None:
         """``lost_replica``: the call's replica died (``dead``) or became unreachable under it."""
-        await self._call("call_failed", session_id, lost_replica, dead)
+        await asyncio.shield(self._detached(self._call("call_failed", session_id, lost_replica, dead)))
 
     async def tool_call_started(self, session_id: str) -> None:
         await self._call("tool_call_started", session_id)
@@ -110,9 +116,15 @@ class ControllerClient:
             log.info("admission of session %s granted after its caller left; handed back", session_id)
             await self.call_failed(session_id)
 
-        task = asyncio.get_running_loop().create_task(hand_back())
+        self._detached(hand_back())
+
+    def _detached(self, coro) -> asyncio.Task:
+        """Run ``coro`` in a fresh context: the Ray calls it sends are no children of the
+        client request that asked, so Serve's cancel of that request cannot cancel them."""
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
     # -- restarts ---------------------------------------------------------------------------
 

@@ -154,8 +154,9 @@ async def probe_costs(platform: Platform, make_client, args, tokens: int) -> dic
     cold, warm = [], []
     try:
         for i in range(PROBES):
-            session = f"bench-probe-{int(time.time())}-{i}"
-            conversation = client.conversation(settings, random.Random(i))
+            session = f"bench-probe-{time.time_ns()}-{i}"
+            # A seed of its own: a prompt no earlier probe or run left in any cache.
+            conversation = client.conversation(settings, random.Random(session))
             first = conversation.prompt(tokens, 0)
             outcome = await client.call(session, first.body, 4)
             conversation.answered(outcome.output_ids, outcome.text)
@@ -221,11 +222,11 @@ async def bench(args, console: Console) -> tuple[list[dict], list[tuple[str, boo
 async def _run_policy(platform: Platform, client, policy: str, index: int, args, ids: list[str], workload,
                       progress, gpu: int) -> dict:
     """One policy's replay, with tier occupancy sampled throughout and the counters read around it."""
-    # New tokens (ids or filler words) differ per run (seeded by the run), sizes and order
-    # do not: no run finds a previous run's prompts in the engine's prefix cache.
+    # New tokens (ids or filler words) differ per run (seeded by the run and the clock), sizes
+    # and order do not: no run finds an earlier run's prompts in the engine's cache or DRAM.
     settings = ReplaySettings(programs=args.programs * len(ids), duration_s=args.duration,
                               time_scale=args.time_scale, max_context=args.max_context,
-                              max_output=args.max_output, seed=args.seed * 1000 + index,
+                              max_output=args.max_output, seed=(args.seed * 1000 + index) * 1_000_003 + time.time_ns(),
                               session_prefix=f"bench-{policy}-{int(time.time())}")
     task = progress.add_task(policy, total=args.duration, calls=0, errors=0)
     samples: list[tuple[float, int, int, int]] = []
