@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 GPU_TIER = Tier.GPU.label
 NO_OFFLOAD = Tier.WAITING.label  # vLLM's prefix cache alone: nothing held, written or loaded
 STATS_EVERY_S = 0.5  # how often the busy counter alone rewrites stats.json
+GONE_KEEP, GONE_TTL_S = 4096, 600.0  # released sessions remembered (see LullConnector._gone)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class BlockCopy:
 class LullConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockCopy] = field(default_factory=list)
     saves: list[BlockCopy] = field(default_factory=list)
-    started: dict[str, str] = field(default_factory=dict)  # req_id -> session, new this step
+    started: dict[str, str] = field(default_factory=dict)  # req_id -> session, arrived since the last step
     idle_step: bool = False
 
 
@@ -125,7 +126,7 @@ class LullConnector(KVConnectorBase_V1):
         # scheduler side
         self._pending_loads: dict[str, tuple[Request, int, int]] = {}
         self._pending_saves: list[BlockCopy] = []
-        self._sessions_of: dict[str, str] = {}  # req_id -> session, added and not yet scheduled
+        self._arrived: dict[str, str] = {}  # req_id -> session, added since the last step
         # worker side
         self._layout: KvLayout | None = None
         self._held: dict[str, str] = {}  # req_id -> session, blocks kept after the call
@@ -133,6 +134,9 @@ class LullConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._control_offset = 0
         self._released: set[str] = set()  # sessions the node agent released, not yet freed
+        # Sessions released by the agent since their last call arrived: a save of theirs still in
+        # flight when the release came must free its blocks, not hold them for good.
+        self._gone: dict[str, float] = {}
         self._from_shared: set[str] = set()  # sessions staged from the shared tier, not yet loaded
         self._step_started: float | None = None
         self._stats_written = 0.0
@@ -143,6 +147,9 @@ class LullConnector(KVConnectorBase_V1):
 
     # ================= scheduler side =================
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        labels = lull_labels(request)
+        if labels is not None:  # the session's new call is up for scheduling (see build_connector_meta)
+            self._arrived[request.request_id] = labels["session"]
         if offload_labels(request) is None:
             return 0, False
         # vLLM must compute at least the last prompt token itself.
@@ -162,9 +169,13 @@ class LullConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = LullConnectorMetadata(saves=self._pending_saves)
         self._pending_saves = []
+        # A session's new call frees the hold on its previous calls' blocks as soon as the
+        # scheduler considers it, not once it is allocated: its allocation may need the very
+        # blocks the hold keeps (a prefix that diverged, whole blocks the books count as
+        # tokens), and with the cache full a hold released only on allocation is a deadlock.
+        # The freed blocks stay in vLLM's prefix cache, where the new call finds them.
+        meta.started, self._arrived = self._arrived, {}
         for new_req in scheduler_output.scheduled_new_reqs:
-            if new_req.req_id in self._sessions_of:  # allocated now: its blocks are referenced
-                meta.started[new_req.req_id] = self._sessions_of.pop(new_req.req_id)
             self._add_load(meta, new_req.req_id, new_req.block_ids[0])
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -186,14 +197,9 @@ class LullConnector(KVConnectorBase_V1):
                       count * self.block_size, tuple(block_ids[first : first + count]), tuple(chain))
         )
 
-    def on_new_request(self, request: "Request") -> None:
-        labels = lull_labels(request)
-        if labels is not None:
-            self._sessions_of[request.request_id] = labels["session"]
-
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         labels = offload_labels(request)
-        self._sessions_of.pop(request.request_id, None)
+        self._arrived.pop(request.request_id, None)
         if labels is None:
             return False, None
         # The KV of the last sampled token was never computed: count whole computed blocks only.
@@ -262,7 +268,7 @@ class LullConnector(KVConnectorBase_V1):
                 self._stats["save_seconds"] += time.perf_counter() - started
             else:
                 self._stats["save_refused"] += 1
-            if save.tier == GPU_TIER:
+            if save.tier == GPU_TIER and save.session not in self._gone:
                 self._held[save.req_id] = save.session
             else:
                 self._to_free.add(save.req_id)
@@ -300,8 +306,12 @@ class LullConnector(KVConnectorBase_V1):
         self._read_control()
         released, self._released = self._released, set()
         if meta is not None:
-            # A session's new call has taken references on its blocks: the old hold can go.
-            released |= set(meta.started.values())
+            # A session's new call is being scheduled: its previous calls' holds go, and the
+            # call's own KV is the controller's GPU tier again.
+            arrived = set(meta.started.values())
+            released |= arrived
+            for session in arrived:
+                self._gone.pop(session, None)
         freed, self._to_free = self._to_free, set()
         for req_id, session in list(self._held.items()):
             if session in released:
@@ -337,8 +347,12 @@ class LullConnector(KVConnectorBase_V1):
             verb, _, session = line.partition(" ")
             if verb == "release":
                 self._released.add(session)
+                self._gone[session] = time.monotonic()
             elif verb == "shared":
                 self._from_shared.add(session)
+        if len(self._gone) > GONE_KEEP:  # a save lands within steps of its release: old marks can go
+            cutoff = time.monotonic() - GONE_TTL_S
+            self._gone = {s: t for s, t in self._gone.items() if t > cutoff}
 
     def _write_stats(self) -> None:
         self._stats_written = time.monotonic()

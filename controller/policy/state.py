@@ -191,6 +191,8 @@ class ClusterState:
         record.request = None
         record.context_tokens = context_tokens
         self._relocate(record, record.location, context_tokens)
+        if record.closing:  # closed while its call was gated or running: release it now
+            self.attention[session_id] = None
 
     def tool_call_finished(self, session_id: str, now: float) -> None:
         """The client says its tool returned: a request is coming, prefetch its KV."""

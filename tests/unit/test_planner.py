@@ -290,3 +290,21 @@ def test_two_requests_growing_in_one_full_tier_do_not_wait_for_each_other():
     d.state.call_finished(first, d.clock.now, d.state.get(first).request.need_tokens)
     plan = d.step()
     assert [a.session_id for a in plan.admits] == [second]
+
+
+
+def test_a_session_closed_while_its_admission_was_carried_out_is_released_when_the_call_ends():
+    """Live, a close can arrive while a plan awaits its moves; the plan's admit still
+    applies (the request was granted), and the call's end must then release the session:
+    it used to stay booked, closing, in its tier for good."""
+    driver = PolicyDriver.make({"r0": (300, 300)})
+    driver.state.open_session("a", 0.0)
+    driver.state.request_arrived("a", 0.0, 50, 50)
+    plan = driver.planner.plan(driver.state, 0.0)  # places and admits a
+    for move in plan.moves:
+        driver.state.apply_move(move)  # carried out, awaited live...
+    driver.state.close_session("a", 0.5)  # ... while the client left
+    driver.state.apply_admit(plan.admits[0], 0.6)
+    driver.state.call_finished("a", 2.0, 60)  # the call was cut: it ends
+    driver.step()
+    assert "a" not in driver.state.sessions

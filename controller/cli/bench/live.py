@@ -144,28 +144,17 @@ def policy_memory(policy: str, gpu: int, store: int, shared_fraction: float, rep
             "shared_books": shared * replicas if definition.shared_tier else None, "off_gpu_per_replica": budget}
 
 
-async def probe_costs(platform: Platform, make_client, args, tokens: int) -> dict:
-    """Time to first token of a ``tokens``-long context recomputed, then served from the
-    engine's cache (the same prompt with one more short turn), on the idle platform under
-    lru-offload (no gate); the medians of ``PROBES`` tries."""
-    await platform.switch("lru-offload")
-    client = make_client()
-    settings = ReplaySettings(programs=1, duration_s=1.0, max_context=tokens + args.max_output + 64)
+async def probe_costs(platform: Platform, replica_id: str, tokens: int) -> dict:
+    """What recomputing a ``tokens``-long context costs on this engine against a hit in its
+    cache, as ``lull bench-kv`` measures it: time to first token of a fresh prompt, then of
+    the same prompt with a few more tokens (a prefix-cache hit), asked of the engine
+    directly; the medians of ``PROBES`` tries, each on new token ids."""
     cold, warm = [], []
-    try:
-        for i in range(PROBES):
-            session = f"bench-probe-{time.time_ns()}-{i}"
-            # A seed of its own: a prompt no earlier probe or run left in any cache.
-            conversation = client.conversation(settings, random.Random(session))
-            first = conversation.prompt(tokens, 0)
-            outcome = await client.call(session, first.body, 4)
-            conversation.answered(outcome.output_ids, outcome.text)
-            again = conversation.prompt(tokens + 24, tokens + 24)
-            cold.append(outcome.ttft_s)
-            warm.append((await client.call(session, again.body, 4)).ttft_s)
-            await client.close_session(session)
-    finally:
-        await client.close()
+    for i in range(PROBES):
+        rng = random.Random(time.time_ns())
+        ids = [rng.randrange(20, 1000) for _ in range(tokens)]
+        cold.append(await platform.engine_ttft(replica_id, ids))
+        warm.append(await platform.engine_ttft(replica_id, ids + [rng.randrange(20, 1000) for _ in range(16)]))
     return {"tokens": tokens, "recompute_s": statistics.median(cold), "hit_s": statistics.median(warm)}
 
 
@@ -194,7 +183,7 @@ async def bench(args, console: Console) -> tuple[list[dict], list[tuple[str, boo
     contexts = [min(c.input_tokens, cap - args.max_output) for s in workload.sessions for c in s.calls]
     mean_context = sum(contexts) / len(contexts)
     make_client = client_factory(args, url, target, api_key(args))
-    probe = await probe_costs(platform, make_client, args, int(mean_context))
+    probe = await probe_costs(platform, ids[0], int(mean_context))
     tick_s = load_config().policy.tick_seconds * args.time_scale
     records = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[calls]} calls, "

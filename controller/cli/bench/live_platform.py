@@ -96,6 +96,7 @@ class Platform:
         if not ray.is_initialized():  # a test drives the bench from the process that started Ray
             ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=False, logging_level="ERROR")
         self.controller = ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE)
+        self._model: str | None = None  # the served model's name, for the engine probes
         self.agents = []
         for node in ray.nodes():
             if node["Alive"]:
@@ -126,6 +127,33 @@ class Platform:
         await self.controller.set_policy.remote(policy, tick_s=tick_s, dram_tokens=dram_tokens)
         if shared_tokens is not None:
             await self.controller.set_shared_capacity.remote(shared_tokens)
+
+    async def engine_ttft(self, replica_id: str, prompt_ids: list[int]) -> float:
+        """Seconds to the first token of a one-token completion of ``prompt_ids``, asked of the
+        replica's vLLM server directly (no gateway, no session: vLLM's prefix cache alone)."""
+        import json
+
+        from ray import serve
+
+        from proto.engine_call import EngineCall
+
+        handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, SERVE_APP)
+        if self._model is None:
+            models = EngineCall("GET", "/v1/models", b"")
+            parts = [p async for p in handle.options(session_id=replica_id, stream=True).http.remote(models)]
+            self._model = json.loads(b"".join(p for p in parts if isinstance(p, bytes)))["data"][0]["id"]
+        body = {"model": self._model, "prompt": prompt_ids, "max_tokens": 1, "temperature": 0.0, "stream": True}
+        call = EngineCall("POST", "/v1/completions", json.dumps(body).encode(),
+                          headers=(("content-type", "application/json"),))
+        started, first = time.monotonic(), None
+        async for part in handle.options(session_id=replica_id, stream=True).http.remote(call):
+            if isinstance(part, dict) and part.get("status", 200) != 200:
+                raise RuntimeError(f"the engine refused the probe: HTTP {part['status']}")
+            if isinstance(part, bytes) and first is None:
+                first = time.monotonic() - started
+        if first is None:
+            raise RuntimeError("the engine's probe answer carried no token")
+        return first
 
     async def engine_metrics(self, replica_ids: list[str]) -> dict[str, str]:
         """Each replica's own metrics (Prometheus text), asked of that replica."""
