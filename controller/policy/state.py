@@ -248,7 +248,8 @@ class ClusterState:
         self._relocate(record, move.dst, move.tokens)
         if move.is_promotion and record.phase is Phase.TOOL:
             record.expecting = False  # the prefetch is done
-            self.attention.pop(move.session_id, None)
+            if not record.closing:  # closed while the move was carried out: it waits for its release
+                self.attention.pop(move.session_id, None)
 
     def apply_admit(self, admit: Admit, now: float) -> None:
         record = self.get(admit.session_id)

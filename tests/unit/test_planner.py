@@ -308,3 +308,18 @@ def test_a_session_closed_while_its_admission_was_carried_out_is_released_when_t
     driver.state.call_finished("a", 2.0, 60)  # the call was cut: it ends
     driver.step()
     assert "a" not in driver.state.sessions
+
+
+def test_a_session_closed_while_its_prefetch_was_carried_out_is_released():
+    driver = PolicyDriver.make({"r0": (300, 300)})
+    driver.sessions_with_idleness({"a": 0.5}, tokens=100)
+    driver.state.set_replica(ReplicaSpec("r0", gpu_tokens=0, dram_tokens=300))
+    driver.step()  # a waits in DRAM
+    driver.state.set_replica(ReplicaSpec("r0", gpu_tokens=300, dram_tokens=300))
+    driver.state.tool_call_finished("a", driver.clock.now)
+    plan = driver.planner.plan(driver.state, driver.clock.now)  # prefetches a
+    driver.state.close_session("a", driver.clock.now)  # while the move is awaited
+    for move in plan.moves:
+        driver.state.apply_move(move)
+    driver.step()
+    assert "a" not in driver.state.sessions
