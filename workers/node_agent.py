@@ -103,9 +103,13 @@ class NodeAgent:
         local = self.dram.session(session_id)
         move = PreparedMove(move_id, session_id, kind, src, dst, replica_id, now + lease_s,
                             local.label if local else None)
-        if src in (Tier.GPU, Tier.DRAM):
-            if local is None:
+        if src in (Tier.GPU, Tier.DRAM) and local is None:
+            # A drop needs no copy: a GPU-tier session whose write-through was refused or let go
+            # (`write_session`) has its KV only in the engine, and the drop must still release
+            # the engine's hold on it (on complete); refusing it would leak those blocks for good.
+            if kind is not MoveKind.DROP:
                 raise Refused("REFUSAL_REASON_SOURCE_NOT_FOUND", f"session {session_id} has no KV on node {self.node_id}")
+        elif src in (Tier.GPU, Tier.DRAM):
             self.dram.set_label(session_id, PINNED)
             if kind is not MoveKind.DROP:
                 # GPU -> DRAM copies nothing now (the write-through did), but the DRAM copy becomes

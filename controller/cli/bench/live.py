@@ -41,7 +41,7 @@ from rich_argparse import RichHelpFormatter
 
 from controller.cli.bench.live_platform import Platform, check_equal_capacity, engine_cache, moved, tier_use
 from controller.cli.bench.live_report import (LABEL, counter_delta, goal_lines, hit_table, markdown_table,
-                                              pressure_checks, run_figures, write_report)
+                                              pressure_checks, run_figures, time_table, write_report)
 from controller.policy import POLICY_DEFINITIONS
 from loadgen.replay import ReplaySettings, replay
 from loadgen.sim.workload import build_workload
@@ -61,16 +61,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=__doc__, formatter_class=RichHelpFormatter)
     parser.add_argument("--policy", default=DEFAULT_POLICIES, help=f"comma list of: {', '.join(POLICIES)}")
     parser.add_argument("--duration", type=float, default=45.0, help="seconds of replay per policy")
-    parser.add_argument("--programs", type=int, default=8, help="closed-loop programs per replica")
+    parser.add_argument("--programs", type=int, default=12, help="closed-loop programs per replica")
     parser.add_argument("--api", choices=APIS, default="chat",
                         help="chat: /v1/chat/completions with text messages (what agents send); completions: "
                              "/v1/completions with token-id prompts; grpc: SessionService with token ids")
     parser.add_argument("--tokenizer", default=None,
                         help="model folder whose tokenizer and chat template size the chat messages "
                              "(default: the config's model, the tiny local one unless model.path is set)")
-    parser.add_argument("--time-scale", type=float, default=0.05, help="multiply every tool/human gap and the tick")
-    parser.add_argument("--token-scale", type=float, default=0.03, help="multiply every call's tokens")
-    parser.add_argument("--max-context", type=int, default=4000, help="compact sessions to this many tokens")
+    parser.add_argument("--time-scale", type=float, default=0.03, help="multiply every tool/human gap and the tick")
+    parser.add_argument("--token-scale", type=float, default=0.05, help="multiply every call's tokens")
+    parser.add_argument("--max-context", type=int, default=6000, help="compact sessions to this many tokens")
     parser.add_argument("--max-output", type=int, default=32, help="cap output tokens per call")
     parser.add_argument("--shared-fraction", type=float, default=0.5,
                         help="the part of the off-GPU budget that policies with a shared tier book there")
@@ -166,7 +166,7 @@ async def bench(args, console: Console) -> tuple[list[dict], list[tuple[str, boo
     if not policies or unknown:
         raise ValueError(f"--policy takes a comma list of {', '.join(POLICIES)}; got {args.policy!r}")
     url, target, address = endpoints(args)
-    platform = Platform(address)
+    platform = Platform(address, load_config().telemetry.metrics_port)
     replicas = await platform.replicas()
     ids = [r["replica_id"] for r in replicas]
     gpu = check_equal_capacity({r["replica_id"]: r["gpu_tokens"] for r in replicas}, await platform.engine_caches(ids))
@@ -193,6 +193,7 @@ async def bench(args, console: Console) -> tuple[list[dict], list[tuple[str, boo
             m = memory[policy]
             await platform.switch(policy, tick_s, m["off_gpu_per_replica"] if m["dram_books_per_replica"] is None
                                   else m["dram_books_per_replica"], m["shared_books"] or 0)
+            await platform.wait_engines_free(ids)  # every policy starts on the whole GPU tier
             record = await _run_policy(platform, make_client(), policy, index, args, ids, workload, progress, gpu)
             records.append({**record, "capacity_tokens": m, "tick_s": tick_s, "mean_context_tokens": mean_context})
     checks = pressure_checks(records, mean_context, probe)
@@ -284,6 +285,8 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(records))
     print()
     print(hit_table(records))
+    print()
+    print(time_table(records))
     print()
     for text, ok in checks:
         print(f"[{'x' if ok else ' '}] {text}")

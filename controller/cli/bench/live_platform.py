@@ -22,10 +22,14 @@ from dataclasses import dataclass
 from proto.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE, SERVE_APP, node_agent_actor
 
 DRAIN_S = 60.0  # how long closed sessions may take to leave the books before a switch
+ENGINE_FREE_S = 30.0  # how long the engines may take to free the closed sessions' blocks
 ENGINE_COUNTERS = ("vllm:prompt_tokens_by_source_total", "vllm:generation_tokens_total",
                    "vllm:num_preemptions_total")
 CONNECTOR_COUNTERS = ("loaded_tokens", "loaded_tokens_dram", "loaded_tokens_shared", "busy_seconds", "busy_steps",
-                      "save_refused")
+                      "save_refused", "load_seconds", "save_seconds")
+# Lull's own series on each node's merged metrics endpoint: where a call's time went outside the engine.
+NODE_SERIES = ("lull:gate_wait_seconds_sum", "lull:gate_wait_seconds_count", "lull:kv_move_duration_seconds_sum",
+               "lull:kv_move_duration_seconds_count")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,14 @@ def check_equal_capacity(gpu_tier: dict[str, int], caches: dict[str, EngineCache
     return next(iter(gpu_tier.values()))
 
 
+def engine_usage(metrics_text: str) -> float:
+    """The fraction of its KV cache an engine has in blocks in use (vLLM's kv_cache_usage_perc)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(metrics_text)
+               for sample in family.samples if sample.name == "vllm:kv_cache_usage_perc")
+
+
 def counter_totals(metrics_text: str) -> dict[str, float]:
     """vLLM's counters the bench reads, summed over label sets (``..._total{source=}`` by source)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -90,7 +102,8 @@ def counter_totals(metrics_text: str) -> dict[str, float]:
 class Platform:
     """The running platform as the bench sees it (controller actor, node agents, engines)."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, metrics_port: int | None = None):
+        """``metrics_port``: where each node serves its merged metrics (``telemetry.metrics_port``)."""
         import ray
 
         if not ray.is_initialized():  # a test drives the bench from the process that started Ray
@@ -98,6 +111,8 @@ class Platform:
         self.controller = ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE)
         self._model: str | None = None  # the served model's name, for the engine probes
         self.agents = []
+        self.metrics_urls = sorted({f"http://{node['NodeManagerAddress']}:{metrics_port}/metrics"
+                                    for node in ray.nodes() if node["Alive"]}) if metrics_port else []
         for node in ray.nodes():
             if node["Alive"]:
                 try:
@@ -155,6 +170,26 @@ class Platform:
             raise RuntimeError("the engine's probe answer carried no token")
         return first
 
+    async def wait_engines_free(self, replica_ids: list[str], timeout_s: float = ENGINE_FREE_S) -> None:
+        """Wait until no engine holds KV blocks in use (vLLM's kv_cache_usage_perc, the
+        connector's held requests) with every session closed; raises naming the replica
+        that still does: a run after it would not have the whole GPU tier."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            usage = {r: engine_usage(text) for r, text in (await self.engine_metrics(replica_ids)).items()}
+            held = {}
+            for stats in await asyncio.gather(*(a.connector_stats.remote() for a in self.agents)):
+                held.update({r: v.get("held_requests", 0) for r, v in stats.items() if r in replica_ids})
+            busy = {r: (usage[r], held.get(r, 0)) for r in replica_ids if usage[r] > 0 or held.get(r, 0)}
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                replica, (used, holds) = next(iter(busy.items()))
+                raise RuntimeError(f"engine replica {replica} still uses {used:.0%} of its KV cache ({holds} held "
+                                   f"requests) {timeout_s:g} s after every session closed: KV leaked, and the next "
+                                   "policy would not run on the whole GPU tier")
+            await asyncio.sleep(0.5)
+
     async def engine_metrics(self, replica_ids: list[str]) -> dict[str, str]:
         """Each replica's own metrics (Prometheus text), asked of that replica."""
         from ray import serve
@@ -172,11 +207,33 @@ class Platform:
         for text in (await self.engine_metrics(replica_ids)).values():
             for key, value in counter_totals(text).items():
                 totals[key] = totals.get(key, 0.0) + value
+        for key, value in (await self.node_series()).items():
+            totals[key] = totals.get(key, 0.0) + value
         for stats in await asyncio.gather(*(a.connector_stats.remote() for a in self.agents)):
             for replica, values in stats.items():
                 if replica in replica_ids:
                     for key in CONNECTOR_COUNTERS:
                         totals[f"connector:{key}"] = totals.get(f"connector:{key}", 0.0) + values.get(key, 0)
+        return totals
+
+    async def node_series(self) -> dict[str, float]:
+        """``NODE_SERIES`` from every node's merged endpoint, summed over label sets; {} when
+        no endpoint answers (a node that serves none counts nothing)."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        totals: dict[str, float] = {}
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            for url in self.metrics_urls:
+                try:
+                    text = (await http.get(url)).text
+                except httpx.HTTPError:
+                    continue
+                for family in text_string_to_metric_families(text):
+                    for sample in family.samples:
+                        if sample.name in NODE_SERIES:
+                            key = "node:" + sample.name + (f":{sample.labels['kind']}" if "kind" in sample.labels else "")
+                            totals[key] = totals.get(key, 0.0) + sample.value
         return totals
 
     async def move_bytes(self) -> dict[tuple[str, str], float] | None:

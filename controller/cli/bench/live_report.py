@@ -60,8 +60,23 @@ def run_figures(delta: dict[str, float], duration_s: float, replicas: int, gpu_t
     sources = hit_sources(delta)
     written = (sources["prompt_tokens"] - sources["engine_cache"]
                + delta.get("vllm:generation_tokens_total", 0.0))  # KV newly placed in the GPU tier
+    steps = delta.get("connector:busy_steps", 0.0)
+    gated = delta.get("node:lull:gate_wait_seconds_count", 0.0)
+    moves = sum(v for k, v in delta.items() if k.startswith("node:lull:kv_move_duration_seconds_count"))
     return {
         "hit_sources": sources,
+        "time_spent": {  # where the run's time went, from the counters
+            "engine_busy_s": round(delta.get("connector:busy_seconds", 0.0), 2),
+            "engine_steps": int(steps),
+            "tokens_per_step": round((delta.get("vllm:generation_tokens_total", 0.0) + sources["prompt_tokens"]
+                                      - sources["engine_cache"]) / steps, 1) if steps else None,
+            "kv_load_s": round(delta.get("connector:load_seconds", 0.0), 2),
+            "kv_save_s": round(delta.get("connector:save_seconds", 0.0), 2),
+            "gate_waits": int(gated),
+            "gate_wait_mean_s": round(delta.get("node:lull:gate_wait_seconds_sum", 0.0) / gated, 3) if gated else 0.0,
+            "moves": int(moves),
+            "move_s": round(sum(v for k, v in delta.items() if k.startswith("node:lull:kv_move_duration_seconds_sum")), 2),
+        },
         "busy_fraction": delta.get("connector:busy_seconds", 0.0) / (duration_s * replicas),
         "preemptions": int(delta.get("vllm:num_preemptions_total", 0.0)),
         "save_refused": int(delta.get("connector:save_refused", 0.0)),
@@ -131,6 +146,18 @@ def capacity_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def time_table(records: list[dict]) -> str:
+    """Where each run's time went: the engine's forward passes, KV loads and saves, gate waits, moves."""
+    lines = ["| policy | engine busy s | steps | tokens/step | KV load s | KV save s | gate waits | mean gate wait s "
+             "| moves | move s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        t = r["time_spent"]
+        lines.append(f"| {r['policy']} | {t['engine_busy_s']:g} | {t['engine_steps']} | {_cell(t['tokens_per_step'], '{:g}')} "
+                     f"| {t['kv_load_s']:g} | {t['kv_save_s']:g} | {t['gate_waits']} | {t['gate_wait_mean_s']:g} "
+                     f"| {t['moves']} | {t['move_s']:g} |")
+    return "\n".join(lines)
+
+
 def goal_lines(records: list[dict]) -> list[str]:
     """The issue's goal, checked: lull against lru-offload and mori."""
     by = {r["policy"]: r for r in records}
@@ -159,7 +186,8 @@ def write_report(folder: Path, records: list[dict], checks: list[tuple[str, bool
     plots = plot_all(folder, records)
     lines = ["# lull bench: policy comparison at equal memory (live)", "", *header, "",
              markdown_table(records), "", "## Where prompt tokens came from (engine and connector counters)", "",
-             hit_table(records), "", "## Memory per policy", "", capacity_table(records), "", "## Checks", "",
+             hit_table(records), "", "## Where the time went", "", time_table(records), "",
+             "## Memory per policy", "", capacity_table(records), "", "## Checks", "",
              *[f"- [{'x' if ok else ' '}] {text}" for text, ok in checks], "", *[f"- {g}" for g in goal_lines(records)],
              "", *sorted({f"- {n}" for r in records for n in r["notes"]}), "",
              *[f"![{p.stem}]({p.name})" for p in plots], ""]
