@@ -144,13 +144,13 @@ def policy_memory(policy: str, gpu: int, store: int, shared_fraction: float, rep
             "shared_books": shared * replicas if definition.shared_tier else None, "off_gpu_per_replica": budget}
 
 
-async def probe_costs(platform: Platform, replica_id: str, tokens: int) -> dict:
+async def probe_costs(platform: Platform, replica_id: str, tokens: int, tries: int = PROBES) -> dict:
     """What recomputing a ``tokens``-long context costs on this engine against a hit in its
     cache, as ``lull bench-kv`` measures it: time to first token of a fresh prompt, then of
     the same prompt with a few more tokens (a prefix-cache hit), asked of the engine
     directly; the medians of ``PROBES`` tries, each on new token ids."""
     cold, warm = [], []
-    for i in range(PROBES):
+    for _ in range(tries):
         rng = random.Random(time.time_ns())
         ids = [rng.randrange(20, 1000) for _ in range(tokens)]
         cold.append(await platform.engine_ttft(replica_id, ids))
@@ -194,8 +194,11 @@ async def bench(args, console: Console) -> tuple[list[dict], list[tuple[str, boo
             await platform.switch(policy, tick_s, m["off_gpu_per_replica"] if m["dram_books_per_replica"] is None
                                   else m["dram_books_per_replica"], m["shared_books"] or 0)
             await platform.wait_engines_free(ids)  # every policy starts on the whole GPU tier
+            # The machine is shared: how fast the engine is right now, beside this run's figures.
+            speed = await probe_costs(platform, ids[0], int(mean_context), tries=1)
             record = await _run_policy(platform, make_client(), policy, index, args, ids, workload, progress, gpu)
-            records.append({**record, "capacity_tokens": m, "tick_s": tick_s, "mean_context_tokens": mean_context})
+            records.append({**record, "capacity_tokens": m, "tick_s": tick_s, "mean_context_tokens": mean_context,
+                            "engine_speed_at_start": speed})
     checks = pressure_checks(records, mean_context, probe)
     header = [f"All figures are **{LABEL}**: {len(ids)} replica(s), {args.programs} closed-loop programs per "
               f"replica over the {args.api} API, {args.duration:g} s per policy, gaps and tick x{args.time_scale:g} "

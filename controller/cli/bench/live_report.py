@@ -149,13 +149,17 @@ def capacity_table(records: list[dict]) -> str:
 def time_table(records: list[dict]) -> str:
     """Where each run's time went: the engine's forward passes, KV loads and saves, gate waits, moves."""
     lines = ["| policy | engine busy s | steps | tokens/step | KV load s | KV save s | gate waits | mean gate wait s "
-             "| moves | move s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| moves | move s | recompute / hit ms at start |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         t = r["time_spent"]
         lines.append(f"| {r['policy']} | {t['engine_busy_s']:g} | {t['engine_steps']} | {_cell(t['tokens_per_step'], '{:g}')} "
                      f"| {t['kv_load_s']:g} | {t['kv_save_s']:g} | {t['gate_waits']} | {t['gate_wait_mean_s']:g} "
-                     f"| {t['moves']} | {t['move_s']:g} |")
+                     f"| {t['moves']} | {t['move_s']:g} | {_speed(r.get('engine_speed_at_start'))} |")
     return "\n".join(lines)
+
+
+def _speed(probe: dict | None) -> str:
+    return "n/a" if probe is None else f"{probe['recompute_s'] * 1e3:.0f} / {probe['hit_s'] * 1e3:.0f}"
 
 
 def goal_lines(records: list[dict]) -> list[str]:
