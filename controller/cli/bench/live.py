@@ -53,14 +53,14 @@ POLICIES = POLICY_DEFINITIONS.names()  # the controller's live policies
 DEFAULT_POLICIES = "lull,mori,lru-offload,vllm-lru"
 APIS = ("chat", "completions", "grpc")
 SAMPLE_S = 1.0  # tier occupancy sampling period
-PROBES = 3  # recompute-vs-hit probes, the median taken
+PROBES = 2  # recompute-vs-hit probes, the median taken
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("bench", help="replay the traces through a running platform, per policy",
                                    description=__doc__, formatter_class=RichHelpFormatter)
     parser.add_argument("--policy", default=DEFAULT_POLICIES, help=f"comma list of: {', '.join(POLICIES)}")
-    parser.add_argument("--duration", type=float, default=45.0, help="seconds of replay per policy")
+    parser.add_argument("--duration", type=float, default=40.0, help="seconds of replay per policy")
     parser.add_argument("--programs", type=int, default=12, help="closed-loop programs per replica")
     parser.add_argument("--api", choices=APIS, default="chat",
                         help="chat: /v1/chat/completions with text messages (what agents send); completions: "
