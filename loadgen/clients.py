@@ -6,7 +6,8 @@ the client sees it.
 Each implements ``loadgen.replay.Client``: one ``call`` per LLM call of a session, from
 any number of concurrent programs on one event loop; ``close`` once at the end.
 ``cached_tokens`` is what the reply reports, or -1 when the streamed reply carries no
-figure. Every call is greedy (temperature 0); none sends ``ignore_eos``, so an answer
+figure. A ``CallProgress``, when given, is updated as tokens arrive, so that a replay
+that cuts the call at its deadline knows what it got. Every call is greedy (temperature 0); none sends ``ignore_eos``, so an answer
 may end before ``max_tokens`` as the model decides, on every API alike.
 """
 
@@ -21,7 +22,7 @@ import grpc
 import httpx
 
 from loadgen.conversation import ChatConversation, Filler, TokenConversation
-from loadgen.replay import CallOutcome, ReplaySettings
+from loadgen.replay import CallOutcome, CallProgress, ReplaySettings
 
 UNKNOWN_CACHED = -1  # the reply did not say how much of the prompt came from KV
 
@@ -85,7 +86,9 @@ class RestClient(_HttpClient):
     def conversation(self, settings: ReplaySettings, rng: random.Random) -> TokenConversation:
         return TokenConversation(settings.vocab, rng)
 
-    async def call(self, session_id: str, prompt_ids: list[int], max_tokens: int) -> CallOutcome:
+    async def call(self, session_id: str, prompt_ids: list[int], max_tokens: int,
+                   progress: CallProgress | None = None) -> CallOutcome:
+        progress = progress or CallProgress()
         body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
                 "stream_options": {"include_usage": True}, "return_token_ids": True}
         if self.model:
@@ -99,6 +102,8 @@ class RestClient(_HttpClient):
                 ids = choice.get("token_ids") or []
                 if ids and ttft is None:
                     ttft = time.monotonic() - started
+                if ids:
+                    progress.token(len(ids))
                 output.extend(ids)
             cached = cached if _cached(event) is None else _cached(event)
         if ttft is None:
@@ -132,7 +137,9 @@ class ChatClient(_HttpClient):
             self.model = reply.json()["data"][0]["id"]
         return self.model
 
-    async def call(self, session_id: str, messages: list[dict[str, str]], max_tokens: int) -> CallOutcome:
+    async def call(self, session_id: str, messages: list[dict[str, str]], max_tokens: int,
+                   progress: CallProgress | None = None) -> CallOutcome:
+        progress = progress or CallProgress()
         body = {"model": await self.served_model(), "messages": messages, "max_tokens": max_tokens,
                 "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
         started = time.monotonic()
@@ -144,6 +151,8 @@ class ChatClient(_HttpClient):
                 content = (choice.get("delta") or {}).get("content")
                 if content and ttft is None:
                     ttft = time.monotonic() - started
+                if content:
+                    progress.token()  # vLLM streams a chunk per token
                 parts.append(content or "")
                 if choice.get("finish_reason") and finished is None:
                     finished = time.monotonic() - started
@@ -174,7 +183,9 @@ class GrpcClient:
     def conversation(self, settings: ReplaySettings, rng: random.Random) -> TokenConversation:
         return TokenConversation(settings.vocab, rng)
 
-    async def call(self, session_id: str, prompt_ids: list[int], max_tokens: int) -> CallOutcome:
+    async def call(self, session_id: str, prompt_ids: list[int], max_tokens: int,
+                   progress: CallProgress | None = None) -> CallOutcome:
+        progress = progress or CallProgress()
         pb = self.pb
         request = pb.GenerateRequest(session_id=session_id, token_ids=pb.TokenIds(ids=prompt_ids),
                                      sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0))
@@ -184,6 +195,8 @@ class GrpcClient:
         async for chunk in self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout_s):
             if chunk.token_ids and ttft is None:
                 ttft = time.monotonic() - started
+            if chunk.token_ids:
+                progress.token(len(chunk.token_ids))
             output.extend(chunk.token_ids)
         if ttft is None:
             raise RuntimeError("the reply carried no output token")

@@ -114,7 +114,7 @@ class TierConfig(Section):
     node_agent_host: str | None = setting(None, "Address each node's KV agent listens on; null: the Ray node's IP (on Kubernetes, the pod's).", Nullable(HOST))
     dram_dir: str = setting("/dev/shm/lull-dram", "Root of the DRAM tier (a tmpfs); each Ray node keeps its own folder under it.", Text())
     dram_volume_gib: float | None = setting(None, "Size of the memory volume under dram_dir (the GPU pods' /dev/shm), GiB; the tier must leave 10% (>= 2 GiB) free. null: unchecked.", Nullable(FloatRange(0.0, 65536.0, lo_open=True)))
-    gpu_tier_tokens: int | None = setting(None, "The controller's GPU-tier budget per replica, tokens; null: the engine's whole KV cache.", Nullable(IntRange(1, 1 << 40)))
+    gpu_tier_tokens: int | None = setting(None, "The GPU tier per replica, tokens: the engine's KV cache is made exactly this size, in whole blocks (vLLM's num_gpu_blocks_override), and its max_model_len at most this; null: the KV cache vLLM sizes from its memory.", Nullable(IntRange(1, 1 << 40)))
 
     def check_across(self) -> None:
         problem = dram_fit_problem(self.dram_capacity_gib, self.dram_volume_gib)

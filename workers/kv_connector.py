@@ -26,7 +26,15 @@ What it does, per request that carries Lull's labels in `kv_transfer_params`
   block that fails the check on load is not loaded: vLLM recomputes it, and the
   refusal is counted (`load_refused_identity`, `load_refused_checksum`).
 
-Requests without Lull labels are left entirely to vLLM.
+Requests without Lull labels, and those labelled ``waiting`` (``vllm-lru``: vLLM's
+prefix cache alone), are left entirely to vLLM.
+
+Counters (``stats.json`` in the replica's folder, `read_connector_stats`; the node
+agent serves them): prompt tokens loaded, by where their KV came from (``dram``: a
+write-through or demotion copy; ``shared``: the first load after the node agent
+staged the session from the shared tier, which it says with a ``shared <session>``
+line), and the seconds the engine spent in forward passes that computed tokens, so a
+benchmark can tell a busy engine from an idle one.
 
 Roles: vLLM makes one instance on the scheduler side and one per worker. They
 talk only through the metadata built each step; the node agent reaches the
@@ -52,8 +60,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from proto.names import path_safe_id
 from proto.tiers import Tier
+from workers.connector_control import CONTROL_LOG, STATS_FILE, engine_dir
 from workers.dram_store import DramStore, MissingBlocks, write_session
 from workers.kv_integrity import BlockRejected, block_key, model_fingerprint, seal, unseal
 from workers.kv_layout import KvLayout
@@ -70,6 +78,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GPU_TIER = Tier.GPU.label
+NO_OFFLOAD = Tier.WAITING.label  # vLLM's prefix cache alone: nothing held, written or loaded
+STATS_EVERY_S = 0.5  # how often the busy counter alone rewrites stats.json
+GONE_KEEP, GONE_TTL_S = 4096, 600.0  # released sessions remembered (see LullConnector._gone)
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,7 @@ class BlockCopy:
 class LullConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockCopy] = field(default_factory=list)
     saves: list[BlockCopy] = field(default_factory=list)
-    started: dict[str, str] = field(default_factory=dict)  # req_id -> session, new this step
+    started: dict[str, str] = field(default_factory=dict)  # req_id -> session, arrived since the last step
     idle_step: bool = False
 
 
@@ -98,6 +109,12 @@ def lull_labels(request: "Request") -> dict[str, str] | None:
     params = request.kv_transfer_params or {}
     labels = params.get("lull")
     return labels if isinstance(labels, dict) and labels.get("session") else None
+
+
+def offload_labels(request: "Request") -> dict[str, str] | None:
+    """Lull's labels of a request whose KV the connector manages; None: vLLM's alone."""
+    labels = lull_labels(request)
+    return None if labels is None or labels.get("tier") == NO_OFFLOAD else labels
 
 
 class LullConnector(KVConnectorBase_V1):
@@ -117,20 +134,31 @@ class LullConnector(KVConnectorBase_V1):
         # scheduler side
         self._pending_loads: dict[str, tuple[Request, int, int]] = {}
         self._pending_saves: list[BlockCopy] = []
-        self._sessions_of: dict[str, str] = {}  # req_id -> session, added and not yet scheduled
+        self._arrived: dict[str, str] = {}  # req_id -> session, added since the last step
         # worker side
         self._layout: KvLayout | None = None
         self._held: dict[str, str] = {}  # req_id -> session, blocks kept after the call
         self._to_free: set[str] = set()
         self._load_errors: set[int] = set()
         self._control_offset = 0
+        self._released: set[str] = set()  # sessions the node agent released, not yet freed
+        # Sessions released by the agent since their last call arrived: a save of theirs still in
+        # flight when the release came must free its blocks, not hold them for good.
+        self._gone: dict[str, float] = {}
+        self._from_shared: set[str] = set()  # sessions staged from the shared tier, not yet loaded
+        self._step_started: float | None = None
+        self._stats_written = 0.0
         self._stats = {"load_requests": 0, "loaded_tokens": 0, "loaded_bytes": 0, "load_seconds": 0.0,
+                       "loaded_tokens_dram": 0, "loaded_tokens_shared": 0, "busy_seconds": 0.0, "busy_steps": 0,
                        "saved_blocks": 0, "saved_bytes": 0, "save_seconds": 0.0, "save_refused": 0, "released": 0,
                        "redundant_dropped": 0, "load_refused_identity": 0, "load_refused_checksum": 0}
 
     # ================= scheduler side =================
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
-        if lull_labels(request) is None:
+        labels = lull_labels(request)
+        if labels is not None:  # the session's new call is up for scheduling (see build_connector_meta)
+            self._arrived[request.request_id] = labels["session"]
+        if offload_labels(request) is None:
             return 0, False
         # vLLM must compute at least the last prompt token itself.
         loadable_blocks = (request.num_prompt_tokens - 1) // self.block_size
@@ -152,9 +180,13 @@ class LullConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = LullConnectorMetadata(saves=self._pending_saves)
         self._pending_saves = []
+        # A session's new call frees the hold on its previous calls' blocks as soon as the
+        # scheduler considers it, not once it is allocated: its allocation may need the very
+        # blocks the hold keeps (a prefix that diverged, whole blocks the books count as
+        # tokens), and with the cache full a hold released only on allocation is a deadlock.
+        # The freed blocks stay in vLLM's prefix cache, where the new call finds them.
+        meta.started, self._arrived = self._arrived, {}
         for new_req in scheduler_output.scheduled_new_reqs:
-            if new_req.req_id in self._sessions_of:  # allocated now: its blocks are referenced
-                meta.started[new_req.req_id] = self._sessions_of.pop(new_req.req_id)
             self._add_load(meta, new_req.req_id, new_req.block_ids[0])
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -176,14 +208,9 @@ class LullConnector(KVConnectorBase_V1):
                       count * self.block_size, tuple(block_ids[first : first + count]), tuple(chain))
         )
 
-    def on_new_request(self, request: "Request") -> None:
-        labels = lull_labels(request)
-        if labels is not None:
-            self._sessions_of[request.request_id] = labels["session"]
-
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        labels = lull_labels(request)
-        self._sessions_of.pop(request.request_id, None)
+        labels = offload_labels(request)
+        self._arrived.pop(request.request_id, None)
         if labels is None:
             return False, None
         # The KV of the last sampled token was never computed: count whole computed blocks only.
@@ -201,9 +228,23 @@ class LullConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         self._layout = KvLayout.from_caches(kv_caches, self._kv_cache_config.num_blocks)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, LullConnectorMetadata) and not connector_metadata.idle_step:
+            self._step_started = time.perf_counter()  # a forward pass that computes tokens begins
+
+    def clear_connector_metadata(self) -> None:
+        if self._step_started is not None:
+            self._stats["busy_seconds"] += time.perf_counter() - self._step_started
+            self._stats["busy_steps"] += 1
+            self._step_started = None
+        super().clear_connector_metadata()
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, LullConnectorMetadata)
+        if meta.loads:
+            self._read_control()  # a "shared" line written since the last step names where KV came from
         for load in meta.loads:
             started = time.perf_counter()
             found = self.store.read_blocks(load.hashes)
@@ -214,8 +255,11 @@ class LullConnector(KVConnectorBase_V1):
                 else:
                     self._layout.write_block(block_id, payload)
                     found[h] = payload
+            source = "shared" if load.session in self._from_shared else "dram"
+            self._from_shared.discard(load.session)  # later loads read what the engine wrote through
             self._stats["load_requests"] += 1
             self._stats["loaded_tokens"] += self.block_size * len(found)
+            self._stats[f"loaded_tokens_{source}"] += self.block_size * len(found)
             self._stats["loaded_bytes"] += sum(map(len, found.values()))
             self._stats["load_seconds"] += time.perf_counter() - started
 
@@ -249,7 +293,7 @@ class LullConnector(KVConnectorBase_V1):
                 self._stats["save_seconds"] += time.perf_counter() - started
             else:
                 self._stats["save_refused"] += 1
-            if save.tier == GPU_TIER:
+            if save.tier == GPU_TIER and save.session not in self._gone:
                 self._held[save.req_id] = save.session
             else:
                 self._to_free.add(save.req_id)
@@ -284,17 +328,23 @@ class LullConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         meta = self._get_connector_metadata() if self.has_connector_metadata() else None
-        released = self._read_control()
+        self._read_control()
+        released, self._released = self._released, set()
         if meta is not None:
-            # A session's new call has taken references on its blocks: the old hold can go.
-            released |= set(meta.started.values())
+            # A session's new call is being scheduled: its previous calls' holds go, and the
+            # call's own KV is the controller's GPU tier again.
+            arrived = set(meta.started.values())
+            released |= arrived
+            for session in arrived:
+                self._gone.pop(session, None)
         freed, self._to_free = self._to_free, set()
         for req_id, session in list(self._held.items()):
             if session in released:
                 freed.add(req_id)
                 del self._held[req_id]
                 self._stats["released"] += 1
-        if freed or (meta is not None and (meta.saves or meta.loads)):
+        if freed or (meta is not None and (meta.saves or meta.loads)) or (
+                time.monotonic() - self._stats_written > STATS_EVERY_S):
             self._write_stats()
         elif meta is not None and meta.idle_step and self._held:
             # vLLM keeps stepping while blocks are held; without a pause an idle
@@ -306,45 +356,32 @@ class LullConnector(KVConnectorBase_V1):
         errors, self._load_errors = self._load_errors, set()
         return errors
 
-    def _read_control(self) -> set[str]:
-        """Sessions the node agent released since the last look (`release <session>` lines)."""
-        path = self.engine_dir / "control.log"
+    def _read_control(self) -> None:
+        """The node agent's lines since the last look: `release <session>` (free its held
+        blocks) and `shared <session>` (its KV was staged from the shared tier)."""
+        path = self.engine_dir / CONTROL_LOG
         try:
             with path.open("rb") as f:
                 f.seek(self._control_offset)
                 data = f.read()
         except FileNotFoundError:
-            return set()
+            return
         complete = data[: data.rfind(b"\n") + 1]
         self._control_offset += len(complete)
-        released = set()
         for line in complete.decode().splitlines():
             verb, _, session = line.partition(" ")
             if verb == "release":
-                released.add(session)
-        return released
+                self._released.add(session)
+                self._gone[session] = time.monotonic()
+            elif verb == "shared":
+                self._from_shared.add(session)
+        if len(self._gone) > GONE_KEEP:  # a save lands within steps of its release: old marks can go
+            cutoff = time.monotonic() - GONE_TTL_S
+            self._gone = {s: t for s, t in self._gone.items() if t > cutoff}
 
     def _write_stats(self) -> None:
+        self._stats_written = time.monotonic()
         stats = {**self._stats, "held_requests": len(self._held)}
-        tmp = self.engine_dir / "stats.json.tmp"
+        tmp = self.engine_dir / f"{STATS_FILE}.tmp"
         tmp.write_text(json.dumps(stats))
-        tmp.rename(self.engine_dir / "stats.json")
-
-
-def engine_dir(dram_dir: Path | str, replica_id: str) -> Path:
-    """The folder of one replica's control file and stats: a replica id that could leave
-    ``dram_dir/engines`` (`..`, `/`) is a ValueError, whoever passes it."""
-    return Path(dram_dir) / "engines" / path_safe_id("replica id", replica_id)
-
-
-def release_sessions(dram_dir: Path | str, replica_id: str, sessions: list[str]) -> None:
-    """Tell a replica's connector to free these sessions' held GPU blocks (called by the node agent)."""
-    folder = engine_dir(dram_dir, replica_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "control.log").open("a") as f:
-        f.write("".join(f"release {s}\n" for s in sessions))
-
-
-def read_connector_stats(dram_dir: Path | str, replica_id: str) -> dict[str, int]:
-    path = engine_dir(dram_dir, replica_id) / "stats.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+        tmp.rename(self.engine_dir / STATS_FILE)

@@ -33,7 +33,7 @@ from enum import Enum
 
 from proto.tiers import Tier
 from workers.dram_store import PINNED, REDUNDANT, DramStore, MissingBlocks, write_session
-from workers.kv_connector import release_sessions
+from workers.connector_control import release_sessions, staged_from_shared
 from workers.shared_tier import SharedTier
 from workers.tier_errors import TierError, TierFull
 
@@ -117,9 +117,13 @@ class NodeAgent:
         local = self.dram.session(session_id)
         move = PreparedMove(move_id, session_id, kind, src, dst, replica_id, now + lease_s,
                             local.label if local else None)
-        if src in (Tier.GPU, Tier.DRAM):
-            if local is None:
+        if src in (Tier.GPU, Tier.DRAM) and local is None:
+            # A drop needs no copy: a GPU-tier session whose write-through was refused or let go
+            # (`write_session`) has its KV only in the engine, and the drop must still release
+            # the engine's hold on it (on complete); refusing it would leak those blocks for good.
+            if kind is not MoveKind.DROP:
                 raise Refused("REFUSAL_REASON_SOURCE_NOT_FOUND", f"session {session_id} has no KV on node {self.node_id}")
+        elif src in (Tier.GPU, Tier.DRAM):
             self.dram.set_label(session_id, PINNED)
             if kind is not MoveKind.DROP:
                 # GPU -> DRAM copies nothing now (the write-through did), but the DRAM copy becomes
@@ -146,8 +150,10 @@ class NodeAgent:
         s = move.session_id
         if move.dst in DRAM_HOMES:
             self.dram.set_label(s, move.dst.label)
-            if move.copied_to_dram and self.shared is not None:
-                self._shared_call(lambda: self.shared.drop_session(s), "drop after promote")
+            if move.copied_to_dram:
+                staged_from_shared(self.dram_dir, move.replica_id, [s])  # counts the engine's next load as shared
+                if self.shared is not None:
+                    self._shared_call(lambda: self.shared.drop_session(s), "drop after promote")
         else:
             self.dram.drop_session(s)
         if move.dst == Tier.WAITING and self.shared is not None:

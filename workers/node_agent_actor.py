@@ -22,6 +22,7 @@ from proto.config_secrets import internal_token
 from proto.telemetry.metrics import make_metrics, serve_agent_metrics
 
 from workers.dram_store import DramStore, node_dram_dir
+from workers.connector_control import read_all_connector_stats
 from workers.node_agent import NodeAgent
 from workers.node_agent_service import serve
 from workers.shared_tier import open_shared_tier
@@ -56,6 +57,11 @@ class NodeAgentActor:
     def metrics_text(self) -> str:
         """This agent's `lull:*` metrics (moves, tier occupancy), Prometheus text format."""
         return generate_latest(self.registry).decode()
+
+    def connector_stats(self) -> dict[str, dict]:
+        """The KV connector counters of this node's engine replicas, by replica id
+        (``workers.kv_connector``: tokens loaded by source, busy seconds, saves)."""
+        return read_all_connector_stats(self.agent.dram_dir)
 
     def _sweep_leases(self) -> None:
         while True:

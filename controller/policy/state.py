@@ -198,6 +198,8 @@ class ClusterState:
         record.context_tokens = context_tokens
         record.active_at = now
         self._relocate(record, record.location, context_tokens)
+        if record.closing:  # closed while its call was gated or running: release it now
+            self.attention[session_id] = None
 
     def call_abandoned(self, session_id: str, now: float) -> None:
         """The admitted call never reached the engine (its caller left): its reservation is
@@ -276,7 +278,8 @@ class ClusterState:
         self._relocate(record, move.dst, move.tokens)
         if move.is_promotion and record.phase is Phase.TOOL:
             record.expecting = False  # the prefetch is done
-            self.attention.pop(move.session_id, None)
+            if not record.closing:  # closed while the move was carried out: it waits for its release
+                self.attention.pop(move.session_id, None)
 
     def apply_admit(self, admit: Admit, now: float, was: Location | None = None) -> None:
         """``was``: where the session's KV was when the admitting plan was made (before its

@@ -173,21 +173,36 @@ class Controller:
         self._ready()
         self.controller.set_shared_capacity(tokens)
 
-    async def set_policy(self, policy: str) -> None:
+    async def set_policy(self, policy: str, tick_s: float | None = None, dram_tokens: int | None = None) -> None:
         """Switch to ``policy`` between benchmark runs (``lull bench --policy a,b``): a fresh
         ``LiveController`` over the same replicas, capacities and mover. Only on empty books:
-        a session's KV placement is the old policy's decision and cannot be handed over."""
+        a session's KV placement is the old policy's decision and cannot be handed over.
+        ``tick_s``: the backstop tick from now on (a replay with scaled time scales it too);
+        None keeps it. ``dram_tokens``: the DRAM tokens booked on every replica under this
+        policy (a benchmark holding every policy's off-GPU bytes equal); None: each
+        replica's registered capacity."""
         old = self.controller
         snap = old.snapshot()
         if snap["sessions"] or snap["gated"]:
             raise ValueError(f"cannot switch policy with {len(snap['sessions'])} session(s) open; close them first")
+        if tick_s is not None and not tick_s > 0:
+            raise ValueError(f"tick_s must be > 0, got {tick_s!r}")
+        if dram_tokens is not None and (type(dram_tokens) is not int or dram_tokens < 0):
+            raise ValueError(f"dram_tokens must be an integer >= 0, got {dram_tokens!r}")
         new = LiveController(old.mover, policy=policy, planner_config=self.planner_config,
-                             idleness_window=old.idleness_window, metrics=old.metrics, session_ttl_s=old.session_ttl_s)
+                             idleness_window=old.idleness_window, metrics=old.metrics,
+                             session_ttl_s=old.session_ttl_s)
+        registered = self.membership.replicas if self.membership is not None else {}
         for replica_id, node_id in old.nodes.items():
-            new.add_replica(replica_id, node_id, old.capacity[Location(Tier.GPU, replica_id)],
-                            old.capacity[Location(Tier.DRAM, replica_id)])
+            dram = dram_tokens
+            if dram is None:
+                known = registered.get(replica_id)
+                dram = known.dram_tokens if known is not None else old.capacity[Location(Tier.DRAM, replica_id)]
+            new.add_replica(replica_id, node_id, old.capacity[Location(Tier.GPU, replica_id)], dram)
         new.set_shared_capacity(old.capacity[Location(Tier.SHARED)])
         self.controller = new
+        if tick_s is not None:
+            self.tick_s = tick_s
         self._policy_switched(old, new)
         log.info("policy switched from %s to %s", old.policy_name, policy)
 

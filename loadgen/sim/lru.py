@@ -156,14 +156,6 @@ class LruPolicy(SimPolicy):
             self.cluster.copy_done(tokens - stored, replica.name, (Link.PCIE,), now)
 
 
-@POLICIES.register("vllm-lru")
-class VllmLru(LruPolicy):
-    """vLLM with automatic prefix caching (V1 KV cache manager): finished requests'
-    blocks stay cached in HBM and are evicted least recently used when new blocks are
-    needed; no offload, no gating (requests queue in the engine). Modelled per
-    session rather than per block."""
-
-
 @POLICIES.register("infinite-hbm")
 class InfiniteHbm(LruPolicy):
     """An upper bound, not a system: HBM without a capacity limit, so every session's

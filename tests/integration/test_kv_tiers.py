@@ -15,7 +15,7 @@ import pytest
 
 from controller.policy.types import Tier
 from tests.integration.engine_fixtures import start_data_plane, stop_data_plane, wait_until
-from workers.kv_connector import read_connector_stats, release_sessions
+from workers.connector_control import read_connector_stats, release_sessions
 from workers.kv_integrity import HEADER_BYTES, seal
 from workers.node_agent import MoveKind, NodeAgent, Refused
 from workers.shared_tier import SharedTier

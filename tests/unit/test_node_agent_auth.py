@@ -19,7 +19,7 @@ from proto.config_secrets import internal_token
 from proto.internal_auth import blocking_agent_channel, token_metadata
 from tests.support import INTERNAL_TOKEN
 from workers.dram_store import DramStore, node_dram_dir
-from workers.kv_connector import release_sessions
+from workers.connector_control import release_sessions
 from workers.node_agent import NodeAgent
 from workers.node_agent_service import serve
 

@@ -290,3 +290,36 @@ def test_two_requests_growing_in_one_full_tier_do_not_wait_for_each_other():
     d.state.call_finished(first, d.clock.now, d.state.get(first).request.need_tokens)
     plan = d.step()
     assert [a.session_id for a in plan.admits] == [second]
+
+
+
+def test_a_session_closed_while_its_admission_was_carried_out_is_released_when_the_call_ends():
+    """Live, a close can arrive while a plan awaits its moves; the plan's admit still
+    applies (the request was granted), and the call's end must then release the session:
+    it used to stay booked, closing, in its tier for good."""
+    driver = PolicyDriver.make({"r0": (300, 300)})
+    driver.state.open_session("a", 0.0)
+    driver.state.request_arrived("a", 0.0, 50, 50)
+    plan = driver.planner.plan(driver.state, 0.0)  # places and admits a
+    for move in plan.moves:
+        driver.state.apply_move(move)  # carried out, awaited live...
+    driver.state.close_session("a", 0.5)  # ... while the client left
+    driver.state.apply_admit(plan.admits[0], 0.6)
+    driver.state.call_finished("a", 2.0, 60)  # the call was cut: it ends
+    driver.step()
+    assert "a" not in driver.state.sessions
+
+
+def test_a_session_closed_while_its_prefetch_was_carried_out_is_released():
+    driver = PolicyDriver.make({"r0": (300, 300)})
+    driver.sessions_with_idleness({"a": 0.5}, tokens=100)
+    driver.state.set_replica(ReplicaSpec("r0", gpu_tokens=0, dram_tokens=300))
+    driver.step()  # a waits in DRAM
+    driver.state.set_replica(ReplicaSpec("r0", gpu_tokens=300, dram_tokens=300))
+    driver.state.tool_call_finished("a", driver.clock.now)
+    plan = driver.planner.plan(driver.state, driver.clock.now)  # prefetches a
+    driver.state.close_session("a", driver.clock.now)  # while the move is awaited
+    for move in plan.moves:
+        driver.state.apply_move(move)
+    driver.step()
+    assert "a" not in driver.state.sessions

@@ -25,7 +25,7 @@ from loadgen.sim.simulator import SimConfig, Simulation
 from loadgen.sim.workload import scripted_workload
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE = ("lull", "mori", "lru-offload")
+CORE = ("lull", "mori", "lru-offload", "vllm-lru")
 COST = CostModel(get_profile("h200-80g", "qwen2.5-7b"))
 
 
@@ -42,7 +42,7 @@ def _registrations(name: str) -> list[str]:
     return found
 
 
-def test_the_core_defines_lull_mori_and_lru_offload():
+def test_the_core_defines_lull_mori_lru_offload_and_vllm_lru():
     assert POLICY_DEFINITIONS.names() == sorted(CORE)
     assert LIVE_POLICIES is POLICY_DEFINITIONS  # the runtime's old name, the same registry
 
@@ -75,8 +75,9 @@ def test_no_gate_planner_sits_beside_the_tier_planner():
 
 
 def test_the_switches_decide_the_books():
-    lull, mori, lru = (POLICY_DEFINITIONS.get(n) for n in CORE)
-    assert (lull.tier_label, mori.tier_label, lru.tier_label) == ("gpu", "gpu", "dram")
+    lull, mori, lru, plain = (POLICY_DEFINITIONS.get(n) for n in CORE)
+    assert (lull.tier_label, mori.tier_label, lru.tier_label, plain.tier_label) == ("gpu", "gpu", "dram", "waiting")
+    assert plain.replica_spec("r1", 300, 200).gpu_tokens == UNBOUNDED_TOKENS and not plain.moves_kv
     assert lru.replica_spec("r1", 300, 200).gpu_tokens == UNBOUNDED_TOKENS
     assert lru.replica_spec("r1", 300, 200).dram_tokens == 0  # the engine's cache, not the books
     assert mori.shared_tokens(500) == 0 and lull.shared_tokens(500) == 500

@@ -27,7 +27,7 @@ class ScriptedClient:
     def conversation(self, settings, rng):
         return TokenConversation(settings.vocab, rng)
 
-    async def call(self, session_id, prompt_ids, max_tokens):
+    async def call(self, session_id, prompt_ids, max_tokens, progress=None):
         sent = self.prompts.setdefault(session_id, [])
         if (session_id, len(sent)) in self.fail_on:
             raise RuntimeError("engine failed")
@@ -130,7 +130,7 @@ def test_records_take_the_servers_counts_when_the_reply_has_them():
     """A text API (chat) returns no ids: the record takes the reply's usage counts."""
 
     class TextClient(ScriptedClient):
-        async def call(self, session_id, prompt_ids, max_tokens):
+        async def call(self, session_id, prompt_ids, max_tokens, progress=None):
             await super().call(session_id, prompt_ids, max_tokens)
             return CallOutcome(0.01, [], 5, text="hi", prompt_tokens=77, output_tokens=3)
 

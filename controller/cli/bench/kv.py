@@ -255,7 +255,7 @@ class KvBench:
 
     def _forget(self, session: str) -> None:
         """Leave the plane as found: the session released, out of every tier, the prefix cache empty."""
-        from workers.kv_connector import release_sessions
+        from workers.connector_control import release_sessions
 
         release_sessions(self.plane.dram_dir, self.plane.replica_id, [session])
         self.plane.evict_from_engine()  # succeeds only once the session's last write-through is done
@@ -263,7 +263,7 @@ class KvBench:
         self.plane.shared.drop_session(session)
 
     def _stats(self) -> dict:
-        from workers.kv_connector import read_connector_stats
+        from workers.connector_control import read_connector_stats
 
         keys = ("loaded_tokens", "loaded_bytes", "load_seconds", "saved_bytes", "save_seconds", "save_refused")
         stats = read_connector_stats(self.plane.dram_dir, self.plane.replica_id)
