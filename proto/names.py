@@ -37,6 +37,19 @@ def id_problem(what: str, value: object) -> str:
     return ""
 
 
+# A session as the controller and the tiers key it: ``tenant/session`` (the gateway scopes every
+# client's session id by its tenant) or a bare id (sessions of internal callers and tests).
+SESSION_KEY_PATTERN = re.compile(rf"(?:{ID_CHARSET}/)?{ID_CHARSET}")
+
+
+def session_key_problem(what: str, value: object) -> str:
+    """Why ``value`` is not a session key (``tenant/session`` or a bare id); empty when it is one."""
+    if not isinstance(value, str) or not SESSION_KEY_PATTERN.fullmatch(value):
+        return (f"{what} must be tenant/session or session, each 1 to 128 characters of A-Z a-z 0-9 . _ : -; "
+                f"got {value!r:.280}")
+    return ""
+
+
 def path_safe_id(what: str, value: str) -> str:
     """``value`` when it is an id that can name a folder inside another: an id that is not
     `.` or `..`, or it raises ValueError. Every folder Lull names after an id goes through here."""

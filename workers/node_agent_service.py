@@ -17,7 +17,7 @@ from concurrent import futures
 import grpc
 
 from proto.internal_auth import TokenCheck
-from proto.names import id_problem
+from proto.names import id_problem, session_key_problem
 from proto.tiers import Tier
 from proto import node_agent_pb2 as pb
 from proto import node_agent_pb2_grpc as pb_grpc
@@ -204,7 +204,7 @@ def _check_prepare(request) -> str:
 
 
 def _id_problems(request) -> str:
-    problem = id_problem("move_id", request.move_id) or id_problem("session_id", request.session_id)
+    problem = id_problem("move_id", request.move_id) or session_key_problem("session_id", request.session_id)
     for end in ("src", "dst"):
         replica = getattr(request, end).replica_id
         if problem or not replica:

@@ -91,7 +91,8 @@ def test_a_replica_id_that_could_leave_the_dram_folder_is_an_invalid_argument(ag
     assert sorted(root.rglob("*")) == before and not node.moves
 
 
-@pytest.mark.parametrize("field, value", [("session_id", "acme/prod:x"), ("session_id", ""),
+@pytest.mark.parametrize("field, value", [("session_id", "acme/team/x"), ("session_id", "/x"),
+                                          ("session_id", "acme/"), ("session_id", "a b"), ("session_id", ""),
                                           ("move_id", "m/1"), ("move_id", "")])
 def test_ids_outside_the_protos_charset_are_invalid_arguments(agent, field, value):
     _, address, _ = agent
@@ -105,6 +106,19 @@ def test_ids_outside_the_protos_charset_are_invalid_arguments(agent, field, valu
         with pytest.raises(grpc.RpcError) as bad:
             stub.CompleteMove(pb.CompleteMoveRequest(move_id="../m"), timeout=5)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_tenant_scoped_session_key_is_a_valid_session_id(agent):
+    """The controller keys client sessions ``tenant/session`` (the gateway scopes them): the
+    agent must move those, or no client session could ever leave the GPU tier."""
+    node, address, _ = agent
+    node.dram.put_session("acme/mn-grpc-0", tenant="acme", replica="r1", label="dram", tokens=32,
+                          block_hashes=["b2"], blocks={"b2": b"y" * 64})
+    with blocking_agent_channel(address, ENV) as channel:
+        stub = pb_grpc.NodeAgentServiceStub(channel)
+        stub.PrepareMove(demote(move_id="m2", session="acme/mn-grpc-0"), timeout=5)
+        stub.CompleteMove(pb.CompleteMoveRequest(move_id="m2"), timeout=5)
+    assert node.dram.session("acme/mn-grpc-0") is not None
 
 
 def test_no_path_is_built_from_an_unsafe_replica_or_node_id(tmp_path):
