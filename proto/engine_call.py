@@ -27,6 +27,9 @@ class EngineCall:
     query: str = ""
     headers: tuple[tuple[str, str], ...] = ()
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # keys the engine's usage record
+    # The replica the controller admitted the call to, whose KV and books it uses; another
+    # replica refuses it (`MisroutedCall`). Empty: any replica (ungated routes).
+    replica_id: str = ""
 
     def __post_init__(self) -> None:
         if self.method not in ("GET", "POST"):
@@ -38,6 +41,14 @@ class EngineCall:
 
     def __repr__(self) -> str:
         return f"EngineCall({self.method} {self.path}, {len(self.body)} bytes, call_id={self.call_id!r})"
+
+
+class MisroutedCall(RuntimeError):
+    """A call reached a replica other than the one it was admitted to: Serve's router sends
+    a call whose replica has left (or has not been broadcast yet) to any replica. Run
+    there, it would use KV cache the controller booked for others (the engine's cache is
+    the GPU tier, so it could wait for blocks for ever); the gateway reports the replica
+    lost and admits the call again."""
 
 
 @dataclass

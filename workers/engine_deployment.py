@@ -21,7 +21,7 @@ import ray
 from ray import serve
 
 from proto.actor_errors import controller_gone
-from proto.engine_call import EngineCall
+from proto.engine_call import EngineCall, MisroutedCall
 from proto.engine_request import EngineRequest
 from proto.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE
 from workers.dram_store import node_dram_dir
@@ -78,6 +78,9 @@ class LullEngine:
         yields the response head, its body's chunks, then the call's `CallUsage`."""
         if not isinstance(call, EngineCall):
             raise TypeError(f"an engine call takes a proto.engine_call.EngineCall, got {type(call).__name__}")
+        if call.replica_id and call.replica_id != self.replica_id():
+            raise MisroutedCall(f"call {call.call_id} was admitted to replica {call.replica_id}, "
+                                f"not to this one ({self.replica_id()})")
         async for part in self.replica.http(call):
             yield part
 

@@ -15,6 +15,7 @@ import ray
 from ray import serve
 
 from controller.autoscale import signals as scaling_signals
+from controller.gateway import router
 from controller.gateway.controller_client import ControllerClient
 from controller.gateway.grpc_service import start_grpc
 from controller.gateway.metrics import CallMetrics, count_rest_requests
@@ -41,6 +42,9 @@ class ServeEngines:
 
     def http(self, replica_id: str, call: EngineCall) -> AsyncIterator:
         return self.handle.options(session_id=replica_id, stream=True).http.remote(call).__aiter__()
+
+    def departed(self, replica_id: str) -> bool:
+        return router.departed(replica_id)
 
     def any_http(self, call: EngineCall) -> AsyncIterator:
         """An ungated request (models, tokenize, ...): any replica answers."""

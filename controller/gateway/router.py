@@ -4,11 +4,14 @@ The gateway calls the engine deployment through a handle whose `session_id`
 option carries the target replica's unique id (the controller's placement, which
 is also the replica's KV connector id): `handle.options(session_id=replica_id)`.
 
-If that replica is gone (restarted, scaled down), the call goes to any replica:
-the KV is lost with the replica, so every replica is as good as another, and
-the controller learns of the new placement from the replica id in the reply.
-A target that is alive but busy is waited for, never bypassed: going elsewhere
-would recompute a context whose KV sits on the target.
+If that replica is gone (died, scaled down), Serve must still send the call somewhere,
+so it goes to any replica, which refuses it (`proto.engine_call.MisroutedCall`): the
+call's KV cache was booked on the replica that left, and run elsewhere it would take
+blocks the controller booked for other sessions. The gateway then reports the replica
+lost and admits the call again; whether Serve has dropped the replica (`departed`)
+tells the controller it is dead, not merely slow. A target that is alive but busy is
+waited for, never bypassed: going elsewhere would recompute a context whose KV sits on
+the target.
 
 A target this router has never seen is most likely a replica that registered with
 the controller (at the end of its constructor) before Serve's replica broadcast
@@ -25,6 +28,12 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 ROUTER_CLASS = "controller.gateway.router.LullRouter"
 NEW_REPLICA_WAIT_S = 5.0  # Serve broadcasts a new replica within a second or two
+_DEPARTED: set[str] = set()  # replicas Serve broadcast to a router of this process, then dropped
+
+
+def departed(replica_id: str) -> bool:
+    """Serve dropped this replica from the engine deployment (it died or is stopping)."""
+    return replica_id in _DEPARTED
 
 
 class LullRouter(RequestRouter):
@@ -34,7 +43,10 @@ class LullRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        self.seen.update(r.replica_id.unique_id for r in replicas)
+        current = {r.replica_id.unique_id for r in replicas}
+        _DEPARTED.update(self.seen - current)
+        _DEPARTED.difference_update(current)
+        self.seen.update(current)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -49,5 +61,5 @@ class LullRouter(RequestRouter):
                 return [chosen]
             if target not in self.seen and time.time() - pending_request.created_at < NEW_REPLICA_WAIT_S:
                 return []  # not broadcast here yet: Serve asks again after a backoff
-        # No target, or it is gone: Serve picks the least loaded of all.
+        # No target, or it is gone: Serve picks the least loaded of all (a gated call's replica refuses it).
         return [list(candidate_replicas)]

@@ -37,13 +37,17 @@ log = logging.getLogger(__name__)
 ENGINE_RETRIES = 2  # a call whose engine replica died before answering runs again, on another replica (twice:
 # the router may still send the first retry to the dead replica before Serve has noticed its death)
 ENGINE_RETRY_WAIT_S = 1.0  # before retrying a call whose replica became unreachable
-REPLICA_GONE = (*ACTOR_GONE, "RayActorError", "WorkerCrashedError")  # RayActorError: every actor-death error
+# RayActorError: every actor-death error; MisroutedCall: Serve sent the call elsewhere, its replica having left.
+REPLICA_GONE = (*ACTOR_GONE, "RayActorError", "WorkerCrashedError", "MisroutedCall")
 
 
 class Engines(Protocol):
     """The engine replicas, addressed by replica id (the Serve replica's unique_id)."""
 
     def http(self, replica_id: str, call: EngineCall) -> AsyncIterator[dict | bytes | CallUsage]: ...
+
+    def departed(self, replica_id: str) -> bool:
+        """Serve has dropped this replica (it died or is stopping)."""
 
 
 def replica_lost(error: BaseException) -> bool:
@@ -120,7 +124,7 @@ class GatewayCore:
             span = tracing.tracer().start_span(tracing.SPAN_ENGINE, attributes={
                 tracing.ATTR_SESSION: call.key, tracing.ATTR_REPLICA: admission.replica_id})
             engine_call = EngineCall("POST", call.path, await _payload(call, admission.tier_label, call_id),
-                                     call.query, _traced(call.headers, span), call_id)
+                                     call.query, _traced(call.headers, span), call_id, admission.replica_id)
             parts = aiter(self.engines.http(admission.replica_id, engine_call))
             try:
                 head = await anext(parts)
@@ -215,16 +219,18 @@ class GatewayCore:
         the controller looks at its replicas before answering (a dead one is drained or removed,
         so a retry's admission goes elsewhere)."""
         lost = replica_id if error is not None and replica_lost(error) else None
+        dead = error is not None and (is_error(error, "ActorDiedError") or (
+            is_error(error, "MisroutedCall") and self.engines.departed(replica_id)))
         try:
             # The client sends it detached and shielded: a caller who left cannot cancel it.
-            await self.controller.call_failed(key, lost, error is not None and is_error(error, "ActorDiedError"))
+            await self.controller.call_failed(key, lost, dead)
         except BaseException as failed:  # the original error is what the client must see
             log.warning("call_failed for session %s not recorded: %s", key, type(cause(failed)).__name__)
 
     async def _before_retry(self, key: str, replica_id: str, error: BaseException) -> None:
         log.warning("engine replica %s failed during a call of session %s (%s); retrying on another replica",
                     replica_id, key, type(error).__name__)
-        if not is_error(error, "ActorDiedError"):
+        if not is_error(error, "ActorDiedError") and not self.engines.departed(replica_id):
             # Unreachable (Serve cannot tell dead from unreachable): give Serve's router a moment
             # to drop it, so the retry is routed elsewhere.
             await asyncio.sleep(ENGINE_RETRY_WAIT_S)
