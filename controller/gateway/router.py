@@ -59,6 +59,8 @@ class LullRouter(RequestRouter):
             chosen = [r for r in candidate_replicas if r.replica_id.unique_id == target]
             if chosen:
                 return [chosen]
+            if target in self.seen:  # dropped: by a broadcast, or by Serve on an ActorDiedError
+                _DEPARTED.add(target)
             if target not in self.seen and time.time() - pending_request.created_at < NEW_REPLICA_WAIT_S:
                 return []  # not broadcast here yet: Serve asks again after a backoff
         # No target, or it is gone: Serve picks the least loaded of all (a gated call's replica refuses it).

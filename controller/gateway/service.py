@@ -34,8 +34,10 @@ __all__ = ["Call", "ControllerClient", "Engines", "Forwarded", "GatewayCore", "L
 
 log = logging.getLogger(__name__)
 
-ENGINE_RETRIES = 2  # a call whose engine replica died before answering runs again, on another replica (twice:
-# the router may still send the first retry to the dead replica before Serve has noticed its death)
+# A call whose engine replica died or became unreachable before answering is admitted again
+# and retried, for this long: until Ray declares a lost node dead (its health checks take
+# up to ~30 s), the controller may admit the retry to the same replica.
+ENGINE_RETRY_S = 60.0
 ENGINE_RETRY_WAIT_S = 1.0  # before retrying a call whose replica became unreachable
 # RayActorError: every actor-death error; MisroutedCall: Serve sent the call elsewhere, its replica having left.
 REPLICA_GONE = (*ACTOR_GONE, "RayActorError", "WorkerCrashedError", "MisroutedCall")
@@ -118,7 +120,8 @@ class GatewayCore:
         `ApiError` for the client's own), so the REST layer can still answer with a status."""
         rendered = await self.counter.count(call.kind, call.body, call.size)
         output = self.booked_output(call, rendered.prompt_tokens, rendered.max_tokens, rendered.prompts)
-        for retries_left in reversed(range(ENGINE_RETRIES + 1)):
+        retry_until = time.monotonic() + ENGINE_RETRY_S
+        while True:
             admission = await self._admit(call, rendered.prompt_tokens, output)
             call_id = uuid.uuid4().hex
             span = tracing.tracer().start_span(tracing.SPAN_ENGINE, attributes={
@@ -134,7 +137,7 @@ class GatewayCore:
                 span.end()
                 await _close(parts)
                 await self._failed(call.key, admission.replica_id, error)
-                if not (retries_left and replica_lost(error)):
+                if not (replica_lost(error) and time.monotonic() < retry_until):
                     raise
                 await self._before_retry(call.key, admission.replica_id, error)
         forwarded = Forwarded(head["status"], head["headers"], None)  # type: ignore[arg-type]

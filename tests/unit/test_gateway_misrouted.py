@@ -15,6 +15,7 @@ import json
 import pytest
 
 from controller.gateway.controller_client import ControllerClient
+from controller.gateway import service
 from controller.gateway.service import Call, GatewayCore, Limits
 from controller.runtime.actor import Controller
 from controller.runtime.live import LiveController
@@ -81,8 +82,11 @@ def test_a_call_whose_replica_left_is_admitted_again_elsewhere(counter):
     assert "r1" not in live.nodes
 
 
-def test_a_misrouted_call_to_a_replica_serve_still_lists_is_not_reported_dead(counter):
+def test_a_misrouted_call_to_a_replica_serve_still_lists_is_not_reported_dead(counter, monkeypatch):
     """A replica not broadcast yet (or slow to be dropped) is looked at, not drained: the
-    call is retried, and with the replica still booked it fails with the engine's error."""
+    call is retried for `ENGINE_RETRY_S`, and with the replica still booked it then fails
+    with the engine's error."""
+    monkeypatch.setattr(service, "ENGINE_RETRY_S", 2.5)
+    monkeypatch.setattr(service, "ENGINE_RETRY_WAIT_S", 1.0)
     with pytest.raises(MisroutedCall):
         run_call(counter, departed=False)
