@@ -63,10 +63,13 @@ class CallUsage:
     output_tokens: int = 0
     context_tokens: int = 0
 
-    def add(self, output) -> None:
-        """Count one finished (or cut) engine request: a vLLM ``RequestOutput``."""
+    def add(self, output, produced: list[int] | None = None) -> None:
+        """Count one finished (or cut) engine request: its last vLLM ``RequestOutput`` and the
+        output tokens of each choice (default: the output's own, which for a streamed
+        request are only its last delta's)."""
         prompt = len(output.prompt_token_ids or ())
-        produced = [len(choice.token_ids) for choice in output.outputs]
+        if produced is None:
+            produced = [len(choice.token_ids) for choice in output.outputs]
         self.requests += 1
         self.prompt_tokens += prompt
         self.cached_tokens += output.num_cached_tokens or 0

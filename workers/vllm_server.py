@@ -99,15 +99,22 @@ class MeteredEngine:
         return getattr(self._engine, name)
 
     async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        from vllm.sampling_params import RequestOutputKind
+
         call = lull_call_id(sampling_params)
+        # A streamed request's outputs are deltas: each carries only its new tokens.
+        delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        produced: dict[int, int] = {}  # output tokens so far, by choice
         last = None
         try:
             async for output in self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs):
                 last = output
+                for choice in output.outputs:
+                    produced[choice.index] = (produced.get(choice.index, 0) if delta else 0) + len(choice.token_ids)
                 yield output
         finally:  # a stream cut short still used what it used
             if call is not None and last is not None:
-                self._usage.setdefault(call, CallUsage()).add(last)
+                self._usage.setdefault(call, CallUsage()).add(last, list(produced.values()))
 
     def open_call(self, call: str) -> None:
         self._usage[call] = CallUsage()

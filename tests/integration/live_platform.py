@@ -78,7 +78,9 @@ def _deploy(app_args: dict, dram_dir: str, redis: LocalRedis, port: int, **serve
     from controller.assembly import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port}, **serve_options)
-    here = {"tiers": {"dram_dir": dram_dir, "redis_url": redis.url}}
+    # Everything on loopback, as `lull up` binds it by default (the node agents' gRPC and the
+    # metrics endpoint listen on the Ray node's IP otherwise).
+    here = {"tiers": {"dram_dir": dram_dir, "redis_url": redis.url, "node_agent_host": "127.0.0.1"}}
     serve.run(build_app(app_overrides(BASE_APP_ARGS, app_args, here)), name=SERVE_APP, route_prefix="/")
 
 
