@@ -46,13 +46,21 @@ class NodeAgentActor:
         self.host = host or ray.util.get_node_ip_address()
         self.server, self.port, self.servicer = serve(self.agent, port, self.host, token=token,
                                                       metrics=make_metrics(self.registry))
+        self._metrics_url: str | None = None
         if metrics_port is not None:  # the node's merged registry when in multiprocess mode, else this agent's
-            serve_agent_metrics(metrics_port, self.registry, self.host)
+            if serve_agent_metrics(metrics_port, self.registry, self.host) is not None:
+                host = f"[{self.host}]" if ":" in self.host else self.host
+                self._metrics_url = f"http://{host}:{metrics_port}/metrics"
         self._sweeper = threading.Thread(target=self._sweep_leases, daemon=True, name="lease-sweeper")
         self._sweeper.start()
 
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def metrics_url(self) -> str | None:
+        """Where this agent serves its node's merged metrics; None when it serves none
+        (no metrics port, or another agent on this host serves them)."""
+        return self._metrics_url
 
     def metrics_text(self) -> str:
         """This agent's `lull:*` metrics (moves, tier occupancy), Prometheus text format."""

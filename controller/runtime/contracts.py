@@ -40,5 +40,6 @@ class Mover(Protocol):
     async def move(self, move: Move, src_node: str | None, dst_node: str | None) -> bool: ...
 
     async def release(self, session_id: str, where: Location, node: str | None) -> bool:
-        """Free a closed session's KV in ``where``; best effort, the result is only logged."""
+        """Free a closed session's KV in ``where``; True once the drop committed. A drop that
+        did not (False, or an error) is kept and retried on every tick."""
         ...

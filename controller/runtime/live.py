@@ -257,11 +257,12 @@ class LiveController:
                 del self.unreleased[session_id]
                 continue
             try:
-                await self.mover.release(session_id, where, node)
+                released = await self.mover.release(session_id, where, node)
             except Exception as error:
-                log.warning("release of %s in %s failed again (%s)", session_id, where, type(error).__name__)
+                log.debug("release of %s in %s failed again (%s)", session_id, where, type(error).__name__)
                 continue
-            del self.unreleased[session_id]
+            if released:
+                del self.unreleased[session_id]
 
     async def plan_step(self) -> Plan:
         """Plan once, carry out what the mover commits, record it, wake admitted waiters."""

@@ -12,6 +12,7 @@ no sleep orders events: a test awaits the task or the planning step it depends o
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
@@ -41,6 +42,13 @@ def plane(tmp_path, monkeypatch):
     yield agents, addresses, engines
     for server in servers:
         server.stop(None)
+
+
+def unused_port() -> int:
+    """A port nothing listens on (bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run(scenario):
@@ -238,6 +246,31 @@ def test_a_failed_release_is_retried_until_the_copy_is_gone(plane):
         assert ctl.unreleased == {"s1": Location(Tier.DRAM, "r1")}
         await ctl.retry_releases()
         assert len(calls) == 2 and ctl.unreleased == {} and agents["n1"].dram.session("s1") is None
+        ctl.check_integrity()
+
+    run(scenario)
+
+
+def test_a_release_the_agent_did_not_commit_is_retried(plane):
+    """The real mover answers False, without raising, when the agent cannot be reached (a
+    restart): that release is kept and carried out once the agent is back."""
+    agents, addresses, engines = plane
+
+    async def scenario():
+        ctl, clock = await s1_running(addresses)
+        waiting = await gated(ctl, "s2", 150)
+        engines["r1"].finish(ctl, "s1", 240)  # s1 is demoted to DRAM: its copy is booked there
+        await waiting
+        ctl.mover.set_agent("n1", f"127.0.0.1:{unused_port()}")  # n1's agent is away
+        ctl.mover.timeout_s = 1.0
+        ctl.close_session("s1")
+        await ctl.quiesce()
+        assert ctl.unreleased == {"s1": Location(Tier.DRAM, "r1")}
+        await ctl.retry_releases()  # still away: kept
+        assert ctl.unreleased == {"s1": Location(Tier.DRAM, "r1")} and agents["n1"].dram.session("s1") is not None
+        ctl.mover.set_agent("n1", addresses["n1"])  # back
+        await ctl.retry_releases()
+        assert ctl.unreleased == {} and agents["n1"].dram.session("s1") is None
         ctl.check_integrity()
 
     run(scenario)

@@ -166,7 +166,7 @@ async def bench(args, console: Console) -> tuple[list[dict], list[tuple[str, boo
     if not policies or unknown:
         raise ValueError(f"--policy takes a comma list of {', '.join(POLICIES)}; got {args.policy!r}")
     url, target, address = endpoints(args)
-    platform = Platform(address, load_config().telemetry.metrics_port)
+    platform = Platform(address)
     replicas = await platform.replicas()
     ids = [r["replica_id"] for r in replicas]
     gpu = check_equal_capacity({r["replica_id"]: r["gpu_tokens"] for r in replicas}, await platform.engine_caches(ids))

@@ -102,8 +102,7 @@ def counter_totals(metrics_text: str) -> dict[str, float]:
 class Platform:
     """The running platform as the bench sees it (controller actor, node agents, engines)."""
 
-    def __init__(self, address: str, metrics_port: int | None = None):
-        """``metrics_port``: where each node serves its merged metrics (``telemetry.metrics_port``)."""
+    def __init__(self, address: str):
         import ray
 
         if not ray.is_initialized():  # a test drives the bench from the process that started Ray
@@ -111,14 +110,16 @@ class Platform:
         self.controller = ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE)
         self._model: str | None = None  # the served model's name, for the engine probes
         self.agents = []
-        self.metrics_urls = sorted({f"http://{node['NodeManagerAddress']}:{metrics_port}/metrics"
-                                    for node in ray.nodes() if node["Alive"]}) if metrics_port else []
         for node in ray.nodes():
             if node["Alive"]:
                 try:
                     self.agents.append(ray.get_actor(node_agent_actor(node["NodeID"]), namespace=RAY_NAMESPACE))
                 except ValueError:  # a node without an agent moves no KV
                     pass
+        # Where each node serves its merged metrics, as its agent bound it (lull up binds
+        # loopback, a cluster the pod IP): the controller's gate waits and the agents' moves.
+        urls = ray.get([agent.metrics_url.remote() for agent in self.agents]) if self.agents else []
+        self.metrics_urls = sorted({url for url in urls if url})
 
     async def snapshot(self) -> dict:
         return await self.controller.snapshot.remote()
@@ -220,8 +221,9 @@ class Platform:
         return totals
 
     async def node_series(self) -> dict[str, float]:
-        """``NODE_SERIES`` from every node's merged endpoint, summed over label sets; {} when
-        no endpoint answers (a node that serves none counts nothing)."""
+        """``NODE_SERIES`` from every node's merged endpoint, summed over label sets; raises
+        RuntimeError naming an endpoint that does not answer (its gate waits and moves would
+        silently read as none)."""
         import httpx
         from prometheus_client.parser import text_string_to_metric_families
 
@@ -229,9 +231,12 @@ class Platform:
         async with httpx.AsyncClient(timeout=10.0) as http:
             for url in self.metrics_urls:
                 try:
-                    text = (await http.get(url)).text
-                except httpx.HTTPError:
-                    continue
+                    response = await http.get(url)
+                    response.raise_for_status()
+                except httpx.HTTPError as error:
+                    raise RuntimeError(f"the node metrics endpoint {url} does not answer ({error!r}); "
+                                       "the bench cannot count gate waits and moves") from error
+                text = response.text
                 for family in text_string_to_metric_families(text):
                     for sample in family.samples:
                         if sample.name in NODE_SERIES:
