@@ -17,7 +17,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from controller.gateway.protocol import ApiError
+from controller.gateway.protocol import SESSION_BODY_FIELD, ApiError
 
 # Bodies smaller than this are parsed, validated and serialized on the event loop (here, in
 # `rest` and in `service`): a thread hop costs more.
@@ -74,6 +74,7 @@ class PromptCounter:
                 request = await asyncio.to_thread(model.model_validate, body)
             else:
                 request = model.model_validate(body)
+            refuse_unknown_fields(model, body)
             result = await render(request)
         except ValidationError as error:
             raise ApiError(400, _validation_message(error), param=_first_field(error)) from None
@@ -103,6 +104,41 @@ class PromptCounter:
         if kind == "messages":
             return AnthropicMessagesRequest, serving.render_messages_request
         raise ValueError(f"no renderer for {kind!r}")
+
+
+def refuse_unknown_fields(model, body: dict[str, Any]) -> None:
+    """A 400 naming each top-level field vLLM's request model does not know: vLLM itself
+    logs such fields at debug level and ignores them, a silent 200 that dropped what was
+    asked. Known besides: Lull's own ``session_id`` (taken out before vLLM sees the body),
+    and ``HONOURED_AS_IS``, fields whose given value asks nothing a server must do."""
+    known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    unknown = sorted(name for name, value in body.items() if name not in known and name != SESSION_BODY_FIELD
+                     and not (name in HONOURED_AS_IS and HONOURED_AS_IS[name](value, body)))
+    if unknown:
+        raise ApiError(400, f"unsupported field(s) {', '.join(unknown)}: vLLM's {model.__name__} does not "
+                            "know them (or not with this value), so they would be ignored; remove them",
+                       code="unsupported_field", param=unknown[0])
+
+
+def _keeps_all_thinking(value: Any, body: dict[str, Any]) -> bool:
+    edits = value.get("edits") if isinstance(value, dict) and set(value) <= {"edits"} else None
+    return isinstance(edits, list) and all(
+        isinstance(edit, dict) and str(edit.get("type", "")).startswith("clear_thinking_")
+        and edit.get("keep") == "all" and set(edit) <= {"type", "keep"} for edit in edits)
+
+
+# Fields vLLM does not know whose value here asks for nothing that changes the answer.
+HONOURED_AS_IS = {
+    # Claude Code 2.x sends clear_thinking with keep "all": clearing nothing honours it.
+    "context_management": _keeps_all_thinking,
+    "store": lambda value, body: value is False,  # nothing is stored
+    # OpenAI reads metadata only for stored completions.
+    "metadata": lambda value, body: isinstance(value, dict) and body.get("store") is not True,
+    "service_tier": lambda value, body: value in ("auto", "default"),
+    # Routing hints for OpenAI's prompt cache and its abuse checks: Lull routes by session.
+    "prompt_cache_key": lambda value, body: isinstance(value, str),
+    "safety_identifier": lambda value, body: isinstance(value, str),
+}
 
 
 def _vllm_error(error: Exception) -> ApiError:

@@ -176,6 +176,12 @@ def test_a_call_makes_two_controller_calls_admit_and_finished(client, stream):
     assert client.controller.calls == ["admit", "call_finished"]
 
 
+def test_openai_fields_that_ask_nothing_of_the_server_are_served(client):
+    reply = client.post("/v1/chat/completions", json=chat_body(store=False, metadata={"run": "1"},
+                                                               service_tier="auto", prompt_cache_key="k"))
+    assert reply.status_code == 200, reply.text
+
+
 def test_a_client_without_a_session_gets_one_inferred_from_its_conversation(client):
     first = client.post("/v1/chat/completions", json=chat_body("task A"))
     again = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [
@@ -192,6 +198,10 @@ def test_a_client_without_a_session_gets_one_inferred_from_its_conversation(clie
     (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}', 404, "gpt-4"),
     (b'{"model": "lull", "messages": [{"role": "user", "content": "x"}], "kv_transfer_params": {}}', 400,
      "kv_transfer_params is set by Lull"),
+    (b'{"model": "lull", "messages": [{"role": "user", "content": "x"}], "frequency_penalti": 1}', 400,
+     "unsupported field(s) frequency_penalti"),
+    (b'{"model": "lull", "messages": [{"role": "user", "content": "x"}], "store": true, "audio": {}}', 400,
+     "unsupported field(s) audio, store"),
 ])
 def test_bad_bodies_get_openai_errors_before_the_gate(client, body, status, text):
     client.controller.calls.clear()
@@ -252,3 +262,20 @@ def test_a_call_is_traced_from_the_callers_traceparent_to_the_engine(client, mon
     engine_span = format(spans[tracing.SPAN_ENGINE].context.span_id, "016x")
     assert client.engines.calls[-1][2]["traceparent"] == f"00-{caller_trace}-{engine_span}-01"
     provider.shutdown()
+
+
+def test_an_anthropic_field_vllm_would_ignore_is_refused_and_claude_codes_own_are_served(client):
+    """vLLM's Anthropic model drops unknown fields silently; the gateway names them. Claude Code
+    2.x sends ``context_management`` with ``clear_thinking`` keeping every block (captured from
+    its requests): clearing nothing honours it, so that call is served."""
+    base = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    keep_all = {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}
+    served = client.post("/v1/messages", json={**base, "context_management": keep_all,
+                                              "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}},
+                         headers={"x-session-id": "cc"})
+    assert served.status_code == 200, served.text
+    for extra in ({"context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": {"turns": 1}}]}},
+                  {"container": "c1"}):
+        refused = client.post("/v1/messages", json={**base, **extra}, headers={"x-session-id": "cc"})
+        assert refused.status_code == 400 and refused.json()["type"] == "error", refused.text
+        assert next(iter(extra)) in refused.json()["error"]["message"]
