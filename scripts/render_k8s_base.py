@@ -67,8 +67,10 @@ def _objects(values: dict) -> list[dict]:
     from helm_python import chart
 
     manifests = chart.Chart.load(str(CHART)).render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    # Helm hooks (the `helm test` pod) run on helm's command; kubectl would run them at every apply.
     return [obj for template, text in sorted(manifests.items()) if template.endswith((".yaml", ".yml"))
-            for obj in yaml.safe_load_all(text) if obj]
+            for obj in yaml.safe_load_all(text)
+            if obj and "helm.sh/hook" not in (obj.get("metadata", {}).get("annotations") or {})]
 
 
 def overlay_values() -> dict:

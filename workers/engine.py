@@ -101,6 +101,12 @@ class StreamEnd(list):
         return StreamEnd, (self.cached_tokens,)
 
 
+def cache_tokens(cache_config) -> int | None:
+    """``(num_gpu_blocks - 1) * block_size`` of a vLLM ``CacheConfig``: block 0 is vLLM's null block."""
+    blocks = cache_config.num_gpu_blocks
+    return (blocks - 1) * cache_config.block_size if blocks else None
+
+
 class EngineReplica:
     def __init__(self, settings: EngineSettings):
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -117,6 +123,11 @@ class EngineReplica:
 
     def max_prompt_tokens(self) -> int:
         return self.settings.max_model_len - 1
+
+    def kv_cache_tokens(self) -> int | None:
+        """The tokens the engine's KV cache holds, as vLLM allocated it (the engine core reports its
+        blocks at start-up; the null block it keeps back is not counted); None before it did."""
+        return cache_tokens(self.engine.vllm_config.cache_config)
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[tuple[list[int], Completion | None]]:
         """Yield (new token ids, None) as tokens come, then ([], Completion) at the end.

@@ -52,6 +52,7 @@ class LullEngine:
         self.replica = EngineReplica(EngineSettings(**{**settings, "replica_id": replica_id, "dram_dir": dram_dir}))
         await self.replica.start()  # vLLM's server is up before the controller sends this replica a call
         if capacity is not None:
+            capacity = registered_capacity(capacity, self.replica.kv_cache_tokens(), replica_id)
             await _register(dict(replica_id=replica_id, node_id=node_id,
                                  actor_name=ray.get_runtime_context().get_actor_name(), **capacity))
             self.registered = True
@@ -110,6 +111,17 @@ class LullEngine:
             self.replica.shutdown()
         except Exception as error:  # the process ends anyway; its engine core goes with it
             log.warning("engine of replica %s did not shut down cleanly: %s", replica_id, error)
+
+
+def registered_capacity(capacity: dict, engine_tokens: int | None, replica_id: str) -> dict:
+    """The capacity this replica registers: its GPU tier is the KV cache vLLM really
+    allocated (on a GPU, from ``gpu_memory_utilization`` after the weights and activations),
+    not the configured estimate, which is kept only when the engine reports none."""
+    if engine_tokens is None or engine_tokens == capacity["gpu_tokens"]:
+        return capacity
+    log.info("replica %s: the engine's KV cache holds %d tokens (configured estimate %d); the GPU tier is the "
+             "engine's", replica_id, engine_tokens, capacity["gpu_tokens"])
+    return {**capacity, "gpu_tokens": engine_tokens}
 
 
 async def _register(replica: dict) -> None:

@@ -57,9 +57,10 @@ def agent_starter(config: LullConfig) -> Callable[[str], Any]:
 def replica_capacity(config: LullConfig, engine: dict, per_token: int) -> dict[str, int]:
     """The KV tokens the controller books on each engine replica, which the replica registers
     with: its GPU tier, which is its whole KV cache (``tiers.gpu_tier_tokens`` sizes the
-    engine's cache to it, ``settings.engine_settings``; unset, the cache vLLM allocates from
-    ``cpu_kv_cache_gib``), and its node's DRAM tier; ``per_token``: the KV bytes of one
-    token in the engine's type."""
+    engine's cache to it, ``settings.engine_settings``; unset, an estimate from
+    ``cpu_kv_cache_gib`` that each replica replaces with the cache vLLM really allocated,
+    ``workers.engine_deployment.registered_capacity``), and its node's DRAM tier;
+    ``per_token``: the KV bytes of one token in the engine's type."""
     tier = gpu_tier_tokens(config)
     gpu = tier if tier is not None else int(engine["cpu_kv_cache_gib"] * GIB) // per_token
     return {"gpu_tokens": gpu, "dram_tokens": engine["dram_capacity_bytes"] // per_token}

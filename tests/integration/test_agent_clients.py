@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import anthropic
 import openai
@@ -20,6 +23,7 @@ from tests.claude_code import INSTALL_SCRIPT, SHORT_REPLIES, claude_binary, run_
 from tests.integration.gateway_client import RawHttp, snapshot
 from tests.integration.live_platform import serve_platform
 
+HELM_TEST_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "lull" / "files" / "test" / "first_request.py"
 PORT = 8771
 MODEL = "lull"
 MAX_MODEL_LEN = 65536  # Claude Code's first request is ~24 k tokens (system prompt, reminder, 12 tools)
@@ -131,6 +135,21 @@ def test_lulls_own_field_is_refused_and_unknown_routes_are_openai_errors(platfor
     assert tokens["count"] > 0
     text = raw("POST", "/detokenize", json.dumps({"model": MODEL, "tokens": tokens["tokens"]}).encode())[2]
     assert text["prompt"] == "hello world"
+
+
+def test_the_charts_helm_test_script_passes_against_the_platform(platform, tmp_path):
+    """`helm test lull` runs this script in the cluster (templates/tests/first-request.yaml)."""
+    keys = tmp_path / "api-keys"
+    keys.write_text("default:sk-any\n")
+    env = {"PATH": os.environ["PATH"], "LULL_URL": platform, "LULL_MODEL": MODEL, "LULL_KEYS_FILE": str(keys)}
+    result = subprocess.run([sys.executable, str(HELM_TEST_SCRIPT)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"{MODEL} is served (max_model_len {MAX_MODEL_LEN})" in result.stdout
+    env["LULL_MODEL"] = "not-served"
+    failed = subprocess.run([sys.executable, str(HELM_TEST_SCRIPT)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert failed.returncode == 1 and "not 'not-served'" in failed.stderr
 
 
 def test_clients_without_a_session_get_one_per_conversation(oai):
