@@ -8,7 +8,7 @@ root as the only import root, so ``.proto`` files import each other as
 ``proto.tiers_pb2``: the stubs work from the repository root with no ``sys.path``
 tricks. Writes ``*_pb2.py``, ``*_pb2_grpc.py`` and ``*_pb2.pyi`` into DIR (default:
 this folder). The output depends only on the ``.proto`` files and the grpcio-tools
-version (pinned to 1.78.0 by lmcache's grpcio pin), which is what lets a test check
+version (pinned to 1.78.0 in pyproject.toml), which is what lets a test check
 that the committed stubs are current.
 """
 
