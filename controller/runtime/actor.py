@@ -159,7 +159,7 @@ class Controller:
     async def session_state(self, session_id: str) -> dict | None:
         """The session's entry of ``snapshot``, or None for a session the controller does not know."""
         self._ready()
-        return next((s for s in self.controller.snapshot()["sessions"] if s["session_id"] == session_id), None)
+        return self.controller.session_state(session_id)
 
     async def snapshot(self) -> dict:
         self._ready()

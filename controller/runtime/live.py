@@ -342,14 +342,7 @@ class LiveController:
     def snapshot(self) -> dict:
         """Sessions and tiers for ``lull status``; plain data, safe to send anywhere."""
         now = self.clock()
-        sessions = []
-        for record in self.state.sessions.values():
-            where = record.location
-            sessions.append(dict(
-                session_id=record.session_id, tier=where.tier.name.lower(), replica=where.replica,
-                node=self._node(where), phase=record.phase.value, idleness=round(record.idleness(now), 4),
-                kv_tokens=record.context_tokens, footprint_tokens=record.footprint, closing=record.closing,
-                idle_s=round(now - record.active_at, 3)))
+        sessions = [self._entry(record, now) for record in self.state.sessions.values()]
         tiers = []
         for where, used in self.state.used.items():
             tiers.append(dict(tier=where.tier.name.lower(), replica=where.replica, node=self._node(where),
@@ -357,6 +350,19 @@ class LiveController:
                               sessions=len(self.state.residents[where])))
         return dict(policy=self.policy_name, sessions=sessions, tiers=tiers, gated=len(self._waiters),
                     queued=self.turns.queued(), session_ttl_s=self.session_ttl_s)
+
+    def session_state(self, session_id: str) -> dict | None:
+        """One session's entry of ``snapshot``, looked up by key (O(1) at any session count);
+        None for a session the controller does not know."""
+        record = self.state.sessions.get(session_id)
+        return None if record is None else self._entry(record, self.clock())
+
+    def _entry(self, record, now: float) -> dict:
+        where = record.location
+        return dict(session_id=record.session_id, tier=where.tier.name.lower(), replica=where.replica,
+                    node=self._node(where), phase=record.phase.value, idleness=round(record.idleness(now), 4),
+                    kv_tokens=record.context_tokens, footprint_tokens=record.footprint, closing=record.closing,
+                    idle_s=round(now - record.active_at, 3))
 
     # -- metrics -------------------------------------------------------------------------
 
