@@ -153,6 +153,7 @@ class GatewayConfig(Section):
     max_prompt_tokens: int | None = setting(None, "Longest prompt accepted; null: engine.max_model_len.", Nullable(IntRange(1, 1_048_576)))
     default_max_tokens: int = setting(256, "Output tokens booked at the gate for a request that sets no max_tokens (vLLM still runs it to its own limit).", IntRange(1, 1_048_576))
     max_body_bytes: int = setting(32 << 20, "Largest request body accepted; larger is a 413.", IntRange(1024, 1 << 30))
+    max_concurrent_grpc: int = setting(1000, "Most gRPC calls one gateway replica runs at once (as Serve's max_ongoing_requests bounds REST); past it a call gets RESOURCE_EXHAUSTED.", IntRange(1, 1_000_000))
 
 
 @dataclass(frozen=True)

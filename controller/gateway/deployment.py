@@ -73,7 +73,8 @@ class LullGateway:
         self.grpc_server = None
         if grpc_port:
             auth = Authenticator(self.config.secrets, self.config.auth.required)
-            self.grpc_server = await start_grpc(self.core, auth, grpc_port, self.model_name, host=config.gateway.host)
+            self.grpc_server = await start_grpc(self.core, auth, grpc_port, self.model_name, host=config.gateway.host,
+                                                max_concurrent=config.gateway.max_concurrent_grpc)
         await engine_handle.replica_id.remote()  # starts the handle's router: the first call finds it warm
         self._gauge_task = asyncio.get_running_loop().create_task(self._gauge_target_forever())
 

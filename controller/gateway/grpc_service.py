@@ -216,19 +216,22 @@ class RejectUndecodable(grpc.aio.ServerInterceptor):
         return handler
 
 
-def session_server(core: GatewayCore, auth: Authenticator, metrics: dict, model_name: str) -> grpc.aio.Server:
+def session_server(core: GatewayCore, auth: Authenticator, metrics: dict, model_name: str,
+                   max_concurrent: int | None = None) -> grpc.aio.Server:
     """A grpc.aio server with SessionService, not yet bound or started. Every call is
-    counted in ``metrics``' `lull:requests` (api="grpc"), undecodable requests included."""
-    server = grpc.aio.server(interceptors=[CountGrpcRequests(metrics), RejectUndecodable()])
+    counted in ``metrics``' `lull:requests` (api="grpc"), undecodable requests included.
+    ``max_concurrent``: calls in flight past which gRPC answers RESOURCE_EXHAUSTED."""
+    server = grpc.aio.server(interceptors=[CountGrpcRequests(metrics), RejectUndecodable()],
+                             maximum_concurrent_rpcs=max_concurrent)
     pb_grpc.add_SessionServiceServicer_to_server(SessionServicer(core, auth, model_name), server)
     return server
 
 
 async def start_grpc(core: GatewayCore, auth: Authenticator, port: int, model_name: str, host: str = "0.0.0.0",
-                     metrics: dict | None = None) -> grpc.aio.Server:
+                     metrics: dict | None = None, max_concurrent: int | None = None) -> grpc.aio.Server:
     """Serve SessionService on host:port from the running event loop. ``metrics``: the
     process's `make_metrics()` when None, the same objects the REST middleware counts in."""
-    server = session_server(core, auth, make_metrics() if metrics is None else metrics, model_name)
+    server = session_server(core, auth, make_metrics() if metrics is None else metrics, model_name, max_concurrent)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise RuntimeError(f"cannot bind the gRPC session service to {host}:{port}; is the port in use?")
     await server.start()

@@ -141,3 +141,39 @@ def test_start_grpc_counts_in_the_processs_metrics_by_default():
     before = ok_count()
     asyncio.run(run())
     assert ok_count() == before + 1
+
+
+def test_calls_past_the_concurrency_limit_get_resource_exhausted(core):
+    """gateway.max_concurrent_grpc bounds the calls in flight (gRPC bypasses Serve's own limit)."""
+    release = asyncio.Event()
+
+    class HeldController:  # a session-state query that waits until released
+        async def session_state(self, session_id):
+            await release.wait()
+            return None
+
+    held = GatewayCore(ControllerClient(HeldController()), StubEngines(), core.counter, core.limits)
+
+    async def run():
+        server = session_server(held, AUTH, make_metrics(CollectorRegistry()), MODEL, max_concurrent=1)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.enable_http_proxy", 0)]) as ch:
+                stub = pb_grpc.SessionServiceStub(ch)
+                first = asyncio.create_task(_call(ch, lambda s, c: s.GetSessionState(
+                    pb.GetSessionStateRequest(session_id="s1"), metadata=KEY)))
+                await asyncio.sleep(0.3)  # the first call is in flight
+                second = await _call(ch, open_session)
+                release.set()
+                first = await first
+                for _ in range(20):  # grpc.aio frees a call's slot in a callback after it ended: a moment later
+                    if (third := await _call(ch, open_session)) == "OK":
+                        break
+                    await asyncio.sleep(0.1)
+                return second, first, third
+        finally:
+            await server.stop(grace=5)
+
+    second, first, third = asyncio.run(run())
+    assert second == "RESOURCE_EXHAUSTED" and first == "NOT_FOUND" and third == "OK"
