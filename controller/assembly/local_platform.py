@@ -130,11 +130,25 @@ def _start_redis(state: dict, env: dict[str, str]) -> str:
     from workers.redis_server import free_port
 
     redis_port = free_port()
+    # The password, for a Redis restarted later (`lull chaos`), in a file only this user reads.
+    password_path = Path(state["temp_dir"]) / "redis-password"
+    password_path.touch(mode=0o600)
+    password_path.write_text(env["LULL_REDIS_PASSWORD"])
+    state["redis_password_path"] = str(password_path)
+    start_redis(state, redis_port, env)
+    return f"redis://127.0.0.1:{redis_port}/0"
+
+
+def start_redis(state: dict, port: int, env: dict[str, str] | None = None) -> None:
+    """Start the platform's own Redis on ``port`` (again, after a fault), with the password
+    `up` gave it; its pid goes into ``state``."""
+    env = dict(os.environ if env is None else env)
+    if path := state.get("redis_password_path"):
+        env["LULL_REDIS_PASSWORD"] = Path(path).read_text()
     log = open(Path(state["temp_dir"]) / "redis.log", "ab")  # not our stdout: a pipe reader would wait on it
-    redis = subprocess.Popen([sys.executable, "-m", "workers.redis_server", "--port", str(redis_port),
+    redis = subprocess.Popen([sys.executable, "-m", "workers.redis_server", "--port", str(port),
                               "--maxmemory", "512mb"], stdout=log, stderr=log, start_new_session=True, env=env)
     state["redis_pid"] = redis.pid
-    return f"redis://127.0.0.1:{redis_port}/0"
 
 
 def _start_ray(state: dict, nodes: int, cpus: int, env: dict) -> None:

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
@@ -142,3 +143,31 @@ def test_module_entry_point_serves_until_terminated(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_the_platforms_redis_restarted_by_chaos_keeps_its_password(tmp_path, monkeypatch):
+    """`lull chaos`'s redis fault restarts the Redis `lull up` started; it must come back with
+    the same password, or every agent's shared tier would stay refused after the fault."""
+    from controller.assembly.local_platform import start_redis
+    from workers.redis_server import free_port
+
+    monkeypatch.delenv("LULL_REDIS_PASSWORD", raising=False)  # chaos runs in a process without it
+    password_path = tmp_path / "redis-password"
+    password_path.write_text("up-secret-7")
+    state = {"temp_dir": str(tmp_path), "redis_password_path": str(password_path)}
+    port = free_port()
+    start_redis(state, port)
+    try:
+        client = no_retry_client(port, "up-secret-7")
+        for _ in range(50):  # the server takes a moment to listen
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the restarted Redis never answered")
+        with pytest.raises(redis.AuthenticationError):
+            no_retry_client(port).set("k", "v")
+    finally:
+        os.kill(state["redis_pid"], signal.SIGTERM)

@@ -27,8 +27,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,12 +161,9 @@ class Injector:
         except ProcessLookupError:
             pass
         await asyncio.sleep(self.redis_down_s)
-        log = open(Path(self.state["temp_dir"]) / "redis.log", "ab")
-        redis = subprocess.Popen([sys.executable, "-m", "workers.redis_server", "--port", port,
-                                  "--maxmemory", "512mb"], stdout=log, stderr=log, start_new_session=True)
-        self.state["redis_pid"] = redis.pid
-        from controller.assembly.local_platform import state_path
+        from controller.assembly.local_platform import start_redis, state_path
 
+        start_redis(self.state, int(port))  # with the password `up` gave it: the agents log in again
         state_path().write_text(json.dumps(self.state))  # `lull down` stops the new Redis
         return FaultRecord("redis", 0, target=f"127.0.0.1:{port}", note=f"down {self.redis_down_s:g} s")
 
