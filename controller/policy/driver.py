@@ -25,7 +25,19 @@ from controller.policy.idleness import DEFAULT_CYCLES
 from controller.policy.planner import PlannerConfig
 from controller.policy.policies import PolicyDefinition
 from controller.policy.state import ClusterState
-from controller.policy.types import Admit, Location, Move, Phase, Plan, Release, StaleDecision, Tier
+from controller.policy.types import (
+    WAITING,
+    Admit,
+    Location,
+    Move,
+    MoveReason,
+    Phase,
+    Plan,
+    Release,
+    SourceLost,
+    StaleDecision,
+    Tier,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +133,15 @@ class PlanDriver:
     async def step(self, now: float, clock: Callable[[], float] | None = None) -> Plan:
         """Plan at ``now`` and carry the plan out; returns it (gates included).
         ``clock``: the time once the moves are done, when carrying them out takes
-        time (live); admitted calls start then. None: at ``now``."""
+        time (live); admitted calls start then. None: at ``now``. When a move found its
+        source's KV gone, the books drop it and plan once more at once: the request
+        that waited on it runs now, recomputed, instead of retrying a copy that is gone."""
+        plan, lost = await self._step_once(now, clock)
+        if lost:
+            plan, _ = await self._step_once(clock() if clock is not None else now, clock)
+        return plan
+
+    async def _step_once(self, now: float, clock: Callable[[], float] | None) -> tuple[Plan, bool]:
         plan = self.planner.plan(self.state, now)
         # Where each admitted session's KV was before this plan moved it: that is
         # what the call waits on (a PCIe load, a network fetch, or a recompute).
@@ -131,8 +151,9 @@ class PlanDriver:
             before[admit.session_id] = (record.location, record.context_tokens)
         for release in plan.releases:
             await self._release(release, now)
+        lost = False
         for move in plan.moves:
-            await self._move(move)
+            lost |= await self._move(move)
         if clock is not None:
             now = clock()
         for admit in plan.admits:
@@ -142,7 +163,7 @@ class PlanDriver:
                 log.debug("admit skipped: %s", stale)
                 continue
             self.mechanism.admitted(admit, *before[admit.session_id], now)
-        return plan
+        return plan, lost
 
     def step_now(self, now: float) -> Plan:
         """``step`` for a mechanism whose calls complete at once (the simulator)."""
@@ -154,18 +175,26 @@ class PlanDriver:
         self.state.apply(Plan(releases=(release,)), now)
         await self.mechanism.release(release, has_kv and self.definition.moves_kv)
 
-    async def _move(self, move: Move) -> None:
+    async def _move(self, move: Move) -> bool:
+        """Carry ``move`` out and book it; True when its source's KV was found gone (dropped)."""
         if not self._applicable(move):
-            return  # an earlier move of this plan failed, or events changed the books
+            return False  # an earlier move of this plan failed, or events changed the books
         record = self.state.sessions[move.session_id]
         carries_kv = self.definition.moves_kv and move.src.tier is not Tier.WAITING and record.context_tokens > 0
-        if carries_kv and not await self.mechanism.move(move):
-            return
+        try:
+            if carries_kv and not await self.mechanism.move(move):
+                return False
+        except SourceLost as lost:
+            log.warning("%s's KV is gone from %s (%s); it will be recomputed", move.session_id, move.src, lost)
+            if self._applicable(move):
+                self.state.apply_move(Move(move.session_id, move.src, WAITING, 0, MoveReason.LOST))
+            return True
         try:
             self.state.apply_move(move)
         except (StaleDecision, KeyError, ValueError) as stale:  # the books changed during the move
             log.warning("move of %s committed but not recorded (%s); reconcile from reports",
                         move.session_id, stale)
+        return False
 
     def _applicable(self, move: Move) -> bool:
         record = self.state.sessions.get(move.session_id)

@@ -51,6 +51,7 @@ class MoveReason(enum.Enum):
     DISPLACED = "displaced"  # a less idle session needs the space
     CASCADE = "cascade"  # pushed down by a less idle session demoted into its tier
     PROMOTE = "promote"  # capacity allows a request (or an expected one) to run from HBM
+    LOST = "lost"  # the off-GPU copy the books point at is gone (a restart, a bad block): recomputed
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,12 @@ class UnknownSession(LookupError):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"unknown session {session_id!r}")
         self.session_id = session_id
+
+
+class SourceLost(RuntimeError):
+    """A move's source tier (DRAM or shared) no longer has the session's KV: a Redis or
+    agent restart emptied it, or its blocks failed their checks. Retrying cannot help;
+    the session is recomputed."""
 
 
 class StaleDecision(RuntimeError):

@@ -35,6 +35,8 @@ class Mover(Protocol):
     """Carries out the controller's moves. Called by ``plan_step``, one move at a
     time, in plan order; never for a session in an LLM call. Returns True only once
     the move committed (the destination owns the KV); False leaves the source owner.
+    Raises ``SourceLost`` when a DRAM or shared source no longer has the KV (the agent's
+    SOURCE_NOT_FOUND): the driver then books the session as recomputed.
     ``src_node`` / ``dst_node`` are the Ray nodes of per-replica ends, else None."""
 
     async def move(self, move: Move, src_node: str | None, dst_node: str | None) -> bool: ...

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from controller.policy import Admit, Location, Move, Release
+from controller.policy import Admit, Location, Move, Release, SourceLost
 from controller.runtime.contracts import Admission, SessionClosed
 
 if TYPE_CHECKING:
@@ -54,6 +54,8 @@ class LiveMechanism:
         live = self.live
         try:
             return bool(await live.mover.move(move, live._node(move.src), live._node(move.dst)))
+        except SourceLost:
+            raise  # the driver books the session as recomputed
         except Exception:
             log.exception("move of %s %s -> %s failed", move.session_id, move.src, move.dst)
             return False

@@ -368,3 +368,25 @@ def test_one_sessions_state_is_its_snapshot_entry_looked_up_by_key(plane, monkey
         assert ctl.session_state("s1") == entry and ctl.session_state("unknown") is None
 
     run(scenario)
+
+
+def test_a_session_whose_dram_copy_is_gone_is_recomputed_at_once(plane):
+    """The agent answers SOURCE_NOT_FOUND for a promotion whose DRAM copy is gone (a restart
+    emptied the tier): the books drop the copy and the request runs now, recomputed,
+    instead of retrying the copy until its gate timeout."""
+    agents, addresses, engines = plane
+
+    async def scenario():
+        ctl, _ = await s1_running(addresses)
+        waiting = await gated(ctl, "s2", 150)
+        engines["r1"].finish(ctl, "s1", 240)  # s1 is demoted to DRAM for s2
+        await waiting
+        engines["r1"].finish(ctl, "s2", 200)
+        await ctl.quiesce()
+        assert where(ctl, "s1") == Location(Tier.DRAM, "r1")
+        agents["n1"].dram.drop_session("s1")  # behind the controller's back
+        admission = await ctl.admit("s1", "t", 250, 20, timeout_s=2)
+        assert admission.replica_id == "r1" and where(ctl, "s1") == Location(Tier.GPU, "r1")
+        ctl.check_integrity()
+
+    run(scenario)
