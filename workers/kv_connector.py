@@ -16,7 +16,9 @@ What it does, per request that carries Lull's labels in `kv_transfer_params`
 - **GPU tier hold.** A session labelled `gpu` keeps its blocks after the call:
   `request_finished` returns delay-free, so vLLM cannot evict them, until the
   controller demotes the session (a `release` line from the node agent) or the
-  session's next call takes them over.
+  session's next call takes them over. A call its client abandoned (vLLM aborted it)
+  is written through but never held: the controller may have released the session
+  already, and nobody would release that hold.
 - **Release.** Every other session's blocks are freed once written through; they
   stay in vLLM's prefix cache only until vLLM reuses them.
 - **Load.** A request whose prompt prefix is not in the engine's prefix cache but
@@ -59,6 +61,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
+from vllm.v1.request import RequestStatus
 
 from proto.tiers import Tier
 from workers.connector_control import CONTROL_LOG, STATS_FILE, engine_dir
@@ -218,8 +221,13 @@ class LullConnector(KVConnectorBase_V1):
         chain = self._keys(request.block_hashes[:full])
         missing = set(self.store.missing(chain))
         todo = [(b, h) for b, h in zip(block_ids[:full], chain) if h in missing]
+        tier = labels.get("tier", "")
+        if request.status == RequestStatus.FINISHED_ABORTED:
+            # Its caller left: written through, never held. The controller may have closed and
+            # released the session already, and a hold nobody will release is a leak of blocks.
+            tier = Tier.DRAM.label
         self._pending_saves.append(
-            BlockCopy(request.request_id, labels["session"], labels.get("tenant", ""), labels.get("tier", ""),
+            BlockCopy(request.request_id, labels["session"], labels.get("tenant", ""), tier,
                       full * self.block_size, tuple(b for b, _ in todo), tuple(h for _, h in todo), tuple(chain))
         )
         return True, None  # freed by the worker once saved (or, for the GPU tier, once released)

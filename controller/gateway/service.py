@@ -227,6 +227,8 @@ class GatewayCore:
         try:
             # The client sends it detached and shielded: a caller who left cannot cancel it.
             await self.controller.call_failed(key, lost, dead)
+        except asyncio.CancelledError:  # the caller left: the report, shielded, is still sent
+            log.debug("call_failed for session %s continues detached; its caller left", key)
         except BaseException as failed:  # the original error is what the client must see
             log.warning("call_failed for session %s not recorded: %s", key, type(cause(failed)).__name__)
 

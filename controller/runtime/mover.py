@@ -76,7 +76,13 @@ class GrpcMover:
         with tracing.tracer().start_as_current_span(tracing.SPAN_KV_MOVE, attributes={
                 tracing.ATTR_SESSION: move.session_id, tracing.ATTR_SRC_TIER: move.src.tier.label,
                 tracing.ATTR_DST_TIER: move.dst.tier.label, tracing.ATTR_BYTES: request.kv_bytes}) as span:
-            committed = await self._two_phase(request, src_node or dst_node)
+            try:
+                committed = await self._two_phase(request, src_node or dst_node)
+            except SourceLost:
+                # What is left of the copy (an index entry, some blocks) goes too: the tiers
+                # never drop a booked copy on their own.
+                await self.release(move.session_id, move.src, src_node)
+                raise
             span.set_attribute("lull.kv.committed", committed)
             return committed
 

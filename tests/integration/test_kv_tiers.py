@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from controller.policy.types import Tier
+from proto.engine_request import EngineRequest
 from tests.integration.engine_fixtures import start_data_plane, stop_data_plane, wait_until
 from workers.connector_control import read_connector_stats, release_sessions
 from workers.kv_integrity import HEADER_BYTES, seal
@@ -295,3 +296,26 @@ def test_tiers_never_exceed_capacity(plane):
     assert after["redundant_dropped"] > before["redundant_dropped"]  # later writes made room from older copies
     plane.shared.check_integrity()
     assert plane.shared.used_bytes() <= plane.shared.capacity_bytes
+
+
+def test_an_aborted_gpu_tier_call_is_written_through_and_not_held(plane):
+    """A client that leaves mid-call (vLLM aborts the request) must not leave a hold: the
+    controller may close and release the session before vLLM reports the abort, and a hold
+    made after that release is never freed (the bench saw one leak this way)."""
+    held = stats(plane).get("held_requests", 0)
+    written = stats(plane)["saved_blocks"] if "saved_blocks" in stats(plane) else 0
+    written += stats(plane)["save_refused"]
+
+    async def leave_after_the_first_token():
+        call = plane.engine.stream(EngineRequest(prompt_for(91, 200), 200, session_id="abort-1", tenant="t",
+                                                 tier="gpu"))
+        async for ids, _ in call:
+            if ids:
+                break
+        await call.aclose()  # the client left: vLLM aborts the request
+
+    plane.loop.run(leave_after_the_first_token())
+    wait_until(lambda: stats(plane).get("saved_blocks", 0) + stats(plane)["save_refused"] > written,
+               what="the aborted call's write-through (stored or skipped)")
+    time.sleep(1.0)  # a few engine steps: a hold would show in held_requests now
+    assert stats(plane).get("held_requests", 0) == held

@@ -385,8 +385,16 @@ def test_a_session_whose_dram_copy_is_gone_is_recomputed_at_once(plane):
         await ctl.quiesce()
         assert where(ctl, "s1") == Location(Tier.DRAM, "r1")
         agents["n1"].dram.drop_session("s1")  # behind the controller's back
+        real_release, released = ctl.mover.release, []
+
+        async def recording(*args):
+            released.append(args[:2])
+            return await real_release(*args)
+
+        ctl.mover.release = recording
         admission = await ctl.admit("s1", "t", 250, 20, timeout_s=2)
         assert admission.replica_id == "r1" and where(ctl, "s1") == Location(Tier.GPU, "r1")
+        assert ("s1", Location(Tier.DRAM, "r1")) in released  # whatever was left of the copy is dropped
         ctl.check_integrity()
 
     run(scenario)
