@@ -23,6 +23,7 @@ from loadgen.sim.cost_model import CostModel, get_profile
 from loadgen.sim.policies import POLICIES
 from loadgen.sim.report import markdown_table, write_report
 from loadgen.sim.simulator import SimConfig, Simulation, summarize
+from loadgen.sim.limit import Limit, throughput_limit
 from loadgen.sim.workload import DEFAULT_MAX_TOKENS, build_workload
 from loadgen.traces import load_sessions
 
@@ -70,6 +71,15 @@ def _programs(text: str) -> list[int]:
     return values
 
 
+def limit_fields(limit: Limit | None, output_tokens_per_s: float) -> dict:
+    """The computed limit's figures for a record (``loadgen.sim.limit``); n/a for open arrivals."""
+    if limit is None:
+        return {"limit_output_tokens_per_s": None, "limit_binding": None, "limit_fraction": "n/a"}
+    return {"limit_output_tokens_per_s": round(limit.output_tokens_per_s, 1), "limit_binding": limit.binding,
+            "limit_fraction": round(output_tokens_per_s / limit.output_tokens_per_s, 3)
+            if limit.output_tokens_per_s > 0 else "n/a"}
+
+
 def run(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in args.compare.split(",") if p.strip()]
     for name in policies:
@@ -87,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     console.print(f"workload (simulated): {workload.notes}", markup=False, highlight=False)
     runs = [(n, p) for n in sweep for p in policies]
+    limits = {n: throughput_limit(workload, cost, n * args.replicas, args.replicas, args.duration)
+              for n in sweep} if args.arrival == "closed" else {}
     records = []
     show = args.duration * len(runs) >= PROGRESS_AFTER_S
     with Progress(console=console, disable=not show, transient=True) as progress:
@@ -100,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             record = summarize(config, metrics, sim)
             record["wall_s"] = round(time.perf_counter() - started, 2)
             record["workload"] = workload.notes
+            record |= limit_fields(limits.get(n), record["output_tokens_per_s"])
             records.append(record)
             progress.remove_task(task)
             if show:  # a line per run too, for logs where the bar does not render

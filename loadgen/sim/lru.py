@@ -158,7 +158,8 @@ class LruPolicy(SimPolicy):
 
 @POLICIES.register("infinite-hbm")
 class InfiniteHbm(LruPolicy):
-    """An upper bound, not a system: HBM without a capacity limit, so every session's
-    KV stays resident, nothing is recomputed and nothing waits for memory."""
+    """A labelled reference, not a system and not a bound: HBM without a capacity limit, so
+    every session's KV stays resident, nothing is recomputed and nothing waits for memory.
+    Its schedule is still FCFS; the bound is computed (``loadgen.sim.limit``)."""
 
     unlimited = True

@@ -14,6 +14,7 @@ COLUMNS = (
     ("policy", "policy", "{}"),
     ("programs_per_replica", "programs/replica", "{}"),
     ("output_tokens_per_s", "output tok/s", "{:.1f}"),
+    ("limit_fraction", "of the limit", "{}"),
     ("requests_per_s", "req/s", "{:.3f}"),
     ("ttft_mean_s", "TTFT mean s", "{:.2f}"),
     ("ttft_p50_s", "TTFT p50 s", "{:.2f}"),
@@ -61,6 +62,14 @@ def write_report(folder: Path, records: list[dict], describe: str, notes: str) -
         f"past the gate timeout waited over the live `gateway.gate_timeout_s` "
         f"({first['gate_timeout_s']:g} s) to run and would have failed live (not enforced here); "
         f"program output is output tokens per program; Jain's index is over them.",
+        "",
+        "The limit (computed, `loadgen.sim.limit`): what no policy can exceed, the least of the "
+        "programs' demand at their fastest pace and the engines' compute and memory time; \"of the "
+        "limit\" is each run's share of it.",
+        "",
+        *[f"- {n} programs/replica: {limit:,.1f} output tok/s ({binding} binds)" for n, limit, binding in
+          dict.fromkeys((r["programs_per_replica"], r["limit_output_tokens_per_s"], r["limit_binding"])
+                        for r in records) if limit is not None],
         "",
         "Memory (equal off-GPU bytes unless `--unequal-memory`):",
         "",
