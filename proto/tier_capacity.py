@@ -1,4 +1,6 @@
-"""How much of its memory volume the DRAM tier may fill: one rule for the config
+"""How much the tiers hold: the GPU tier is a vLLM KV cache less its null block
+(``engine_cache_tokens``, for the engine's registration, its override and the bench's
+check); the DRAM tier fills its memory volume up to one rule, for the config
 (``tiers.dram_volume_gib``), the Helm chart (which repeats it in
 ``templates/_helpers.tpl``; ``tests/unit/test_helm_tiers.py`` holds the two together)
 and the DRAM store's check at start.
@@ -46,3 +48,12 @@ def dram_fit_problem(capacity_gib: float, volume_gib: float | None) -> str | Non
             f"NCCL (10%, at least {DRAM_HEADROOM_MIN_GIB:g} GiB): lower tiers.dram_capacity_gib to at most "
             f"{math.floor(room * 100) / 100:g}, or give the volume at least "
             f"{dram_volume_needed_gib(capacity_gib):g} GiB (Helm: ray.gpuWorkers.shmSize)")
+
+
+# vLLM keeps block 0 of its KV cache back (its null block): a cache of n blocks holds n - 1.
+VLLM_NULL_BLOCKS = 1
+
+
+def engine_cache_tokens(num_gpu_blocks: int, block_size: int) -> int:
+    """The tokens a vLLM KV cache of ``num_gpu_blocks`` blocks holds (the GPU tier it is)."""
+    return (num_gpu_blocks - VLLM_NULL_BLOCKS) * block_size

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from proto.engine_call import CallUsage, EngineCall
 from proto.engine_request import EngineRequest
+from proto.tier_capacity import engine_cache_tokens
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,9 @@ class StreamEnd(list):
 
 
 def cache_tokens(cache_config) -> int | None:
-    """``(num_gpu_blocks - 1) * block_size`` of a vLLM ``CacheConfig``: block 0 is vLLM's null block."""
+    """The tokens a vLLM ``CacheConfig``'s cache holds (``proto.tier_capacity``); None before it is sized."""
     blocks = cache_config.num_gpu_blocks
-    return (blocks - 1) * cache_config.block_size if blocks else None
+    return engine_cache_tokens(blocks, cache_config.block_size) if blocks else None
 
 
 class EngineReplica:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from proto.config import GIB, ConfigError, LullConfig
 from proto.model_ref import MODELS_ROOT, local_model_dir
+from proto.tier_capacity import VLLM_NULL_BLOCKS
 
 # vLLM's type sizes, by the names engine.dtype and a checkpoint's config.json use.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -85,7 +86,7 @@ def engine_settings(config: LullConfig) -> dict:
     max_model_len = engine.max_model_len
     tier = gpu_tier_tokens(config)
     if tier is not None:
-        extra["num_gpu_blocks_override"] = gpu_tier_blocks(config) + 1
+        extra["num_gpu_blocks_override"] = gpu_tier_blocks(config) + VLLM_NULL_BLOCKS
         max_model_len = min(max_model_len, tier)
     return dict(model=model_dir(config), device=config.model.device, dtype=engine.dtype,
                 max_model_len=max_model_len, max_num_seqs=engine.max_num_seqs, block_size=engine.block_size,

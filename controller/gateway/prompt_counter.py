@@ -14,6 +14,7 @@ model) is refused here with vLLM's own message, before it waits at the gate.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,13 +112,19 @@ def refuse_unknown_fields(model, body: dict[str, Any]) -> None:
     logs such fields at debug level and ignores them, a silent 200 that dropped what was
     asked. Known besides: Lull's own ``session_id`` (taken out before vLLM sees the body),
     and ``HONOURED_AS_IS``, fields whose given value asks nothing a server must do."""
-    known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    known = _field_names(model)
     unknown = sorted(name for name, value in body.items() if name not in known and name != SESSION_BODY_FIELD
                      and not (name in HONOURED_AS_IS and HONOURED_AS_IS[name](value, body)))
     if unknown:
         raise ApiError(400, f"unsupported field(s) {', '.join(unknown)}: vLLM's {model.__name__} does not "
                             "know them (or not with this value), so they would be ignored; remove them",
                        code="unsupported_field", param=unknown[0])
+
+
+@functools.cache
+def _field_names(model) -> frozenset[str]:
+    """A request model's field names and aliases, once per model (every call checks against them)."""
+    return frozenset(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
 
 
 def _keeps_all_thinking(value: Any, body: dict[str, Any]) -> bool:

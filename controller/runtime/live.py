@@ -252,17 +252,20 @@ class LiveController:
             if session_id in self.state.sessions:
                 del self.unreleased[session_id]
                 continue
-            node = self._node(where)
-            if where.replica is not None and node is None:  # the replica left: its drain or removal took it
+            if where.replica is not None and self._node(where) is None:  # the replica left: its drain took it
                 del self.unreleased[session_id]
                 continue
-            try:
-                released = await self.mover.release(session_id, where, node)
-            except Exception as error:
-                log.debug("release of %s in %s failed again (%s)", session_id, where, type(error).__name__)
-                continue
-            if released:
+            if await self.release_copy(session_id, where):
                 del self.unreleased[session_id]
+
+    async def release_copy(self, session_id: str, where: Location) -> bool:
+        """Drop a closed session's copy in ``where``; True once the drop committed. The mover
+        answers False for one that did not (refused, an agent unreachable) or raises."""
+        try:
+            return bool(await self.mover.release(session_id, where, self._node(where)))
+        except Exception as error:
+            log.debug("release of %s in %s raised %s", session_id, where, type(error).__name__, exc_info=True)
+            return False
 
     async def plan_step(self) -> Plan:
         """Plan once, carry out what the mover commits, record it, wake admitted waiters."""

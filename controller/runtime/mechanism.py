@@ -40,15 +40,10 @@ class LiveMechanism:
         if waiter is not None:
             waiter.future.set_exception(SessionClosed(f"session {session_id!r} was closed while gated"))
             live._observe_wait(waiter, "closed")
-        if free_kv:
-            try:  # the mover answers False for a drop that did not commit (refused, an agent unreachable)
-                released = await live.mover.release(session_id, release.location, live._node(release.location))
-            except Exception:
-                log.exception("release of %s in %s raised", session_id, release.location)
-                released = False
-            if not released:  # the tiers never drop a copy on their own: retried on the tick
-                log.warning("release of %s in %s failed; retried on every tick", session_id, release.location)
-                live.unreleased[session_id] = release.location
+        if free_kv and not await live.release_copy(session_id, release.location):
+            # The tiers never drop a copy on their own: retried on every tick.
+            log.warning("release of %s in %s failed; retried on every tick", session_id, release.location)
+            live.unreleased[session_id] = release.location
 
     async def move(self, move: Move) -> bool:
         live = self.live

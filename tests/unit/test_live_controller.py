@@ -70,6 +70,15 @@ async def s1_running(addresses):
     return ctl, clock
 
 
+async def s1_demoted_to_dram(addresses, engines):
+    """``s1_running``, then s2 waits until s1's call ends: s1 is demoted to DRAM, and s2 runs."""
+    ctl, clock = await s1_running(addresses)
+    waiting = await gated(ctl, "s2", 150)
+    engines["r1"].finish(ctl, "s1", 240)
+    await waiting
+    return ctl, clock
+
+
 async def gated(ctl: LiveController, session_id: str, prompt: int, max_tokens: int = 50, timeout_s: float = 5):
     """Start a request that must wait; returns its task once it waits at the gate."""
     task = asyncio.create_task(ctl.admit(session_id, "t", prompt, max_tokens, timeout_s))
@@ -226,10 +235,7 @@ def test_a_failed_release_is_retried_until_the_copy_is_gone(plane):
     agents, addresses, engines = plane
 
     async def scenario():
-        ctl, clock = await s1_running(addresses)
-        waiting = await gated(ctl, "s2", 150)
-        engines["r1"].finish(ctl, "s1", 240)  # s1 is demoted to DRAM: its copy is booked there
-        await waiting
+        ctl, clock = await s1_demoted_to_dram(addresses, engines)
         assert agents["n1"].dram.session("s1").label == "dram"
         real_release, calls = ctl.mover.release, []
 
@@ -257,10 +263,7 @@ def test_a_release_the_agent_did_not_commit_is_retried(plane):
     agents, addresses, engines = plane
 
     async def scenario():
-        ctl, clock = await s1_running(addresses)
-        waiting = await gated(ctl, "s2", 150)
-        engines["r1"].finish(ctl, "s1", 240)  # s1 is demoted to DRAM: its copy is booked there
-        await waiting
+        ctl, clock = await s1_demoted_to_dram(addresses, engines)
         ctl.mover.set_agent("n1", f"127.0.0.1:{unused_port()}")  # n1's agent is away
         ctl.mover.timeout_s = 1.0
         ctl.close_session("s1")
@@ -377,10 +380,7 @@ def test_a_session_whose_dram_copy_is_gone_is_recomputed_at_once(plane):
     agents, addresses, engines = plane
 
     async def scenario():
-        ctl, _ = await s1_running(addresses)
-        waiting = await gated(ctl, "s2", 150)
-        engines["r1"].finish(ctl, "s1", 240)  # s1 is demoted to DRAM for s2
-        await waiting
+        ctl, _ = await s1_demoted_to_dram(addresses, engines)
         engines["r1"].finish(ctl, "s2", 200)
         await ctl.quiesce()
         assert where(ctl, "s1") == Location(Tier.DRAM, "r1")

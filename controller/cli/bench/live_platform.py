@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from controller.cli.bench.leftovers import LeftoverWait
+from proto.tier_capacity import engine_cache_tokens
 from proto.names import CONTROLLER_ACTOR, ENGINE_DEPLOYMENT, RAY_NAMESPACE, SERVE_APP, node_agent_actor
 
 ENGINE_FREE_S = 30.0  # how long the engines may take to free the closed sessions' blocks
@@ -42,7 +43,7 @@ class EngineCache:
     @property
     def tokens(self) -> int:
         """The tokens the cache can hold: the pool less the null block vLLM keeps back."""
-        return (self.num_gpu_blocks - 1) * self.block_size
+        return engine_cache_tokens(self.num_gpu_blocks, self.block_size)
 
 
 def engine_cache(metrics_text: str) -> EngineCache | None:
