@@ -98,3 +98,12 @@ class Engine:
         if written:
             self.write_through(session_id, tokens, tier_label)
         ctl.call_finished(session_id, tokens)
+
+
+def counter_settings(tool_call_parser: str | None, **extra_engine_args):
+    """The tiny model's replica settings, as the gateway's PromptCounter takes them ("lull", 512 tokens)."""
+    from workers.engine import EngineSettings
+    from workers.tiny_model import ensure_tiny_model
+
+    return EngineSettings(model=str(ensure_tiny_model()), served_model_name="lull", max_model_len=512,
+                          dtype="float32", tool_call_parser=tool_call_parser, extra_engine_args=extra_engine_args)

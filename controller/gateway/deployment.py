@@ -28,6 +28,7 @@ from proto.engine_call import EngineCall
 from proto.names import CONTROLLER_ACTOR, GATEWAY_DEPLOYMENT, RAY_NAMESPACE
 from proto.telemetry.metrics import make_metrics
 from proto.telemetry.tracing import setup_tracing
+from workers.engine import EngineSettings
 
 log = logging.getLogger(__name__)
 TARGET_GAUGE_S = 1.0  # how often the replica target gauge follows the autoscaler's decision
@@ -61,8 +62,7 @@ class LullGateway:
         await self.controller.connect()
         self.metrics = make_metrics()  # the process's registry: the node's multiprocess directory
         self.metrics["lull:replicas_target"].set(config.replicas.initial)  # then the autoscaler's, once it decides
-        counter = await PromptCounter.start(engine["model"], engine["served_model_name"], engine["max_model_len"],
-                                            engine.get("tool_call_parser"), engine["dtype"])
+        counter = await PromptCounter.start(EngineSettings(**engine))  # renders as the replicas do
         limits = Limits(max_model_len=engine["max_model_len"], max_prompt_tokens=self.config.max_prompt_tokens,
                         default_max_tokens=config.gateway.default_max_tokens,
                         gate_timeout_s=self.config.gateway.gate_timeout_s)

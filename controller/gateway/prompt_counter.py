@@ -40,21 +40,19 @@ class PromptCounter:
         self.max_model_len = max_model_len
 
     @classmethod
-    async def start(cls, model: str, served_name: str, max_model_len: int, tool_call_parser: str | None,
-                    dtype: str = "auto") -> PromptCounter:
+    async def start(cls, settings) -> PromptCounter:
+        """The render state of the replica's own `vllm serve` arguments (``settings``: the
+        replica's `workers.engine.EngineSettings`), `engine.vllm_args` included: a chat
+        template, tokenizer mode or override given there renders here as in the engine."""
         from starlette.datastructures import State
         from vllm import envs
         from vllm.config import VllmConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
         from vllm.entrypoints.launchers.render.app_state import init_render_app_state
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-        flags = ["--model", model, "--served-model-name", served_name, "--max-model-len", str(max_model_len),
-                 "--dtype", dtype]
-        if tool_call_parser:
-            flags += ["--enable-auto-tool-choice", "--tool-call-parser", tool_call_parser]
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags)
+        from workers.vllm_server import server_args
+
+        args = server_args(settings)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         model_config = engine_args.create_model_config()
         model_config.quantization = None  # rendering runs no kernels (vLLM's render server does the same)
@@ -63,7 +61,7 @@ class PromptCounter:
                             structured_outputs_config=engine_args.create_structured_outputs_config())
         state = State()
         await init_render_app_state(config, state, args)
-        return cls(state, max_model_len)
+        return cls(state, settings.max_model_len)
 
     async def count(self, kind: str, body: dict[str, Any], size: int) -> Rendered:
         """``kind``: "chat", "completion" or "messages"; ``size``: the body's bytes."""

@@ -25,6 +25,7 @@ from controller.runtime.actor import Controller
 from controller.runtime.live import LiveController
 from proto.config import Secrets
 from proto.engine_call import CallUsage
+from tests.support import counter_settings
 
 MODEL = "lull"
 
@@ -127,9 +128,7 @@ class CountingController:
 
 @pytest.fixture(scope="module")
 def counter():
-    from workers.tiny_model import ensure_tiny_model
-
-    return asyncio.run(PromptCounter.start(str(ensure_tiny_model()), MODEL, 512, "hermes", "float32"))
+    return asyncio.run(PromptCounter.start(counter_settings("hermes")))
 
 
 @pytest.fixture

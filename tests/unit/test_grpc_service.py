@@ -32,11 +32,11 @@ AUTH = Authenticator(Secrets(api_keys={"acme": "k-acme"}))
 @pytest.fixture(scope="module")
 def core() -> GatewayCore:
     from controller.gateway.prompt_counter import PromptCounter
-    from workers.tiny_model import ensure_tiny_model
+    from tests.support import counter_settings
 
     live = LiveController(NoMoves())
     live.add_replica("r1", "node-1", 4096, 4096)
-    counter = asyncio.run(PromptCounter.start(str(ensure_tiny_model()), MODEL, 512, None, "float32"))
+    counter = asyncio.run(PromptCounter.start(counter_settings(None)))
     return GatewayCore(ControllerClient(Controller(live)), StubEngines(), counter,
                        Limits(max_model_len=512, max_prompt_tokens=511, default_max_tokens=4, gate_timeout_s=1))
 
