@@ -21,12 +21,12 @@ OPERATOR = {"labels": {"app.kubernetes.io/name": "kuberay-operator"}, "namespace
 
 
 def pod_specs(objs) -> dict[str, dict]:
-    """Every pod template by role: the RayService's groups and the Deployments."""
+    """Every pod template by role: the RayService's groups, the Deployments and StatefulSets."""
     specs = {}
     for obj in objs:
         if obj["kind"] == "RayService":
             specs |= {role: group["template"] for role, group in groups(obj).items()}
-        elif obj["kind"] == "Deployment":
+        elif obj["kind"] in ("Deployment", "StatefulSet"):
             specs[obj["metadata"]["name"]] = obj["spec"]["template"]
     return specs
 
@@ -92,7 +92,7 @@ def test_ray_and_the_node_agents_authenticate_with_tokens_from_secrets(which):
     else:  # the Secrets made beforehand (k8s/README.md), named in the values
         assert cluster["authOptions"]["secretName"] == given["rayAuth"]["existingSecret"]
     for role, template in pod_specs(objs).items():
-        if role == "lull-redis":
+        if role.endswith("redis"):  # the KV tier's and the GCS's
             continue
         [container] = [c for c in template["spec"]["containers"] if c["name"].startswith("ray-")]
         env = {e["name"]: e for e in container["env"]}

@@ -51,6 +51,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s-redis" (include "lull.fullname" .) -}}
 {{- end -}}
 
+{{- define "lull.gcsRedisHost" -}}
+{{- printf "%s-gcs-redis" (include "lull.fullname" .) -}}
+{{- end -}}
+
+{{- define "lull.gcsRedisSecret" -}}
+{{- default (printf "%s-gcs-redis-auth" (include "lull.fullname" .)) .Values.gcsFaultTolerance.redis.auth.existingSecret -}}
+{{- end -}}
+
 {{/* Redis maxmemory in MiB: given, or 1.1 x the shared tier's capacity. */}}
 {{- define "lull.redisMaxmemoryMb" -}}
 {{- if .Values.redis.maxmemoryMb -}}
