@@ -20,6 +20,14 @@ app.kubernetes.io/name: {{ include "lull.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* A label selector of this release's Ray pods (head, gateways, GPU workers). */}}
+{{- define "lull.rayPods" -}}
+matchLabels:
+  {{- include "lull.selectorLabels" . | nindent 2 }}
+matchExpressions:
+  - {key: app.kubernetes.io/component, operator: In, values: [ray-head, ray-gateway, ray-gpu-worker]}
+{{- end -}}
+
 {{- define "lull.labels" -}}
 {{ include "lull.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
