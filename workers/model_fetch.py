@@ -63,4 +63,6 @@ def _cause(error: Exception) -> str:
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return f"HF_HUB_OFFLINE is set, so the Hub was not asked ({first.rstrip('.')})"
+    if isinstance(error, (OSError, ConnectionError)) or "Connect" in type(error).__name__:  # httpx's ConnectError
+        return f"huggingface.co cannot be reached ({first})"
     return first

@@ -78,6 +78,21 @@ def test_offline_an_hf_id_fails_before_anything_starts_naming_the_fix(offline, c
     assert not (offline / "lull-models" / "hf" / "org" / "missing" / "main" / ".lull-complete").exists()
 
 
+def test_without_a_network_the_error_says_the_hub_cannot_be_reached(offline, monkeypatch):
+    """No network here to lose: the listing fails as httpx fails on a name it cannot resolve."""
+    import httpx
+    import huggingface_hub
+
+    class Api:
+        def list_repo_files(self, repo, revision):
+            raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    with pytest.raises(ModelFetchError, match=r"huggingface.co cannot be reached \(\[Errno -2\].*To fix: let it reach"):
+        local_model("hf://org/missing")
+
+
 def test_lull_up_offline_exits_with_the_fix_and_starts_nothing(tmp_path):
     """The whole command, as a user runs it (a child process: huggingface_hub reads
     HF_HUB_OFFLINE from its environment)."""
