@@ -77,6 +77,10 @@ def up(nodes: int, overrides: dict[str, dict[str, Any]]) -> int:
                           "nodes on this host each start a node agent: set it to 0 (a free port each)")
     if state_path().exists():
         raise ValueError(f"a platform is already up ({state_path()}); run `lull down` first")
+    if config.model.path:  # had (downloaded once) before anything starts
+        from controller.assembly.local_model import local_model
+
+        overrides.setdefault("model", {})["path"] = local_model(str(config.model.path))
     cpus = os.cpu_count() or 1
     most = max(config.replicas.initial, config.replicas.max)
     overrides.setdefault("cluster", {}).setdefault("engine_cpus", local_engine_cpus(cpus, nodes, most))

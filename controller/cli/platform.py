@@ -56,6 +56,13 @@ def assignment(text: str) -> tuple[str, Any]:
     return name.strip(), setting_type(name.strip())(value)
 
 
+def model_argument(text: str) -> str:
+    """An argparse type for ``--model``: a folder or a Hugging Face id, as a model.path."""
+    from controller.assembly.local_model import model_reference
+
+    return setting_type("model.path")(model_reference(text))
+
+
 def flag_help(name: str) -> str:
     setting = definition(name)
     default = UP_DEFAULTS.get(name) or f"the config's, {json.dumps(setting.default)} unless set"
@@ -67,6 +74,11 @@ def add_parser(subparsers):
     up.add_argument("--nodes", type=positive_int, default=1, help="Ray nodes to start on this host")
     for flag, name in FLAGS.items():
         up.add_argument(flag, type=setting_type(name), default=argparse.SUPPRESS, help=flag_help(name))
+    up.add_argument("--model", type=model_argument, default=argparse.SUPPRESS, metavar="PATH|ID",
+                    help="the model: a local folder, or a Hugging Face id (hf://ORG/NAME[@REVISION] or ORG/NAME), "
+                         "downloaded once into $LULL_MODEL_CACHE (~/.cache/lull/models) before the platform starts "
+                         "(HF_TOKEN for gated models) [model.path; default: the config's, the tiny local model "
+                         "unless set]")
     up.add_argument("--set", type=assignment, action="append", default=[], metavar="SECTION.SETTING=VALUE",
                     help="any setting of proto/config.py, e.g. engine.dtype=float32 (repeatable; the flags "
                          "above win)")
@@ -81,6 +93,8 @@ def overrides_of(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """``{section: {setting: value}}`` from ``--set`` and then the named flags given."""
     given = list(args.set)
     given += [(name, getattr(args, _dest(flag))) for flag, name in FLAGS.items() if hasattr(args, _dest(flag))]
+    if hasattr(args, "model"):
+        given.append(("model.path", args.model))
     overrides: dict[str, dict[str, Any]] = {}
     for name, value in given:
         section, _, key = name.partition(".")

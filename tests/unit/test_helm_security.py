@@ -14,6 +14,7 @@ import pytest
 from tests.unit.test_dockerfile import args_of
 from tests.unit.test_helm_chart import VALUE_SETS, find, loaded_config, rendered, values_of
 from tests.unit.test_helm_pods import groups
+from tests.k8s_validation import validate
 from tests.unit.test_helm_tiers import render
 
 ANYONE = {"labels": {}, "namespace": "elsewhere"}  # a pod of another namespace, no labels
@@ -21,12 +22,12 @@ OPERATOR = {"labels": {"app.kubernetes.io/name": "kuberay-operator"}, "namespace
 
 
 def pod_specs(objs) -> dict[str, dict]:
-    """Every pod template by role: the RayService's groups and the Deployments."""
+    """Every pod template by role: the RayService's groups, the Deployments and StatefulSets."""
     specs = {}
     for obj in objs:
         if obj["kind"] == "RayService":
             specs |= {role: group["template"] for role, group in groups(obj).items()}
-        elif obj["kind"] == "Deployment":
+        elif obj["kind"] in ("Deployment", "StatefulSet"):
             specs[obj["metadata"]["name"]] = obj["spec"]["template"]
     return specs
 
@@ -92,7 +93,7 @@ def test_ray_and_the_node_agents_authenticate_with_tokens_from_secrets(which):
     else:  # the Secrets made beforehand (k8s/README.md), named in the values
         assert cluster["authOptions"]["secretName"] == given["rayAuth"]["existingSecret"]
     for role, template in pod_specs(objs).items():
-        if role == "lull-redis":
+        if role.endswith("redis"):  # the KV tier's and the GCS's
             continue
         [container] = [c for c in template["spec"]["containers"] if c["name"].startswith("ray-")]
         env = {e["name"]: e for e in container["env"]}
@@ -139,36 +140,93 @@ def open_to(objs, pod_labels: dict, port: int, source: dict) -> bool:
         return True  # no policy selects it: Kubernetes admits everything
     for policy in policies:
         for rule in policy.get("ingress", []):
-            ports = {p["port"] for p in rule.get("ports", [])}
-            if ports and port not in ports:
+            ports = rule.get("ports", [])
+            if ports and not any(p["port"] <= port <= p.get("endPort", p["port"]) for p in ports):
                 continue
             if "from" not in rule or any(peer_admits(peer, source) for peer in rule["from"]):
                 return True
     return False
 
 
+RAY_PORTS = (6379, 10001, 8265, 52365, 8076, 10002, 19999)  # GCS, client, dashboard, agent, objects, workers
+
+
+def peers(objs) -> dict[str, dict]:
+    """A source pod of each kind in the release's namespace: the pods it renders, the `helm
+    test` pod, and a pod of the namespace with none of the release's labels."""
+    sources = {role: {"labels": t["metadata"]["labels"], "namespace": "lull"} for role, t in pod_specs(objs).items()}
+    [test_pod] = [o for o in objs if o["kind"] == "Pod"]
+    sources["helm-test"] = {"labels": test_pod["metadata"]["labels"], "namespace": "lull"}
+    sources["stranger"] = {"labels": {}, "namespace": "lull"}
+    return sources
+
+
+def reachers(objs, target: str, port: int) -> set[str]:
+    """Which sources ``peers`` may open a connection to pod ``target`` on ``port``."""
+    sources = peers(objs)
+    return {name for name, source in sources.items() if open_to(objs, sources[target]["labels"], port, source)}
+
+
+RAY_ROLES = {"head", "gateway", "gpu"}
+
+
 @pytest.mark.parametrize("which", VALUE_SETS)
-def test_only_the_gateways_ports_are_open_to_anyone(which):
+def test_only_ray_pods_reach_rays_ports(which):
+    objs = rendered(which)
+    for role in RAY_ROLES:
+        for port in RAY_PORTS:
+            assert reachers(objs, role, port) == RAY_ROLES, (role, port)
+    assert open_to(objs, peers(objs)["head"]["labels"], 8265, OPERATOR)
+    assert not open_to(objs, peers(objs)["head"]["labels"], 6379, OPERATOR)
+
+
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_only_the_controller_on_the_head_reaches_the_node_agents(which):
+    objs = rendered(which)
+    port = loaded_config(find(which, "ConfigMap", "lull-config")[0]).tiers.node_agent_port
+    for role in RAY_ROLES:  # a node agent runs on every Ray pod
+        assert reachers(objs, role, port) == {"head"}, role
+        assert not open_to(objs, peers(objs)[role]["labels"], port, ANYONE)
+
+
+def test_with_free_agent_ports_ray_pods_reach_every_port():
+    """node_agent_port 0 (a free port per agent) cannot be singled out by a policy."""
+    objs = render({"config": {"tiers": {"node_agent_port": 0}}})
+    ray = next(o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "lull-ray")
+    assert "ports" not in ray["spec"]["ingress"][0] and len(ray["spec"]["ingress"]) == 3
+    validate(ray)
+
+
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_only_the_node_agents_ray_pods_reach_the_kv_redis(which):
+    assert reachers(rendered(which), "lull-redis", 6379) == RAY_ROLES
+
+
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_only_the_gateways_ports_are_open_to_clients(which):
     objs = rendered(which)
     config = loaded_config(find(which, "ConfigMap", "lull-config")[0])
-    specs = pod_specs(objs)
-    labels = {role: t["metadata"]["labels"] for role, t in specs.items()}
-    release_pod = {"labels": labels["gpu"], "namespace": "lull"}
-    gateway_ports = (config.gateway.http_port, config.gateway.grpc_port)
-    for port in gateway_ports:
+    labels = {role: source["labels"] for role, source in peers(objs).items()}
+    for port in (config.gateway.http_port, config.gateway.grpc_port):
         assert open_to(objs, labels["gateway"], port, ANYONE)
-    internal = (6379, 10001, 8265, 52365, config.tiers.node_agent_port, config.gateway.http_port)
-    for role in ("head", "gpu", "gateway"):
-        for port in internal:
-            if role == "gateway" and port in gateway_ports:
-                continue
+    for role in ("head", "gpu", "lull-redis"):
+        for port in (*RAY_PORTS, config.tiers.node_agent_port, config.gateway.http_port, config.gateway.grpc_port):
             assert not open_to(objs, labels[role], port, ANYONE), (role, port)
-            assert open_to(objs, labels[role], port, release_pod), (role, port)
-    assert open_to(objs, labels["head"], 8265, OPERATOR) and not open_to(objs, labels["head"], 6379, OPERATOR)
-    redis = labels["lull-redis"]
-    assert open_to(objs, redis, 6379, release_pod) and not open_to(objs, redis, 6379, ANYONE)
-    assert not open_to(objs, redis, 6379, {"labels": redis, "namespace": "lull"})  # Redis talks to no Redis
-    assert not open_to(objs, labels["gpu"], config.tiers.node_agent_port, {"labels": {}, "namespace": "lull"})
+
+
+@pytest.mark.parametrize("gateway_from", [[], [{"podSelector": {"matchLabels": {"team": "agents"}}}]])
+def test_the_helm_test_pod_reaches_the_gateway_only(gateway_from):
+    objs = render({"security": {"networkPolicy": {"gatewayFrom": gateway_from}}})
+    config = loaded_config(next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "lull-config"))
+    sources = peers(objs)
+    test_pod = sources["helm-test"]
+    assert open_to(objs, sources["gateway"]["labels"], config.gateway.http_port, test_pod)
+    for role in ("head", "gpu", "lull-redis", "gateway"):
+        for port in (*RAY_PORTS, config.tiers.node_agent_port):
+            assert not open_to(objs, sources[role]["labels"], port, test_pod), (role, port)
+    client = {"labels": {"team": "agents"}, "namespace": "lull"}
+    assert open_to(objs, sources["gateway"]["labels"], config.gateway.http_port, client)
+    assert open_to(objs, sources["gateway"]["labels"], config.gateway.http_port, ANYONE) == (not gateway_from)
 
 
 def test_network_policies_can_be_turned_off():

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.k8s_validation import ROOT, kubectl, load_all, validate
-from tests.unit.test_helm_chart import engine_scaling_problems, loaded_config, metrics_dir_problems
+from tests.unit.test_helm_chart import engine_scaling_problems, find, loaded_config, metrics_dir_problems
 from tests.unit.test_helm_tiers import tier_problems
 
 TREES = ["k8s/base", "k8s/overlays/gpu-multinode"]
@@ -72,6 +72,21 @@ def test_overlay_changes_workers_image_and_config():
     assert any(o["kind"] == "ServiceMonitor" for o in objs)
     config = config_of(objs)
     assert config.replicas.max == 32 and config.model.device == "gpu"
+
+
+def test_overlay_turns_on_gcs_fault_tolerance_as_the_charts_multinode_values_do():
+    """The GCS's own Redis and the RayService's options, as the chart renders them for
+    values-gpu-multinode.yaml; the base (the chart's defaults) has neither."""
+    objs = kustomize("k8s/overlays/gpu-multinode")
+    options = next(o for o in objs if o["kind"] == "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    chart = find("gpu-multinode", "RayService")[0]["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert options == chart
+    host = options["redisAddress"].split(":")[0]
+    assert {("StatefulSet", host), ("Service", host), ("NetworkPolicy", host)} <= {
+        (o["kind"], o["metadata"]["name"]) for o in objs}
+    base = kustomize("k8s/base")
+    assert "gcsFaultToleranceOptions" not in next(o for o in base if o["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    assert not [o for o in base if "gcs" in o["metadata"]["name"]]
 
 
 @pytest.mark.parametrize("tree", TREES)

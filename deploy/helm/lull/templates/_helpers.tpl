@@ -20,6 +20,14 @@ app.kubernetes.io/name: {{ include "lull.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* A label selector of this release's Ray pods (head, gateways, GPU workers). */}}
+{{- define "lull.rayPods" -}}
+matchLabels:
+  {{- include "lull.selectorLabels" . | nindent 2 }}
+matchExpressions:
+  - {key: app.kubernetes.io/component, operator: In, values: [ray-head, ray-gateway, ray-gpu-worker]}
+{{- end -}}
+
 {{- define "lull.labels" -}}
 {{ include "lull.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
@@ -49,6 +57,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{- define "lull.redisHost" -}}
 {{- printf "%s-redis" (include "lull.fullname" .) -}}
+{{- end -}}
+
+{{- define "lull.gcsRedisHost" -}}
+{{- printf "%s-gcs-redis" (include "lull.fullname" .) -}}
+{{- end -}}
+
+{{- define "lull.gcsRedisSecret" -}}
+{{- default (printf "%s-gcs-redis-auth" (include "lull.fullname" .)) .Values.gcsFaultTolerance.redis.auth.existingSecret -}}
 {{- end -}}
 
 {{/* Redis maxmemory in MiB: given, or 1.1 x the shared tier's capacity. */}}
