@@ -245,14 +245,15 @@ class NodeAgent:
             places.append(SessionPlace(s.session_id, tier, s.replica, s.nbytes, s.tokens, pinned.get(s.session_id, "")))
         return places
 
-    def shared_reachable(self) -> bool:
+    def shared_instance(self) -> str:
+        """The shared tier's server instance (``SharedTier.instance_id``); "" when there is
+        none or it cannot be reached."""
         if self.shared is None:
-            return False
+            return ""
         try:
-            self.shared.used_bytes()
-            return True
+            return self.shared.instance_id()
         except TierError:
-            return False
+            return ""
 
 
 def _refusal(error: TierError) -> Refused:

@@ -87,19 +87,18 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
             self._gauge_tiers(report)
             if request.capacities_only:
                 return report
-            local = set()
             for place in self.agent.places():
-                local.add(place.session_id)
                 report.sessions.append(pb.SessionKv(
                     session_id=place.session_id,
                     location=tiers_pb2.KvLocation(tier=place.tier.pb, replica_id=place.replica_id,
                                                   node_id=self.agent.node_id),
                     kv_bytes=place.kv_bytes, kv_tokens=place.kv_tokens, pinned_by_move_id=place.pinned_by_move_id))
+            # Every shared copy, a node-local one of the same session too: the controller's
+            # reconciliation must see each tier's copies (the restore keeps the nearer one).
             for session_id, nbytes in shared_sessions.items():
-                if session_id not in local:
-                    report.sessions.append(pb.SessionKv(
-                        session_id=session_id, location=tiers_pb2.KvLocation(tier=tiers_pb2.TIER_SHARED),
-                        kv_bytes=nbytes))
+                report.sessions.append(pb.SessionKv(
+                    session_id=session_id, location=tiers_pb2.KvLocation(tier=tiers_pb2.TIER_SHARED),
+                    kv_bytes=nbytes))
             return report
 
     def _shared_occupancy(self, report) -> dict[str, int]:
@@ -176,11 +175,12 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
 
     def Health(self, request, context):
         with self._lock:
-            reachable = self.agent.shared_reachable()
+            instance = self.agent.shared_instance()
+            reachable = bool(instance)
             status = pb.HEALTH_STATUS_SERVING if reachable or self.agent.shared is None else pb.HEALTH_STATUS_DEGRADED
             return pb.HealthResponse(status=status, node_id=self.agent.node_id,
                                      agent_instance_id=self.agent.instance_id, shared_tier_reachable=reachable,
-                                     prepared_moves=len(self.agent.moves))
+                                     prepared_moves=len(self.agent.moves), shared_tier_instance_id=instance)
 
 
 def _check_prepare(request) -> str:
