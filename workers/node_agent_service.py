@@ -136,8 +136,8 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
         with self._lock:
             move = self.agent.moves.get(request.move_id)
             state, tier = self.agent.complete(request.move_id, self.clock())
-            if move is not None and state == "committed":
-                self._count_move(move, failed=False)
+            if move is not None and state in ("committed", "aborted"):
+                self._count_move(move, failed=state == "aborted")
         return pb.CompleteMoveResponse(state=STATE_TO_PB[state],
                                        location=tiers_pb2.KvLocation(tier=tier.pb, node_id=self.agent.node_id))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis
 
 from controller.policy import Location, Tier
 from controller.policy.types import SHARED, WAITING
@@ -18,7 +19,7 @@ from controller.runtime import GrpcMover, LiveController
 from controller.runtime.reconcile import Reconciler
 from tests.support import INTERNAL_TOKEN, Engine, FakeClock
 from workers.dram_store import DramStore
-from workers.node_agent import NodeAgent
+from workers.node_agent import MoveKind, NodeAgent
 from workers.node_agent_service import serve
 from workers.redis_server import LocalRedis
 from workers.shared_tier import SharedTier
@@ -61,9 +62,10 @@ def run(scenario):
 
 def test_a_pass_recomputes_sessions_whose_copy_is_gone_and_drops_orphans(plane):
     """Booked: d-kept and d-gone in DRAM, s-kept and s-gone in the shared tier, g in the GPU
-    tier (no copy needed). Held, unbooked: o-dram, o-gpu (a write-through) on the node,
-    o-shared in Redis. A pass books d-gone and s-gone as recomputed (their next call runs at
-    once), drops the three orphans, and leaves the rest; a second pass finds nothing."""
+    tier (no copy needed; its write-through stays). Held, unbooked: o-dram, o-gpu (a
+    write-through) on the node, o-shared and a stale copy of g in Redis. A pass books d-gone
+    and s-gone as recomputed (their next call runs at once), drops the four orphans, and
+    leaves the rest; a second pass finds nothing."""
     agent, address, engine, _ = plane
 
     async def scenario():
@@ -72,17 +74,18 @@ def test_a_pass_recomputes_sessions_whose_copy_is_gone_and_drops_orphans(plane):
             engine.write_through(session_id, 40)
             agent.dram.set_label(session_id, "dram")
         engine.write_through("o-gpu", 40)
-        for session_id in ("s-kept", "o-shared"):
+        engine.write_through("g", 40)
+        for session_id in ("s-kept", "o-shared", "g"):
             put_shared(agent, session_id)
         for session_id, where in (("d-kept", DRAM1), ("d-gone", DRAM1), ("s-kept", SHARED), ("s-gone", SHARED),
                                   ("g", GPU1)):
             ctl.driver.restore(session_id, where, 40, 0.0)
         done = await Reconciler(lambda: ctl, ctl.mover).reconcile()
         assert sorted(done.lost) == ["d-gone", "s-gone"]
-        assert sorted(done.orphans) == [("o-dram", DRAM1), ("o-gpu", GPU1), ("o-shared", SHARED)]
+        assert sorted(done.orphans) == [("g", SHARED), ("o-dram", DRAM1), ("o-gpu", GPU1), ("o-shared", SHARED)]
         books = {s: r.location for s, r in ctl.state.sessions.items()}
         assert books == {"d-kept": DRAM1, "d-gone": WAITING, "s-kept": SHARED, "s-gone": WAITING, "g": GPU1}
-        assert {s.session_id for s in agent.dram.sessions()} == {"d-kept"}
+        assert {s.session_id for s in agent.dram.sessions()} == {"d-kept", "g"}  # g's write-through stays
         assert set(agent.shared.sessions()) == {"s-kept"}
         agent.shared.check_integrity()
         ctl.check_integrity()
@@ -136,5 +139,59 @@ def test_a_session_that_moved_during_the_pass_is_not_judged(plane):
         ctl.mover.report = report_then_move
         done = await reconciler.reconcile()
         assert done.lost == [] and ctl.state.get("d").location == DRAM1
+
+    run(scenario)
+
+
+def test_a_drop_redis_stalls_on_is_not_committed_and_the_release_retry_drops_it(plane):
+    """A closed session's shared copy whose drop meets a stalled Redis (CLIENT PAUSE): the
+    agent aborts the DROP instead of committing it, the controller keeps the release for
+    its retry, and once Redis answers the retry drops the copy: Redis holds nothing."""
+    agent, address, _, redis_server = plane
+
+    async def scenario():
+        ctl = controller(address)
+        put_shared(agent, "s")
+        ctl.driver.restore("s", SHARED, 40, 0.0)
+        with redis.Redis.from_url(redis_server.url) as admin:
+            admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")  # scripts wait; reads still answer
+            try:
+                ctl.close_session("s")
+                await ctl.quiesce()
+                assert ctl.unreleased == {"s": SHARED} and "s" not in ctl.state.sessions
+                assert admin.hexists("{lull}:records", "s")  # still there: nothing committed
+            finally:
+                admin.execute_command("CLIENT", "UNPAUSE")
+        await ctl.retry_releases()
+        assert ctl.unreleased == {} and agent.shared.sessions() == {}
+        agent.shared.check_integrity()
+
+    run(scenario)
+
+
+def test_a_copy_left_in_redis_by_a_stall_is_collected_by_the_next_pass(plane):
+    """A demotion to the shared tier aborted while Redis stalls cannot undo its copy there:
+    an orphan no session references. The session stays booked in DRAM, with its DRAM copy;
+    the next pass drops the orphan, and Redis's contents match the books again."""
+    agent, address, engine, redis_server = plane
+
+    async def scenario():
+        ctl = controller(address)
+        engine.write_through("d", 40)
+        agent.dram.set_label("d", "dram")
+        ctl.driver.restore("d", DRAM1, 40, 0.0)
+        agent.prepare("m1", "d", MoveKind.DEMOTE, Tier.DRAM, Tier.SHARED, "r1", lease_s=30, now=0.0)
+        with redis.Redis.from_url(redis_server.url) as admin:
+            admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+            try:
+                assert agent.abort("m1", "plan changed") == "aborted"
+            finally:
+                admin.execute_command("CLIENT", "UNPAUSE")
+        assert "d" in agent.shared.sessions()  # the orphan
+        done = await Reconciler(lambda: ctl, ctl.mover).reconcile()
+        assert done.orphans == [("d", SHARED)] and done.lost == []
+        assert agent.shared.sessions() == {} and agent.dram.session("d") is not None
+        assert ctl.state.get("d").location == DRAM1
+        agent.shared.check_integrity()
 
     run(scenario)
