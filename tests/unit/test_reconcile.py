@@ -195,3 +195,49 @@ def test_a_copy_left_in_redis_by_a_stall_is_collected_by_the_next_pass(plane):
         agent.shared.check_integrity()
 
     run(scenario)
+
+
+async def until(condition, what: str, timeout_s: float = 5.0) -> None:
+    """Wait for something a background loop does against a real server (no order to await)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_redis_restarted_empty_under_resident_sessions_every_next_call_runs_recomputed(plane):
+    """The issue's end-to-end case, without an engine. s1..s3 are demoted by the planner
+    into the shared tier (no DRAM tier) as s2..s4 arrive; Redis restarts empty. The
+    controller's reconciliation loop (periodic passes off: only its probe can trigger one)
+    books s1..s3 as recomputed, so the books' shared tier matches Redis (empty) before any
+    call; then each session's next call is admitted at once, and the books match Redis after."""
+    agent, address, engine, redis_server = plane
+
+    async def scenario():
+        clock = FakeClock()
+        ctl = LiveController(GrpcMover({"n1": address}, timeout_s=5), clock=lambda: clock.now)
+        ctl.add_replica("r1", "n1", 300, 0)
+        ctl.set_shared_capacity(10_000)
+        for i in range(1, 5):
+            await ctl.admit(f"s{i}", "t", 200, 50, timeout_s=2)  # demotes the one before to the shared tier
+            engine.finish(ctl, f"s{i}", 240)
+        shared_books = lambda: {s for s, r in ctl.state.sessions.items() if r.location == SHARED}  # noqa: E731
+        assert shared_books() == set(agent.shared.sessions()) == {"s1", "s2", "s3"}
+        reconciler = Reconciler(lambda: ctl, ctl.mover)
+        await reconciler.shared_restarted()  # the instance the loop will compare with
+        loop = asyncio.create_task(reconciler.run(interval_s=0, probe_s=0.05))
+        try:
+            await asyncio.to_thread(redis_server.restart)
+            await until(lambda: not shared_books(), "the books to drop the shared tier's sessions")
+        finally:
+            loop.cancel()
+        assert agent.shared.sessions() == {} and {ctl.state.get(f"s{i}").location for i in (1, 2, 3)} == {WAITING}
+        for i in (1, 2, 3):
+            admission = await ctl.admit(f"s{i}", "t", 260, 20, timeout_s=2)
+            assert admission.waited_s == 0.0 and ctl.state.get(f"s{i}").location == GPU1
+            engine.finish(ctl, f"s{i}", 270)
+        assert shared_books() == set(agent.shared.sessions()) == {"s1", "s2", "s4"}  # s3 runs last, in HBM
+        agent.shared.check_integrity()
+        ctl.check_integrity()
+
+    run(scenario)
