@@ -32,12 +32,13 @@ from controller.runtime.membership import Membership, Replica
 from controller.runtime.metrics import gauge_gpu_tiers_forever, session_on_arrival
 from controller.runtime.mover import GrpcMover
 from controller.runtime.reconcile import Reconciler
+from controller.runtime.restore import reports_for_restart
 from controller.runtime.ray_cluster import GcsStore, RayCluster
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
 
 log = logging.getLogger(__name__)
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node
-RESTART_REPORT_S = 3.0  # how long a restarting controller waits for one node agent's report
+RESTART_REPORT_S = 3.0  # how long a restarting controller waits for a node agent to answer (restore.reports_for_restart)
 
 
 class ControllerNotStarted(RuntimeError):
@@ -262,8 +263,7 @@ class ControllerActor(Controller):
             if self._started:
                 return 0
             replicas = await self.membership.restore()
-            reports = [r for r in await asyncio.gather(*map(self._report_for_restart, sorted(self.mover.addresses)))
-                       if r is not None]
+            reports = await reports_for_restart(self.mover, RESTART_REPORT_S)
             restored = self.controller.rebuild(reports, bytes_per_token=self.bytes_per_token or None)
             self._start_loops()
             self._started = True
@@ -285,19 +285,6 @@ class ControllerActor(Controller):
         if "tick" in self._tasks:
             self._tasks["tick"].cancel()
             self._tasks["tick"] = asyncio.get_running_loop().create_task(new.run(self.tick_s))
-
-    async def _report_for_restart(self, node_id: str):
-        """The node's occupancy report, its agent's half-done moves aborted; None when the
-        agent does not answer within ``RESTART_REPORT_S`` (a dead node keeps nothing: its
-        sessions come back as new). Asked of every agent at once, so one vanished host
-        delays the restart by that timeout, not by a timeout per node."""
-        try:
-            report = await asyncio.wait_for(self.mover.report(node_id), RESTART_REPORT_S)
-            await self.mover.abort(node_id, list(report.prepared_move_ids), "controller restarted")
-            return report
-        except Exception as e:
-            log.warning("node %s sent no occupancy report: %s", node_id, e or type(e).__name__)
-            return None
 
     async def launch_options(self) -> dict:
         """What a new controller is launched with, should this one be killed for good."""
