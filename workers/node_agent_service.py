@@ -174,8 +174,10 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
             self.metrics["lull:tier_capacity_bytes"].labels(**labels).set(tier.capacity_bytes)
 
     def Health(self, request, context):
+        # Outside the lock (the shared tier is thread-safe): the controller probes every second,
+        # and a stalled Redis must not hold up moves that never touch it.
+        instance = self.agent.shared_instance()
         with self._lock:
-            instance = self.agent.shared_instance()
             reachable = bool(instance)
             status = pb.HEALTH_STATUS_SERVING if reachable or self.agent.shared is None else pb.HEALTH_STATUS_DEGRADED
             return pb.HealthResponse(status=status, node_id=self.agent.node_id,
