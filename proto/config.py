@@ -138,6 +138,7 @@ class PolicyConfig(Section):
     displacement: bool = setting(True, "Let a session that wants HBM displace more idle GPU residents.", Flag())
     displace_margin: float = setting(0.0, "A displaced session must be more idle than the requester by more than this.", FloatRange(0.0, 0.99))
     prefetch: bool = setting(True, "Promote a session when its client reports the tool call finished.", Flag())
+    reconcile_interval_s: float = setting(30.0, "How often the controller checks its books against the node agents' and Redis's reports (copies gone: recomputed; copies no session owns: dropped), s; a Redis restart is checked at once; 0: only then.", FloatRange(0.0, 86400.0))
     session_idle_ttl_s: float = setting(3600.0, "Close a session idle this long (no call running or waiting), s, dropping its KV from every tier; 0: never.", FloatRange(0.0, 31_536_000.0))
 
 

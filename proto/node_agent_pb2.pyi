@@ -189,15 +189,17 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "node_id", "agent_instance_id", "shared_tier_reachable", "prepared_moves")
+    __slots__ = ("status", "node_id", "agent_instance_id", "shared_tier_reachable", "prepared_moves", "shared_tier_instance_id")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SHARED_TIER_REACHABLE_FIELD_NUMBER: _ClassVar[int]
     PREPARED_MOVES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TIER_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     status: HealthStatus
     node_id: str
     agent_instance_id: str
     shared_tier_reachable: bool
     prepared_moves: int
-    def __init__(self, status: _Optional[_Union[HealthStatus, str]] = ..., node_id: _Optional[str] = ..., agent_instance_id: _Optional[str] = ..., shared_tier_reachable: bool = ..., prepared_moves: _Optional[int] = ...) -> None: ...
+    shared_tier_instance_id: str
+    def __init__(self, status: _Optional[_Union[HealthStatus, str]] = ..., node_id: _Optional[str] = ..., agent_instance_id: _Optional[str] = ..., shared_tier_reachable: bool = ..., prepared_moves: _Optional[int] = ..., shared_tier_instance_id: _Optional[str] = ...) -> None: ...

@@ -131,6 +131,9 @@ class NodeAgentServiceServicer(object):
         loses them on restart), is NOT_FOUND: the caller reconciles from ReportOccupancy.
         Ownership afterwards (COMMITTED): the destination owns the KV; the source's
         blocks are free. A DROP commits to no copy at all: the session is TIER_WAITING.
+        The one completion that can fail: a DROP from TIER_SHARED whose delete the shared
+        tier refuses (down, stalled) is MOVE_STATE_ABORTED, so the caller retries it; a
+        drop it did not do would leave blocks that no session references.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

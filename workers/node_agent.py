@@ -6,7 +6,9 @@ node's link to the cluster-wide shared tier (`SharedTier`, Redis).
 
 Every move is prepare -> complete | abort, as in node_agent.proto:
 - prepare does all the copying and pins the session, so that complete cannot
-  fail for lack of room or a lost link, and abort only undoes copies;
+  fail for lack of room or a lost link, and abort only undoes copies; the one
+  exception is a DROP of a shared copy, whose delete is the move itself: refused
+  by the shared tier, the move is aborted (never committed with its copy left);
 - until complete, the session's KV stays usable where it was: a move that fails
   halfway leaves the session in its old tier;
 - a prepared move whose lease runs out is aborted.
@@ -148,15 +150,17 @@ class NodeAgent:
         if move is None:
             return "unknown", Tier.WAITING
         s = move.session_id
+        if move.src == Tier.SHARED and move.dst == Tier.WAITING and not self._dropped_from_shared(move):
+            return "aborted", move.src
         if move.dst in DRAM_HOMES:
             self.dram.set_label(s, move.dst.label)
             if move.copied_to_dram:
                 staged_from_shared(self.dram_dir, move.replica_id, [s])  # counts the engine's next load as shared
-                if self.shared is not None:
+                if self.shared is not None:  # a copy left by a refused drop: the controller's reconciliation drops it
                     self._shared_call(lambda: self.shared.drop_session(s), "drop after promote")
-        else:
+        elif move.src in DRAM_HOMES:  # a drop from the shared tier leaves a node-local copy to its own owner
             self.dram.drop_session(s)
-        if move.dst == Tier.WAITING and self.shared is not None:
+        if move.dst == Tier.WAITING and move.src != Tier.SHARED and self.shared is not None:
             self._shared_call(lambda: self.shared.drop_session(s), "drop")
         if move.src == Tier.GPU and move.dst != Tier.GPU:
             release_sessions(self.dram_dir, move.replica_id, [s])
@@ -178,6 +182,22 @@ class NodeAgent:
         for move_id in expired:
             self.abort(move_id, "lease expired")
         return expired
+
+    def _dropped_from_shared(self, move: PreparedMove) -> bool:
+        """A DROP of a shared copy: the delete is the move, so one the shared tier refuses
+        (down, stalled) aborts it instead of committing a copy that stays, held by nobody;
+        the controller retries it (``LiveController.unreleased``, or its next plan)."""
+        if self.shared is None:
+            return True
+        try:
+            self.shared.drop_session(move.session_id)
+            return True
+        except TierError as e:
+            log.warning("move %s aborted: the shared tier refused to drop session %s (%s)",
+                        move.move_id, move.session_id, type(e).__name__)
+            self._undo(move)
+            self.finished[move.move_id] = "aborted"
+            return False
 
     def _undo(self, move: PreparedMove) -> None:
         s = move.session_id
@@ -230,7 +250,7 @@ class NodeAgent:
     def _shared_call(self, fn, what: str) -> None:
         try:
             fn()
-        except TierError as e:  # the shared tier logs the outage itself; its leftovers are dropped later
+        except TierError as e:  # the shared tier logs the outage; the controller's reconciliation drops the leftover
             log.debug("shared tier %s skipped: %s", what, e)
 
     # ---- reports ----
@@ -245,14 +265,15 @@ class NodeAgent:
             places.append(SessionPlace(s.session_id, tier, s.replica, s.nbytes, s.tokens, pinned.get(s.session_id, "")))
         return places
 
-    def shared_reachable(self) -> bool:
+    def shared_instance(self) -> str:
+        """The shared tier's server instance (``SharedTier.instance_id``); "" when there is
+        none or it cannot be reached."""
         if self.shared is None:
-            return False
+            return ""
         try:
-            self.shared.used_bytes()
-            return True
+            return self.shared.instance_id()
         except TierError:
-            return False
+            return ""
 
 
 def _refusal(error: TierError) -> Refused:

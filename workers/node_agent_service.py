@@ -87,19 +87,18 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
             self._gauge_tiers(report)
             if request.capacities_only:
                 return report
-            local = set()
             for place in self.agent.places():
-                local.add(place.session_id)
                 report.sessions.append(pb.SessionKv(
                     session_id=place.session_id,
                     location=tiers_pb2.KvLocation(tier=place.tier.pb, replica_id=place.replica_id,
                                                   node_id=self.agent.node_id),
                     kv_bytes=place.kv_bytes, kv_tokens=place.kv_tokens, pinned_by_move_id=place.pinned_by_move_id))
+            # Every shared copy, a node-local one of the same session too: the controller's
+            # reconciliation must see each tier's copies (the restore keeps the nearer one).
             for session_id, nbytes in shared_sessions.items():
-                if session_id not in local:
-                    report.sessions.append(pb.SessionKv(
-                        session_id=session_id, location=tiers_pb2.KvLocation(tier=tiers_pb2.TIER_SHARED),
-                        kv_bytes=nbytes))
+                report.sessions.append(pb.SessionKv(
+                    session_id=session_id, location=tiers_pb2.KvLocation(tier=tiers_pb2.TIER_SHARED),
+                    kv_bytes=nbytes))
             return report
 
     def _shared_occupancy(self, report) -> dict[str, int]:
@@ -137,8 +136,8 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
         with self._lock:
             move = self.agent.moves.get(request.move_id)
             state, tier = self.agent.complete(request.move_id, self.clock())
-            if move is not None and state == "committed":
-                self._count_move(move, failed=False)
+            if move is not None and state in ("committed", "aborted"):
+                self._count_move(move, failed=state == "aborted")
         return pb.CompleteMoveResponse(state=STATE_TO_PB[state],
                                        location=tiers_pb2.KvLocation(tier=tier.pb, node_id=self.agent.node_id))
 
@@ -175,12 +174,15 @@ class NodeAgentServicer(pb_grpc.NodeAgentServiceServicer):
             self.metrics["lull:tier_capacity_bytes"].labels(**labels).set(tier.capacity_bytes)
 
     def Health(self, request, context):
+        # Outside the lock (the shared tier is thread-safe): the controller probes every second,
+        # and a stalled Redis must not hold up moves that never touch it.
+        instance = self.agent.shared_instance()
         with self._lock:
-            reachable = self.agent.shared_reachable()
+            reachable = bool(instance)
             status = pb.HEALTH_STATUS_SERVING if reachable or self.agent.shared is None else pb.HEALTH_STATUS_DEGRADED
             return pb.HealthResponse(status=status, node_id=self.agent.node_id,
                                      agent_instance_id=self.agent.instance_id, shared_tier_reachable=reachable,
-                                     prepared_moves=len(self.agent.moves))
+                                     prepared_moves=len(self.agent.moves), shared_tier_instance_id=instance)
 
 
 def _check_prepare(request) -> str:

@@ -207,6 +207,11 @@ class SharedTier:
     def used_bytes(self) -> int:
         return int(self._run(lambda: self._redis.get(self._keys[0])) or 0)
 
+    def instance_id(self) -> str:
+        """The Redis server's ``run_id``, new at every start: a change means the tier
+        restarted and lost what it held (no persistence), whatever the books say."""
+        return str(self._run(lambda: self._redis.info("server"))["run_id"])
+
     def sessions(self) -> dict[str, int]:
         """Session id → bytes of its distinct blocks (shared blocks count in each)."""
         sizes = self._run(lambda: self._redis.hgetall(self._keys[4]))

@@ -124,6 +124,16 @@ class PlanDriver:
         self.state.restore_session(session_id, self.definition.booked_at(where), tokens, now)
         return self.definition.event_driven
 
+    def lost(self, session_id: str, where: Location) -> bool:
+        """The session's copy in ``where`` is gone (a reconciliation found it absent): it is
+        booked as recomputed, as a move that found its source gone is. True once booked;
+        False when the books no longer have it there, or its call runs."""
+        record = self.state.sessions.get(session_id)
+        if record is None or record.location != where or record.phase is Phase.LLM or where.tier is Tier.WAITING:
+            return False
+        self.state.apply_move(Move(session_id, where, WAITING, 0, MoveReason.LOST))
+        return True
+
     def tick(self, now: float) -> bool:
         """The periodic backstop: every policy plans on it."""
         return True

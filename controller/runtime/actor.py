@@ -7,7 +7,8 @@ asked), so the gateway and the engine replicas find it with ``ray.get_actor``. `
 reads back the membership a previous controller left (``runtime.ray_cluster.GcsStore``),
 rebuilds the books from every node agent's occupancy report (a restarted controller loses
 only idleness history), aborts the moves a previous controller left prepared, and starts
-the backstop tick, the membership check and the published scaling signals.
+the backstop tick, the membership check, the books' reconciliation (``runtime.reconcile``)
+and the published scaling signals.
 
 Restartable: Ray restarts a killed controller (``max_restarts``) by running ``__init__``
 again with the same arguments; the restarted actor starts itself. Until ``start`` is
@@ -30,12 +31,14 @@ from controller.runtime.live import LiveController
 from controller.runtime.membership import Membership, Replica
 from controller.runtime.metrics import gauge_gpu_tiers_forever, session_on_arrival
 from controller.runtime.mover import GrpcMover
+from controller.runtime.reconcile import Reconciler
+from controller.runtime.restore import reports_for_restart
 from controller.runtime.ray_cluster import GcsStore, RayCluster
 from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
 
 log = logging.getLogger(__name__)
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node
-RESTART_REPORT_S = 3.0  # how long a restarting controller waits for one node agent's report
+RESTART_REPORT_S = 3.0  # how long a restarting controller waits for a node agent to answer (restore.reports_for_restart)
 
 
 class ControllerNotStarted(RuntimeError):
@@ -220,17 +223,21 @@ class Controller:
 class ControllerActor(Controller):
     def __init__(self, agents: dict[str, str], *, policy: str = "lull", planner_config: PlannerConfig | None = None,
                  tick_s: float = 5.0, idleness_window: int = DEFAULT_CYCLES, bytes_per_token: int = 0,
-                 metrics: bool = False, shared_tokens: int = 0, start_agent=None, session_ttl_s: float = 0.0) -> None:
+                 metrics: bool = False, shared_tokens: int = 0, start_agent=None, session_ttl_s: float = 0.0,
+                 reconcile_s: float = 30.0) -> None:
         """``agents``: node id -> address of the agents started with the platform; ``start_agent``:
-        the assembly's ``node id -> agent actor handle``, for nodes that join later."""
+        the assembly's ``node id -> agent actor handle``, for nodes that join later; ``reconcile_s``:
+        the books' periodic reconciliation (``runtime.reconcile``; 0: only after a Redis restart)."""
         from proto.telemetry.metrics import make_metrics
         from proto.telemetry.tracing import setup_tracing
 
         setup_tracing("lull-controller")  # KV move spans; exports only when OTEL_* ask for it
         self._options = dict(agents=dict(agents), policy=policy, planner_config=planner_config, tick_s=tick_s,
                              idleness_window=idleness_window, bytes_per_token=bytes_per_token, metrics=metrics,
-                             shared_tokens=shared_tokens, start_agent=start_agent, session_ttl_s=session_ttl_s)
+                             shared_tokens=shared_tokens, start_agent=start_agent, session_ttl_s=session_ttl_s,
+                             reconcile_s=reconcile_s)
         self.shared_tokens, self.tick_s, self.bytes_per_token = shared_tokens, tick_s, bytes_per_token
+        self.reconcile_s = reconcile_s
         self.mover = GrpcMover(agents, bytes_per_token=bytes_per_token)
         live = LiveController(self.mover, policy=policy, planner_config=planner_config, idleness_window=idleness_window,
                               metrics=make_metrics() if metrics else None,  # the process's registry
@@ -256,8 +263,7 @@ class ControllerActor(Controller):
             if self._started:
                 return 0
             replicas = await self.membership.restore()
-            reports = [r for r in await asyncio.gather(*map(self._report_for_restart, sorted(self.mover.addresses)))
-                       if r is not None]
+            reports = await reports_for_restart(self.mover, RESTART_REPORT_S)
             restored = self.controller.rebuild(reports, bytes_per_token=self.bytes_per_token or None)
             self._start_loops()
             self._started = True
@@ -269,6 +275,8 @@ class ControllerActor(Controller):
         self._tasks["tick"] = loop.create_task(self.controller.run(self.tick_s))
         self._tasks["signals"] = loop.create_task(self._publish_signals_forever())
         self._tasks["membership"] = loop.create_task(self.membership.watch())
+        reconciler = Reconciler(lambda: self.controller, self.mover)  # set_policy swaps the books: read them each time
+        self._tasks["reconcile"] = loop.create_task(reconciler.run(self.reconcile_s))
         if self.controller.metrics and self.bytes_per_token:  # set_policy swaps the controller: read it each time
             self._tasks["gauges"] = loop.create_task(gauge_gpu_tiers_forever(lambda: self.controller,
                                                                              self.bytes_per_token))
@@ -277,19 +285,6 @@ class ControllerActor(Controller):
         if "tick" in self._tasks:
             self._tasks["tick"].cancel()
             self._tasks["tick"] = asyncio.get_running_loop().create_task(new.run(self.tick_s))
-
-    async def _report_for_restart(self, node_id: str):
-        """The node's occupancy report, its agent's half-done moves aborted; None when the
-        agent does not answer within ``RESTART_REPORT_S`` (a dead node keeps nothing: its
-        sessions come back as new). Asked of every agent at once, so one vanished host
-        delays the restart by that timeout, not by a timeout per node."""
-        try:
-            report = await asyncio.wait_for(self.mover.report(node_id), RESTART_REPORT_S)
-            await self.mover.abort(node_id, list(report.prepared_move_ids), "controller restarted")
-            return report
-        except Exception as e:
-            log.warning("node %s sent no occupancy report: %s", node_id, e or type(e).__name__)
-            return None
 
     async def launch_options(self) -> dict:
         """What a new controller is launched with, should this one be killed for good."""

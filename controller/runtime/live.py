@@ -56,6 +56,7 @@ class LiveController:
         self._waiters: dict[str, Waiter] = {}
         self.turns = SessionTurns(self._busy)
         self.unreleased: dict[str, Location] = {}  # sessions the books forgot whose KV a failed release left
+        self.moving: set[str] | None = None  # during a reconciliation (runtime.reconcile): sessions moved since it began
         self._recent_waits: deque[tuple[float, float]] = deque(maxlen=10_000)  # (left the gate at, waited)
         self._lock = asyncio.Lock()
         self._dirty = False
@@ -207,6 +208,14 @@ class LiveController:
         plan_now = self.driver.close(session_id, self.clock())
         self.turns.fail(session_id, SessionClosed(f"session {session_id!r} was closed while its call waited"))
         self._kick(plan_now)
+
+    def book_lost(self, session_id: str, where: Location) -> bool:
+        """A reconciliation found the session's copy in ``where`` gone: recomputed from now
+        (``PlanDriver.lost``), and its waiting request planned at once. True once booked."""
+        booked = self.driver.lost(session_id, where)
+        if booked:
+            self._kick(self.policy.event_driven)
+        return booked
 
     def expire_idle(self) -> list[str]:
         """Close the sessions idle longer than ``session_ttl_s`` (no call running, gated or

@@ -47,6 +47,8 @@ class LiveMechanism:
 
     async def move(self, move: Move) -> bool:
         live = self.live
+        if live.moving is not None:  # a reconciliation is under way: it must not judge this session
+            live.moving.add(move.session_id)
         try:
             return bool(await live.mover.move(move, live._node(move.src), live._node(move.dst)))
         except SourceLost:

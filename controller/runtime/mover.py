@@ -108,6 +108,10 @@ class GrpcMover:
             raise LookupError(f"the agent of node {node_id!r} sent an empty occupancy stream")
         return report
 
+    async def health(self, node_id: str | None = None) -> pb.HealthResponse:
+        """The agent's Health (None: any agent's): its shared-tier link and that tier's instance."""
+        return await self._stub(node_id).Health(pb.HealthRequest(), timeout=self.timeout_s)
+
     async def abort(self, node_id: str, move_ids: list[str], reason: str) -> None:
         """Abort moves prepared by a controller that is gone (a restart)."""
         for move_id in move_ids:

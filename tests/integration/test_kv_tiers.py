@@ -131,12 +131,12 @@ def test_redis_outage_degrades_to_local_tiers(plane, caplog):
                                     plane.replica_id, 30, time.monotonic())
         assert refused.value.reason == "REFUSAL_REASON_DESTINATION_UNAVAILABLE"
         assert any("serving from local tiers" in r.getMessage() for r in caplog.records)
-        assert not plane.agent.shared_reachable()
+        assert not plane.agent.shared_instance()
         plane.evict_from_engine()
         assert plane.call(next_prompt, "outage-1", tier="dram").cached_tokens >= 300 // BLOCK * BLOCK  # still served, from DRAM
     finally:
         plane.redis.restart()
-    wait_until(plane.agent.shared_reachable, what="shared tier back")
+    wait_until(plane.agent.shared_instance, what="shared tier back")
     plane.move("outage-1", Tier.GPU, Tier.SHARED)
     assert plane.shared.get_session("outage-1") is not None
 
