@@ -11,6 +11,7 @@ released, so a call is in flight while the others arrive. The rate clock is a `F
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -33,7 +34,7 @@ from proto.config import Secrets
 from proto.quotas import Quotas
 from proto.telemetry.metrics import make_metrics
 from tests.support import FakeClock
-from tests.unit.test_gateway_rest import MODEL, NoMoves, StubEngines, chat_body, counter  # noqa: F401 (fixture)
+from tests.unit.test_gateway_rest import MODEL, NoMoves, StubEngines, chat_body
 
 KEYS = {"acme": "k-acme", "beta": "k-beta"}
 AUTH = Authenticator(Secrets(api_keys=KEYS))
@@ -48,8 +49,6 @@ class HeldEngines(StubEngines):
         self.hold: dict[str, threading.Event] = {}
 
     async def http(self, replica_id, call):
-        import json
-
         session = json.loads(call.body)["kv_transfer_params"]["lull"]["session"]
         if session in self.hold:
             await asyncio.to_thread(self.hold[session].wait, 10)
@@ -79,7 +78,7 @@ def post(http, tenant: str, session: str, path: str = "/v1/chat/completions"):
     return http.post(path, json=body, headers={"authorization": f"Bearer {KEYS[tenant]}", "x-session-id": session})
 
 
-def test_rest_a_tenant_over_its_quota_gets_429_while_another_is_served(counter):  # noqa: F811
+def test_rest_a_tenant_over_its_quota_gets_429_while_another_is_served(counter):
     engines = HeldEngines()
     core, clock = make_core(counter, engines)
     app = create_app(core, AUTH, engines, max_body_bytes=64 << 10)
@@ -110,7 +109,7 @@ def test_rest_a_tenant_over_its_quota_gets_429_while_another_is_served(counter):
         assert post(http, "acme", "s4").status_code == 200
 
 
-def test_grpc_a_tenant_over_its_quota_gets_resource_exhausted_while_another_is_served(counter):  # noqa: F811
+def test_grpc_a_tenant_over_its_quota_gets_resource_exhausted_while_another_is_served(counter):
     engines = HeldEngines()
     core, _ = make_core(counter, engines)
     engines.hold["acme/s1"] = release = threading.Event()

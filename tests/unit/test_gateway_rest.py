@@ -9,7 +9,6 @@ minute; vLLM's real answers are covered by tests/integration/test_agent_clients.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -17,7 +16,6 @@ from fastapi.testclient import TestClient
 from starlette.datastructures import Headers
 
 from controller.gateway.controller_client import ControllerClient
-from controller.gateway.prompt_counter import PromptCounter
 from controller.gateway.protocol import ANONYMOUS_TENANT, ApiError, Authenticator, inferred_session_id, session_id_from
 from controller.gateway.rest import create_app
 from controller.gateway.service import GatewayCore, Limits
@@ -123,13 +121,6 @@ class CountingController:
             return await method(*args)
 
         return call
-
-
-@pytest.fixture(scope="module")
-def counter():
-    from workers.tiny_model import ensure_tiny_model
-
-    return asyncio.run(PromptCounter.start(str(ensure_tiny_model()), MODEL, 512, "hermes", "float32"))
 
 
 @pytest.fixture
