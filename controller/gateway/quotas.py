@@ -29,6 +29,10 @@ class Ticket:
     def __init__(self, release: Callable[[], None] | None) -> None:
         self._release = release
 
+    def __bool__(self) -> bool:
+        """Whether the call holds anything (False for a tenant without a quota)."""
+        return self._release is not None
+
     def release(self) -> None:
         release, self._release = self._release, None
         if release is not None:

@@ -124,6 +124,8 @@ class GatewayCore:
         `ApiError` for the client's own, a 429 for a tenant over its quota), so the REST layer can
         still answer with a status. The call counts in its tenant's quota until its answer is read."""
         ticket = self.quotas.enter(call.tenant, call.key)
+        if not ticket:  # an unlimited tenant: nothing to give back
+            return await self._forward(call)
         try:
             forwarded = await self._forward(call)
         except BaseException:

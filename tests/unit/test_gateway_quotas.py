@@ -107,6 +107,10 @@ def test_rest_a_tenant_over_its_quota_gets_429_while_another_is_served(counter):
         assert post(http, "beta", "b9").status_code == 200
         clock.advance(0.5)  # one more call's worth of acme's rate
         assert post(http, "acme", "s4").status_code == 200
+        clock.advance(1.0)
+        too_long = http.post("/v1/chat/completions", json=chat_body("word " * 600),
+                             headers={"authorization": "Bearer k-acme", "x-session-id": "s5"})
+        assert too_long.status_code == 400 and core.quotas.in_flight("acme") == 0  # a refused call holds nothing
 
 
 def test_grpc_a_tenant_over_its_quota_gets_resource_exhausted_while_another_is_served(counter):
