@@ -24,6 +24,7 @@ import yaml
 from proto.config_checks import (PORT, Check, ConfigError, Flag, FloatRange, IntRange, ModelPath, Nullable, OneOf,
                                  Pattern, Text, Url, VllmArgs)
 from proto.config_secrets import API_KEYS_ENV, REDIS_PASSWORD_ENV, Secrets, load_secrets, read_api_keys
+from proto.quotas import TenantQuotas
 from proto.tier_capacity import dram_fit_problem
 
 __all__ = ["API_KEYS_ENV", "REDIS_PASSWORD_ENV", "load_secrets", "read_api_keys", "ConfigError", "LullConfig", "Secrets", "load_config", "SECTIONS", "definition", "parse_setting"]
@@ -164,6 +165,7 @@ class AuthConfig(Section):
     NAME: ClassVar[str] = "auth"
     required: bool = setting(False, "Refuse requests without a valid API key (bearer).", Flag())
     api_keys_file: str | None = setting(None, "File of 'tenant:key' lines; LULL_API_KEYS adds comma-separated pairs.", Nullable(Text()))
+    quotas: dict | None = setting(None, "Per-tenant limits (proto/quotas.py), {tenant: {max_sessions, requests_per_second, gpu_share}}; '*': every tenant; null or a field left out: unlimited.", Nullable(TenantQuotas()))
 
 
 @dataclass(frozen=True)

@@ -57,3 +57,9 @@ def path_safe_id(what: str, value: str) -> str:
     if problem:
         raise ValueError(problem)
     return value
+
+
+def tenant_of(session_key: str) -> str:
+    """The tenant of a session key (``tenant/session``); "" for a bare id (an internal caller's)."""
+    tenant, slash, _ = session_key.partition("/")
+    return tenant if slash else ""

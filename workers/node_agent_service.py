@@ -217,12 +217,47 @@ def _id_problems(request) -> str:
     return problem
 
 
+class _Undecodable:
+    """A request whose bytes are not the method's message (gRPC would answer INTERNAL)."""
+
+
+class RejectUndecodable(grpc.ServerInterceptor):
+    """A request that does not parse as its message gets INVALID_ARGUMENT, not INTERNAL. Installed
+    after ``TokenCheck``, whose refusal then parses tolerantly too: UNAUTHENTICATED comes first."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, handler_call_details.method.rpartition("/")[2]
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except Exception:  # DecodeError, or bytes that are not valid UTF-8 in a string field
+                return _Undecodable()
+
+        def checked(behavior):
+            def call(request, context):
+                if isinstance(request, _Undecodable):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {method} message")
+                return behavior(request, context)
+            return call
+
+        if handler.unary_unary is not None:
+            return handler._replace(request_deserializer=tolerant, unary_unary=checked(handler.unary_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(request_deserializer=tolerant, unary_stream=checked(handler.unary_stream))
+        return handler
+
+
 def serve(agent: NodeAgent, port: int = 0, host: str = "127.0.0.1", *, token: str,
           metrics: dict | None = None) -> tuple[grpc.Server, int, NodeAgentServicer]:
     """Start the agent's gRPC server on ``host`` (the node's own address, never every
     interface by default); every call must carry ``token``. Returns the server, the bound
     port (pick one with port=0) and the servicer."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[TokenCheck(token)])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                         interceptors=[TokenCheck(token), RejectUndecodable()])
     servicer = NodeAgentServicer(agent, metrics=metrics)
     pb_grpc.add_NodeAgentServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -22,9 +22,11 @@ from controller.gateway.metrics import CallMetrics, count_rest_requests
 from controller.gateway.protocol import Authenticator
 from controller.gateway.rest import create_app
 from controller.gateway.prompt_counter import PromptCounter
+from controller.gateway.quotas import TenantGate
 from controller.gateway.service import GatewayCore, Limits
 from proto.config import LullConfig
 from proto.engine_call import EngineCall
+from proto.quotas import Quotas
 from proto.names import CONTROLLER_ACTOR, GATEWAY_DEPLOYMENT, RAY_NAMESPACE
 from proto.telemetry.metrics import make_metrics
 from proto.telemetry.tracing import setup_tracing
@@ -67,7 +69,8 @@ class LullGateway:
                         default_max_tokens=config.gateway.default_max_tokens,
                         gate_timeout_s=self.config.gateway.gate_timeout_s)
         self.engines = ServeEngines(engine_handle)
-        self.core = GatewayCore(self.controller, self.engines, counter, limits, CallMetrics(self.metrics))
+        self.core = GatewayCore(self.controller, self.engines, counter, limits, CallMetrics(self.metrics),
+                                TenantGate(Quotas(config.auth.quotas)))
         self.model_name = engine["served_model_name"]
         grpc_port = config.gateway.grpc_port
         self.grpc_server = None

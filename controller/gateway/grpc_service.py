@@ -52,6 +52,8 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
 
     async def _abort(self, error: ApiError, context):
+        if retry := error.headers.get("Retry-After"):
+            context.set_trailing_metadata((("retry-after", retry),))  # seconds, as REST's header
         await context.abort(STATUS_OF_HTTP.get(error.status, grpc.StatusCode.INTERNAL), error.message)
 
     async def OpenSession(self, request, context):

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,8 +27,10 @@ from controller.gateway.controller_client import ControllerClient
 from controller.gateway.metrics import CallMetrics
 from controller.gateway.prompt_counter import INLINE_BODY_BYTES, PromptCounter
 from controller.gateway.protocol import ApiError, lull_fields
+from controller.gateway.quotas import TenantGate, Ticket
 from proto.actor_errors import ACTOR_GONE, cause, is_error
 from proto.engine_call import CallUsage, EngineCall
+from proto.quotas import Quotas
 from proto.telemetry import tracing
 
 __all__ = ["Call", "ControllerClient", "Engines", "Forwarded", "GatewayCore", "Limits"]
@@ -96,9 +99,10 @@ class Forwarded:
 
 class GatewayCore:
     def __init__(self, controller: ControllerClient, engines: Engines, counter: PromptCounter, limits: Limits,
-                 metrics: CallMetrics | None = None):
+                 metrics: CallMetrics | None = None, quotas: TenantGate | None = None):
         self.controller, self.engines, self.counter, self.limits = controller, engines, counter, limits
         self.metrics = metrics or CallMetrics()
+        self.quotas = quotas or TenantGate(Quotas())
 
     def booked_output(self, call: Call, prompt_tokens: int, client_limit: int | None, prompts: int) -> int:
         """Output tokens to book: the client's limit, or `default_max_tokens` when it sets none (vLLM then
@@ -117,7 +121,21 @@ class GatewayCore:
 
     async def forward(self, call: Call) -> Forwarded:
         """Admit the call, then forward it; errors before the engine's first token raise here (an
-        `ApiError` for the client's own), so the REST layer can still answer with a status."""
+        `ApiError` for the client's own, a 429 for a tenant over its quota), so the REST layer can
+        still answer with a status. The call counts in its tenant's quota until its answer is read."""
+        ticket = self.quotas.enter(call.tenant, call.key)
+        if not ticket:  # an unlimited tenant: nothing to give back
+            return await self._forward(call)
+        try:
+            forwarded = await self._forward(call)
+        except BaseException:
+            ticket.release()
+            raise
+        forwarded.chunks = _released(forwarded.chunks, ticket)
+        weakref.finalize(forwarded, ticket.release)  # an answer dropped unread
+        return forwarded
+
+    async def _forward(self, call: Call) -> Forwarded:
         rendered = await self.counter.count(call.kind, call.body, call.size)
         output = self.booked_output(call, rendered.prompt_tokens, rendered.max_tokens, rendered.prompts)
         retry_until = time.monotonic() + ENGINE_RETRY_S
@@ -258,6 +276,14 @@ class GatewayCore:
 
     async def session_state(self, key: str) -> dict | None:
         return await self.controller.session_state(key)
+
+
+async def _released(chunks: AsyncIterator[bytes], ticket: Ticket) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        ticket.release()
 
 
 async def _payload(call: Call, tier: str, call_id: str) -> bytes:

@@ -28,6 +28,11 @@ class Overlay:
         # nothing, so a burst of gated requests reuses one sort per replica.
         self.memo: dict[Location, tuple[int, list[str]]] = {}
 
+    @property
+    def state(self) -> ClusterState:
+        """The books under the view, as they were when the plan began (read only)."""
+        return self._state
+
     def record(self, session_id: str) -> SessionRecord:
         return self._state.sessions[session_id]
 

@@ -40,6 +40,10 @@ not fit, it holds one GPU tier (see ``_hold_for``) where nothing younger is admi
 there calls only end, so its room bound only grows, and it runs within its age plus
 the longest call running there plus one plan interval (``test_planner_starvation``).
 
+Tenant shares (``controller.policy.shares``): a session whose tenant is at its share of
+the GPU tier makes room only by displacing its own tenant's sessions; otherwise it waits,
+and it neither holds a tier when aged nor marks a need as futile for other tenants.
+
 Cost: a plan touches only the sessions that asked for attention and the tiers
 that are over capacity; idleness is computed on demand for the residents of the
 tiers it inspects.
@@ -47,10 +51,10 @@ tiers it inspects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from proto.config import LullConfig
+from proto.names import tenant_of
 from controller.policy.overlay import Overlay
+from controller.policy.planner_config import PlannerConfig
+from controller.policy.shares import GpuShares
 from controller.policy.state import ClusterState, SessionRecord
 from controller.policy.types import (
     WAITING,
@@ -65,39 +69,10 @@ from controller.policy.types import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class PlannerConfig:
-    displacement: bool = True
-    """Let a session that wants HBM displace more idle GPU residents."""
-    displace_margin: float = 0.0
-    """A victim must be more idle than the requester by more than this (hysteresis)."""
-    displacement_candidates: int = 8
-    """How many replicas (most free HBM first) to try displacing on for one request."""
-    prefetch: bool = True
-    """Promote a session when the client reports its tool call finished."""
-    shared_tier: bool = True
-    """Use the cluster-wide shared tier; without it, DRAM overflow drops KV."""
-    starvation_age_s: float | None = 30.0
-    """A request waiting this long goes first and holds a GPU tier (see the module doc); None: off."""
-
-    def __post_init__(self) -> None:
-        if self.starvation_age_s is not None and not self.starvation_age_s > 0:
-            raise ValueError(f"starvation_age_s must be > 0 or None, got {self.starvation_age_s}")
-        if not 0.0 <= self.displace_margin < 1.0:
-            raise ValueError(f"displace_margin must be in [0, 1), got {self.displace_margin}")
-        if self.displacement_candidates < 1:
-            raise ValueError(f"displacement_candidates must be >= 1, got {self.displacement_candidates}")
-
-    @classmethod
-    def from_config(cls, config: LullConfig) -> PlannerConfig:
-        """The planner for Lull's settings (``policy.*``; the shared tier is on when it has bytes)."""
-        return cls(displacement=config.policy.displacement, displace_margin=config.policy.displace_margin,
-                   prefetch=config.policy.prefetch, shared_tier=config.tiers.shared_capacity_gib > 0)
-
-
 class TierPlanner:
     def __init__(self, config: PlannerConfig | None = None) -> None:
         self.config = config or PlannerConfig()
+        self.shares = GpuShares(self.config.gpu_shares)
 
     def plan(self, state: ClusterState, now: float) -> Plan:
         view = Overlay(state, now)
@@ -177,18 +152,20 @@ class TierPlanner:
             if failed and failed[0] != view.changes:
                 failed = None  # something moved since: that failure proves nothing now
             growing = scope[1].tier is Tier.GPU  # its need counts what it holds: not comparable
+            capped = self.shares.over(view, record.session_id, need) > 0  # at its tenant's GPU share
             if (failed and not growing and need >= failed[1]) or len(held) == len(bounds):
                 replica = None  # (every GPU tier held: nothing younger can go anywhere)
             else:
                 replica = self._place_on_gpu(state, view, record, held, aged)
-                if replica is None:
+                if replica is None and not capped:  # a capped failure proves nothing for other tenants
                     futile[scope] = (view.changes, min(need, failed[1]) if failed else need)
-            if aged and replica is None and len(held) < len(bounds):
+            if aged and replica is None and len(held) < len(bounds) and not capped:
                 held.add(self._hold_for(state, view, record, bounds, held))
             if record.request is None:
                 continue
             if replica is None:
-                gates.append(Gate(record.session_id, "waiting for GPU capacity"))
+                gates.append(Gate(record.session_id, "the tenant is at its GPU-tier share" if capped
+                                  else "waiting for GPU capacity"))
             else:
                 view.admit(record.session_id, replica, record.request.need_tokens)
                 admits.append(Admit(record.session_id, replica, record.request.need_tokens))
@@ -300,6 +277,13 @@ class TierPlanner:
         """Make ``amount`` tokens free in a GPU tier, displacing if allowed. An aged
         request may displace every movable resident, those waiting for HBM too:
         otherwise two requests could hold each other off for ever."""
+        over = self.shares.over(view, requester, self._need(view.record(requester)))
+        if over > 0:  # at its tenant's GPU share: room only from its own sessions, at least ``over``
+            if not (aged or (self.config.displacement and view.record(requester).request is not None)):
+                return False
+            return self._make_room(view, target, amount, -1.0, MoveReason.DISPLACED, keep=requester,
+                                   wanting_more_idle_than=-1.0 if aged else view.idleness(requester),
+                                   tenant=tenant_of(requester), own=over)
         if amount <= view.free(target):
             return True
         if aged:
@@ -326,26 +310,29 @@ class TierPlanner:
         *,
         wanting_more_idle_than: float | None = -1.0,
         keep: str = "",
+        tenant: str | None = None,
+        own: int = 0,
     ) -> bool:
         """Free ``amount`` tokens in ``target`` by pushing residents more idle than
         ``more_idle_than`` one tier down, most idle first. Residents that want HBM
         themselves (last in the order) go only when more idle than
         ``wanting_more_idle_than`` (None: never). All or nothing: if the room cannot
-        be made in full, nothing moves. ``keep`` (the requester) never goes."""
-        room = view.free(target)
+        be made in full, nothing moves. ``keep`` (the requester) never goes. ``tenant``: only
+        that tenant's sessions go, ``own`` tokens of them at least (a tenant at its GPU share)."""
+        room = free = view.free(target)
         victims = []
         for session_id in self._demotion_order(view, target):
-            if session_id == keep:
+            if session_id == keep or (tenant is not None and tenant_of(session_id) != tenant):
                 continue
             iota = view.idleness(session_id)
-            if room >= amount or iota <= more_idle_than:
+            if (room >= amount and room - free >= own) or iota <= more_idle_than:
                 break
             if view.record(session_id).waiting_for_gpu and (
                     wanting_more_idle_than is None or iota <= wanting_more_idle_than):
                 break  # the order puts these last, most idle first
             victims.append(session_id)
             room += view.footprint(session_id)
-        if room < amount:
+        if room < amount or room - free < own:
             return False
         for session_id in victims:
             self._push_down(view, session_id, Tier(target.tier + 1), reason)

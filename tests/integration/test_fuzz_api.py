@@ -1,13 +1,17 @@
-"""Bad input at volume: Hypothesis against the live gateway's REST and gRPC APIs.
+"""Bad input at volume, from several tenants at once: Hypothesis against the live gateway's
+REST and gRPC APIs and a node agent's gRPC.
 
 One platform (the Serve app of `controller.assembly:build_app`, one vLLM-on-CPU engine
-replica, a real Redis) takes malformed JSON, wrong types, huge numbers, unicode,
-missing fields, random headers and session ids on every endpoint, random and
-malformed gRPC messages, and raw bytes that are no protobuf at all. Required:
-no 5xx (REST) and no INTERNAL/UNKNOWN/UNAVAILABLE (gRPC); a canary keeps being
-served while the fuzz runs; a session opened before the fuzz gives the same
-greedy output after it. The number of inputs tried is printed and recorded as
-test properties (`fuzz_rest_inputs`, `fuzz_grpc_inputs`).
+replica, its node agent, a real Redis) takes malformed JSON, wrong types, huge numbers,
+unicode, missing fields, random headers and session ids on every endpoint, random and
+malformed gRPC messages, and raw bytes that are no protobuf at all. Each example carries
+one input per tenant (three tenants, one of them under a rate quota), sent concurrently;
+each tenant's inputs name the other tenants' session ids. Required: no 5xx (REST) and no
+INTERNAL/UNKNOWN/UNAVAILABLE (gRPC); a canary keeps being served while the fuzz runs;
+each tenant's session opened before the fuzz is still there, as it was, and gives the
+same greedy output after it. The node agent (`fuzz_node_agent`) is fuzzed with its
+token and without it. The inputs tried and the status histograms are printed and
+recorded as test properties (`fuzz_rest_inputs`, `fuzz_grpc_inputs`, `fuzz_agent_inputs`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import http.client
 import json
 import os
 import threading
+import time
 import urllib.parse
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -26,14 +32,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proto import session_pb2 as spb
+from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
+from tests.integration.fuzz_node_agent import fuzz_node_agent
+from tests.integration.fuzz_session_grpc import (SERVICE, RESPONSE, auth_metadata, generate_request, send_grpc,
+                                                 unary_requests)
 from tests.integration.live_platform import serve_platform
+from tests.support import INTERNAL_TOKEN
 
 PORT, GRPC_PORT = 8767, 9767
 KEY = "sk-fuzz-test"
+KEYS = {"acme": KEY, "beta": "sk-fuzz-beta", "gamma": "sk-fuzz-gamma"}  # gamma: under a rate quota
+BYSTANDERS = {tenant: f"by-{tenant}-{uuid.uuid4().hex[:8]}" for tenant in KEYS}
 REST_EXAMPLES = int(os.environ.get("LULL_FUZZ_REST_EXAMPLES", "800"))
 GRPC_EXAMPLES = int(os.environ.get("LULL_FUZZ_GRPC_EXAMPLES", "400"))
 RAW_EXAMPLES = int(os.environ.get("LULL_FUZZ_RAW_EXAMPLES", "400"))
-SERVICE = "/lull.v1.SessionService/"
+AGENT_EXAMPLES = int(os.environ.get("LULL_FUZZ_AGENT_EXAMPLES", "300"))
+AGENT_RAW_EXAMPLES = int(os.environ.get("LULL_FUZZ_AGENT_RAW_EXAMPLES", "200"))
+
 BAD_GRPC = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
             grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNIMPLEMENTED}
 FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
@@ -41,8 +56,10 @@ FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthC
 
 @pytest.fixture(scope="module")
 def platform():
-    env = {"LULL_API_KEYS": f"acme:{KEY}", "LULL_ENGINE__MAX_MODEL_LEN": "512", "LULL_GATEWAY__GATE_TIMEOUT_S": "30"}
-    args = {"replicas": {"initial": 1}, "gateway": {"default_max_tokens": 3, "grpc_port": GRPC_PORT}}
+    env = {"LULL_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items()), "LULL_ENGINE__MAX_MODEL_LEN": "512",
+           "LULL_GATEWAY__GATE_TIMEOUT_S": "30"}
+    args = {"replicas": {"initial": 1}, "gateway": {"default_max_tokens": 3, "grpc_port": GRPC_PORT},
+            "auth": {"quotas": {"gamma": {"requests_per_second": 4}}}}
     with serve_platform(env, args, port=PORT, redis_maxmemory="32mb"):
         yield
 
@@ -64,11 +81,15 @@ def send(method: str, path: str, body: bytes | None, headers: dict[str, bytes]) 
         conn.close()
 
 
-def good_completion(session: str, prompt: list[int], max_tokens: int = 6) -> list[int]:
+def good_completion(session: str, prompt: list[int], max_tokens: int = 6, key: str = KEY) -> list[int]:
     body = json.dumps({"model": "lull", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
-    status, data = send("POST", "/v1/completions", body, {"authorization": f"Bearer {KEY}".encode(),
-                                                          "content-type": b"application/json",
-                                                          "x-session-id": session.encode()})
+    for _ in range(10):  # a tenant under a rate quota may have spent this second's calls
+        status, data = send("POST", "/v1/completions", body, {"authorization": f"Bearer {key}".encode(),
+                                                              "content-type": b"application/json",
+                                                              "x-session-id": session.encode()})
+        if status != 429:
+            break
+        time.sleep(1.0)
     assert status == 200, (status, data[:300])
     return json.loads(data)["choices"][0]["text"]
 
@@ -120,22 +141,28 @@ ENDPOINTS = [("POST", "/v1/chat/completions", chat_body), ("POST", "/v1/completi
              ("POST", "/v1/sessions/{sid}/tool_call_finished", None)]
 
 
+def others(tenant: str) -> list[str]:
+    """The session ids of the other tenants' bystanders: a tenant's inputs name them."""
+    return [sid for owner, sid in BYSTANDERS.items() if owner != tenant]
+
+
 @st.composite
-def rest_case(draw):
+def rest_case(draw, tenant: str):
+    key, names = KEYS[tenant], ["fz-a", "fz-b", "fz-c", *others(tenant)]
     method, path, structured = draw(st.sampled_from(ENDPOINTS))
     if draw(st.integers(0, 19)) == 0:
         method = draw(st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]))
-    sid = draw(st.sampled_from(["fz-a", "fz-b", "fz-c"]) | header_text)
+    sid = draw(st.sampled_from(names) | header_text)
     path = path.replace("{sid}", urllib.parse.quote(sid, safe="") or "x")
     body = draw(body_bytes(structured if structured is not None else json_values))
     headers: dict[str, bytes] = {}
     auth = draw(st.integers(0, 9))
     if auth < 7:
-        headers["authorization"] = f"Bearer {KEY}".encode()
+        headers["authorization"] = f"Bearer {key}".encode()
     elif auth < 9:
         headers["authorization"] = draw(header_text).encode("utf-8", "surrogatepass")
     if draw(st.booleans()):
-        headers["x-session-id"] = draw(st.sampled_from(["fz-a", "fz-b", "fz-c"]) | header_text).encode(
+        headers["x-session-id"] = draw(st.sampled_from(names) | header_text).encode(
             "utf-8", "surrogatepass")
     if draw(st.booleans()):
         headers["x-claude-code-session-id"] = draw(header_text).encode("utf-8", "surrogatepass")
@@ -173,149 +200,166 @@ class Canary:
         self._thread.join(timeout=180)
 
 
+def rest_state(tenant: str) -> dict:
+    """What another tenant could change of the tenant's bystander session: that it is open, its KV."""
+    status, data = send("GET", f"/v1/sessions/{BYSTANDERS[tenant]}", None,
+                        {"authorization": f"Bearer {KEYS[tenant]}".encode()})
+    assert status == 200, (tenant, status, data[:300])
+    state = json.loads(data)["state"]
+    return {"kv_tokens": state["kv_tokens"], "closing": state["closing"]}
+
+
+def rest_case_result(case) -> tuple[int, bytes] | None:
+    method, path, body, headers = case
+    if not all(legal_header(v) for v in headers.values()):
+        return None
+    return send(method, path, body, headers)
+
+
+def histogram(counts: Counter, prefix: str) -> dict:
+    return dict(sorted((k, v) for k, v in counts.items() if k.startswith(prefix)))
+
+
+def report(record_property, capsys, name: str, inputs: int, line: str) -> None:
+    """Record the inputs tried as the test property ``name`` and print ``line`` past pytest's capture."""
+    record_property(name, inputs)
+    with capsys.disabled():
+        print(f"\n{line}")
+
+
 def test_rest_fuzz_gets_no_5xx_and_leaves_other_sessions_alone(platform, record_property, capsys):
-    bystander = f"bystander-{uuid.uuid4().hex}"
     prompt_ids = [(i * 37) % 900 + 20 for i in range(60)]
-    before = good_completion(bystander, prompt_ids)
+    before = {t: good_completion(BYSTANDERS[t], prompt_ids, key=k) for t, k in KEYS.items()}
+    states = {t: rest_state(t) for t in KEYS}
     counts: Counter = Counter()
     problems: list[str] = []
+    pool = ThreadPoolExecutor(len(KEYS))
 
-    @settings(FUZZ, max_examples=REST_EXAMPLES)
-    @given(case=rest_case())
-    def fuzz(case):
-        method, path, body, headers = case
-        if not all(legal_header(v) for v in headers.values()):
-            counts["skipped_illegal_header"] += 1
-            return
-        counts["rest_inputs"] += 1
-        status, data = send(method, path, body, headers)
-        counts[f"status_{status}"] += 1
-        if status >= 500 or b'"server_error"' in data:
-            problems.append(f"{method} {path} headers={headers!r} body={body[:300]!r} -> {status} {data[:300]!r}")
+    @settings(FUZZ, max_examples=max(1, REST_EXAMPLES // len(KEYS)))
+    @given(cases=st.tuples(*(rest_case(tenant) for tenant in KEYS)))
+    def fuzz(cases):
+        for tenant, case, result in zip(KEYS, cases, pool.map(rest_case_result, cases)):
+            if result is None:
+                counts["skipped_illegal_header"] += 1
+                continue
+            (method, path, body, headers), (status, data) = case, result
+            counts["rest_inputs"] += 1
+            counts[f"status_{status}"] += 1
+            if status >= 500 or b'"server_error"' in data:
+                problems.append(f"{tenant}: {method} {path} headers={headers!r} body={body[:300]!r} -> "
+                                f"{status} {data[:300]!r}")
 
     with Canary() as canary:
         fuzz()
-    after = good_completion(bystander, prompt_ids)
-    record_property("fuzz_rest_inputs", counts["rest_inputs"])
-    with capsys.disabled():
-        print(f"\nREST fuzz: {counts['rest_inputs']} inputs tried; statuses "
-              f"{dict(sorted((k, v) for k, v in counts.items() if k.startswith('status')))}; "
-              f"canary calls {canary.calls}")
+    pool.shutdown()
+    after = {t: good_completion(BYSTANDERS[t], prompt_ids, key=k) for t, k in KEYS.items()}
+    report(record_property, capsys, "fuzz_rest_inputs", counts["rest_inputs"],
+           f"REST fuzz: {counts['rest_inputs']} inputs tried by {len(KEYS)} tenants at once; statuses "
+           f"{histogram(counts, 'status')}; canary calls {canary.calls}")
     assert not problems, "\n".join(problems[:10])
     assert not canary.failures, canary.failures[:5]
     assert canary.calls > 0
-    assert after == before  # greedy output of a session that ran before the fuzz is unchanged
+    assert {t: rest_state(t) for t in KEYS} == states, "a tenant's session was touched by another's inputs"
+    assert after == before  # greedy output of each tenant's session that ran before the fuzz is unchanged
 
 
 # -- gRPC ------------------------------------------------------------------------------------
 
-sid_text = st.sampled_from(["fz-g1", "fz-g2", ""]) | st.text(max_size=40) | st.just("s" * 300)
-sampling = st.builds(
-    lambda fields: spb.SamplingParams(**fields),
-    st.fixed_dictionaries({}, optional={
-        "max_tokens": st.integers(0, 3) | st.integers(0, 2**32 - 1),
-        "temperature": st.floats(width=32, allow_nan=True, allow_infinity=True),
-        "seed": st.integers(0, 2**64 - 1), "stop": st.lists(st.text(max_size=5), max_size=3)}))
+def sid_text(tenant: str):
+    return st.sampled_from(["fz-g1", "fz-g2", "", *others(tenant)]) | st.text(max_size=40) | st.just("s" * 300)
 
 
-@st.composite
-def generate_request(draw):
-    fields = {"session_id": draw(sid_text)}
-    kind = draw(st.integers(0, 3))
-    if kind == 0:
-        fields["text"] = draw(st.text(max_size=100))
-    elif kind == 1:
-        fields["token_ids"] = spb.TokenIds(ids=draw(st.lists(st.integers(0, 1100), max_size=40)))
-    elif kind == 2:
-        fields["token_ids"] = spb.TokenIds(ids=draw(st.lists(st.integers(0, 2**32 - 1), max_size=8)))
-    if draw(st.booleans()):
-        fields["sampling"] = draw(sampling)
-    return spb.GenerateRequest(**fields)
+def tenant_inputs(tenant: str, raw: bool):
+    """One tenant's gRPC input: a message, or raw bytes with the method, and its metadata."""
+    sids = sid_text(tenant)
+    if raw:
+        request = st.tuples(st.sampled_from(["Generate", *RESPONSE]), st.binary(max_size=300)).map(lambda r: ("raw", r))
+    else:
+        request = (generate_request(sids) | unary_requests(sids)).map(lambda r: ("message", r))
+    return st.tuples(st.just(tenant), request, auth_metadata(KEYS[tenant]))
 
 
-unary_requests = st.one_of(
-    st.builds(lambda sid, tenant, md: ("OpenSession", spb.OpenSessionRequest(session_id=sid, tenant=tenant,
-                                                                             metadata=md)),
-              sid_text, st.sampled_from(["", "acme", "other"]) | st.text(max_size=10),
-              st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)),
-    st.builds(lambda sid, t: ("ToolCallStarted", spb.ToolCallStartedRequest(session_id=sid, client_time_s=t)),
-              sid_text, st.floats(allow_nan=True)),
-    st.builds(lambda sid: ("ToolCallFinished", spb.ToolCallFinishedRequest(session_id=sid, tool_name="x")), sid_text),
-    st.builds(lambda sid: ("CloseSession", spb.CloseSessionRequest(session_id=sid)), sid_text),
-    st.builds(lambda sid: ("GetSessionState", spb.GetSessionStateRequest(session_id=sid)), sid_text),
-)
-RESPONSE = {"OpenSession": spb.OpenSessionResponse, "ToolCallStarted": spb.ToolCallStartedResponse,
-            "ToolCallFinished": spb.ToolCallFinishedResponse, "CloseSession": spb.CloseSessionResponse,
-            "GetSessionState": spb.SessionState}
-auth_metadata = st.sampled_from([(("authorization", f"Bearer {KEY}"),)] * 6 + [(), (("authorization", "Bearer no"),)]) \
-    | st.builds(lambda v: (("authorization", v),), st.text(st.characters(min_codepoint=32, max_codepoint=126),
-                                                            max_size=20))
-
-
-def grpc_code(call) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
+def grpc_state(channel, tenant: str) -> tuple:
+    get = channel.unary_unary(SERVICE + "GetSessionState", request_serializer=spb.GetSessionStateRequest.SerializeToString,
+                              response_deserializer=spb.SessionState.FromString)
+    state = get(spb.GetSessionStateRequest(session_id=BYSTANDERS[tenant]),
+                metadata=(("authorization", f"Bearer {KEYS[tenant]}"),), timeout=60)
+    return state.tenant, state.kv_tokens
 
 
 def test_grpc_fuzz_gets_no_internal_errors_and_leaves_other_sessions_alone(platform, record_property, capsys):
     channel = grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}")
-    auth = (("authorization", f"Bearer {KEY}"),)
-    bystander = f"bystander-{uuid.uuid4().hex}"
     prompt = spb.TokenIds(ids=[(i * 13) % 700 + 30 for i in range(50)])
     generate = channel.unary_stream(SERVICE + "Generate", request_serializer=spb.GenerateRequest.SerializeToString,
                                     response_deserializer=spb.GenerateChunk.FromString)
 
-    def greedy() -> list[int]:
-        chunks = generate(spb.GenerateRequest(session_id=bystander, token_ids=prompt,
-                                              sampling=spb.SamplingParams(max_tokens=6)), metadata=auth, timeout=120)
-        return [t for c in chunks for t in c.token_ids]
+    def greedy(tenant: str, tries: int = 10) -> list[int]:
+        request = spb.GenerateRequest(session_id=BYSTANDERS[tenant], token_ids=prompt,
+                                      sampling=spb.SamplingParams(max_tokens=6))
+        try:
+            chunks = generate(request, metadata=(("authorization", f"Bearer {KEYS[tenant]}"),), timeout=120)
+            return [t for c in chunks for t in c.token_ids]
+        except grpc.RpcError as error:  # a tenant under a rate quota may have spent this second's calls
+            if error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED or tries == 1:
+                raise
+            time.sleep(1.0)
+            return greedy(tenant, tries - 1)
 
-    before = greedy()
+    before = {t: greedy(t) for t in KEYS}
+    states = {t: grpc_state(channel, t) for t in KEYS}
     counts: Counter = Counter()
     problems: list[str] = []
+    pool = ThreadPoolExecutor(len(KEYS))
 
-    def check(what: str, code: grpc.StatusCode, detail) -> None:
-        counts[f"code_{code.name}"] += 1
-        if code in BAD_GRPC:
-            problems.append(f"{what}: {detail!r} -> {code}")
-
-    @settings(FUZZ, max_examples=GRPC_EXAMPLES)
-    @given(request=generate_request() | unary_requests, metadata=auth_metadata)
-    def fuzz_messages(request, metadata):
-        counts["grpc_messages"] += 1
-        if isinstance(request, tuple):
-            name, message = request
-            call = channel.unary_unary(SERVICE + name, request_serializer=type(message).SerializeToString,
-                                       response_deserializer=RESPONSE[name].FromString)
-            check(name, grpc_code(lambda: call(message, metadata=metadata, timeout=60)), message)
-        else:
-            check("Generate", grpc_code(lambda: list(generate(request, metadata=metadata, timeout=120))), request)
-
-    @settings(FUZZ, max_examples=RAW_EXAMPLES)
-    @given(method=st.sampled_from(["Generate", *RESPONSE]), raw=st.binary(max_size=300), metadata=auth_metadata)
-    def fuzz_raw_bytes(method, raw, metadata):
-        counts["grpc_raw_bytes"] += 1
-        if method == "Generate":
-            call = channel.unary_stream(SERVICE + method, request_serializer=None, response_deserializer=None)
-            check(method, grpc_code(lambda: list(call(raw, metadata=metadata, timeout=120))), raw)
-        else:
-            call = channel.unary_unary(SERVICE + method, request_serializer=None, response_deserializer=None)
-            check(method, grpc_code(lambda: call(raw, metadata=metadata, timeout=60)), raw)
+    def fuzz(inputs):
+        codes = pool.map(lambda one: send_grpc(channel, *one[1], one[2]), inputs)
+        for (tenant, (kind, request), metadata), code in zip(inputs, codes):
+            counts[f"grpc_{kind}"] += 1
+            counts[f"code_{code.name}"] += 1
+            if code in BAD_GRPC:
+                problems.append(f"{tenant}: {request!r:.300} metadata={metadata!r} -> {code}")
 
     with Canary() as canary:
-        fuzz_messages()
-        fuzz_raw_bytes()
-    after = greedy()
+        for raw, examples in ((False, GRPC_EXAMPLES), (True, RAW_EXAMPLES)):
+            run = given(inputs=st.tuples(*(tenant_inputs(t, raw) for t in KEYS)))(fuzz)
+            settings(FUZZ, max_examples=max(1, examples // len(KEYS)))(run)()
+    pool.shutdown()
+    after = {t: greedy(t) for t in KEYS}
+    final_states = {t: grpc_state(channel, t) for t in KEYS}
     channel.close()
-    total = counts["grpc_messages"] + counts["grpc_raw_bytes"]
-    record_property("fuzz_grpc_inputs", total)
-    with capsys.disabled():
-        print(f"\ngRPC fuzz: {total} inputs tried ({counts['grpc_messages']} messages, "
-              f"{counts['grpc_raw_bytes']} raw byte strings); codes "
-              f"{dict(sorted((k, v) for k, v in counts.items() if k.startswith('code')))}; canary calls {canary.calls}")
+    total = counts["grpc_message"] + counts["grpc_raw"]
+    report(record_property, capsys, "fuzz_grpc_inputs", total,
+           f"gRPC fuzz: {total} inputs tried by {len(KEYS)} tenants at once ({counts['grpc_message']} messages, "
+           f"{counts['grpc_raw']} raw byte strings); codes {histogram(counts, 'code')}; canary calls {canary.calls}")
     assert not problems, "\n".join(problems[:10])
     assert not canary.failures, canary.failures[:5]
-    assert after == before and len(after) == 6
+    assert final_states == states, "a tenant's session was touched by another's inputs"
+    assert after == before and all(len(tokens) == 6 for tokens in after.values())
+
+
+# -- node agent --------------------------------------------------------------------------------
+
+def test_node_agent_fuzz_gets_no_internal_errors_and_leaves_tenants_sessions_alone(platform, record_property,
+                                                                                  capsys):
+    import ray
+
+    controller = ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE)
+    agents = ray.get(controller.launch_options.remote())["agents"]
+    prompt_ids = [(i * 29) % 800 + 40 for i in range(40)]
+    before = {t: good_completion(BYSTANDERS[t], prompt_ids, key=k) for t, k in KEYS.items()}
+    states = {t: rest_state(t) for t in KEYS}
+    protected = [f"{tenant}/{sid}" for tenant, sid in BYSTANDERS.items()]
+    counts: Counter = Counter()
+    problems: list[str] = []
+    for address in agents.values():
+        found, trouble = fuzz_node_agent(address, INTERNAL_TOKEN, AGENT_EXAMPLES, AGENT_RAW_EXAMPLES, protected)
+        counts.update(found)
+        problems.extend(trouble)
+    total = counts["agent_messages"] + counts["agent_raw_bytes"]
+    report(record_property, capsys, "fuzz_agent_inputs", total,
+           f"node agent fuzz: {total} inputs tried on {len(agents)} agent(s) ({counts['agent_messages']} "
+           f"messages, {counts['agent_raw_bytes']} raw byte strings); codes {histogram(counts, 'code')}")
+    assert not problems, "\n".join(problems[:10])
+    assert counts["alive_after"] == len(agents) >= 1
+    assert {t: rest_state(t) for t in KEYS} == states, "a tenant's session was touched by the agent fuzz"
+    assert {t: good_completion(BYSTANDERS[t], prompt_ids, key=k) for t, k in KEYS.items()} == before

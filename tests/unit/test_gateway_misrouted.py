@@ -20,7 +20,7 @@ from controller.gateway.service import Call, GatewayCore, Limits
 from controller.runtime.actor import Controller
 from controller.runtime.live import LiveController
 from proto.engine_call import CallUsage, MisroutedCall
-from tests.unit.test_gateway_rest import MODEL, NoMoves, counter  # noqa: F401 (a fixture)
+from tests.unit.test_gateway_rest import MODEL, NoMoves
 
 
 class LeftEngines:

@@ -9,7 +9,6 @@ minute; vLLM's real answers are covered by tests/integration/test_agent_clients.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -17,7 +16,6 @@ from fastapi.testclient import TestClient
 from starlette.datastructures import Headers
 
 from controller.gateway.controller_client import ControllerClient
-from controller.gateway.prompt_counter import PromptCounter
 from controller.gateway.protocol import ANONYMOUS_TENANT, ApiError, Authenticator, inferred_session_id, session_id_from
 from controller.gateway.rest import create_app
 from controller.gateway.service import GatewayCore, Limits
@@ -25,7 +23,6 @@ from controller.runtime.actor import Controller
 from controller.runtime.live import LiveController
 from proto.config import Secrets
 from proto.engine_call import CallUsage
-from tests.support import counter_settings
 
 MODEL = "lull"
 
@@ -124,11 +121,6 @@ class CountingController:
             return await method(*args)
 
         return call
-
-
-@pytest.fixture(scope="module")
-def counter():
-    return asyncio.run(PromptCounter.start(counter_settings("hermes")))
 
 
 @pytest.fixture

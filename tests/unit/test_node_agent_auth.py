@@ -160,3 +160,21 @@ def test_serve_refuses_to_start_without_a_token(tmp_path):
     node = NodeAgent("n", DramStore(tmp_path, 1 << 20), None, dram_dir=str(tmp_path))
     with pytest.raises(ValueError, match="token"):
         serve(node, 0, "127.0.0.1", token="")
+
+
+@pytest.mark.parametrize("metadata, code", [(token_metadata(INTERNAL_TOKEN), grpc.StatusCode.INVALID_ARGUMENT),
+                                            (None, grpc.StatusCode.UNAUTHENTICATED)], ids=["token", "none"])
+def test_bytes_that_are_no_message_are_an_invalid_argument_never_internal(agent, metadata, code):
+    """The fuzzer's find: gRPC answered INTERNAL for a request its parser refused, with or without the token."""
+    node, address, _ = agent
+    with grpc.insecure_channel(address) as channel:
+        for method in ("PrepareMove", "ReportOccupancy", "AbortMove"):
+            call = channel.unary_unary(f"/lull.v1.NodeAgentService/{method}")
+            with pytest.raises(grpc.RpcError) as refused:
+                call(b"\xe8\xf4\xbf\x0f\xbfb\xb4\xb6", metadata=metadata, timeout=5)
+            assert refused.value.code() == code
+        stream = channel.unary_stream("/lull.v1.NodeAgentService/StreamOccupancy")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stream(b"\xff\xff\xff", metadata=metadata, timeout=5))
+        assert refused.value.code() == code
+    assert node.dram.session("s1").label == "dram" and not node.moves
