@@ -40,9 +40,9 @@ not fit, it holds one GPU tier (see ``_hold_for``) where nothing younger is admi
 there calls only end, so its room bound only grows, and it runs within its age plus
 the longest call running there plus one plan interval (``test_planner_starvation``).
 
-Cost: a plan touches only the sessions that asked for attention and the tiers
-that are over capacity; idleness is computed on demand for the residents of the
-tiers it inspects.
+Cost: a plan touches only the sessions that changed since the last one (through the
+state's index, ``controller.policy.waiting``), those that may fit, and the tiers
+over capacity; idleness is computed on demand for the residents of the tiers it inspects.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from controller.policy.state import ClusterState, SessionRecord
 from controller.policy.types import (
     WAITING,
     Admit,
+    HELD_REASON,
     Gate,
     Location,
     MoveReason,
@@ -100,17 +101,19 @@ class TierPlanner:
         self.config = config or PlannerConfig()
 
     def plan(self, state: ClusterState, now: float) -> Plan:
+        state.index.refresh(state)  # a cache of the books, brought up to date: no decision
         view = Overlay(state, now)
         releases = self._releases(state, view)
         self._fix_overflow(state, view)
-        admits, gates = self._promote(state, view, now)
-        return Plan(releases=tuple(releases), moves=tuple(view.moves), admits=tuple(admits), gates=tuple(gates))
+        admits, gates, waiting = self._promote(state, view, now)
+        return Plan(releases=tuple(releases), moves=tuple(view.moves), admits=tuple(admits), tried=tuple(gates),
+                    waiting=waiting)
 
     # -- steps ----------------------------------------------------------------
 
     def _releases(self, state: ClusterState, view: Overlay) -> list[Release]:
         releases = []
-        for session_id in state.attention:
+        for session_id, _ in sorted(state.index.others.items(), key=lambda item: item[1]):
             record = state.sessions[session_id]
             if record.closing and record.phase is not Phase.LLM:
                 releases.append(Release(session_id, record.location))
@@ -118,47 +121,57 @@ class TierPlanner:
         return releases
 
     def _fix_overflow(self, state: ClusterState, view: Overlay) -> None:
-        for where in sorted(state.capacity, key=lambda loc: (loc.tier, loc.replica or "")):
-            if view.free(where) >= 0:
-                continue
+        over = [where for where in state.capacity if view.free(where) < 0]
+        for where in sorted(over, key=lambda loc: (loc.tier, loc.replica or "")):
             for session_id in self._demotion_order(view, where):
                 if view.free(where) >= 0:
                     break
                 self._push_down(view, session_id, Tier(where.tier + 1), MoveReason.OVERFLOW)
 
-    def _promote(self, state: ClusterState, view: Overlay, now: float) -> tuple[list[Admit], list[Gate]]:
+    def _promote(self, state: ClusterState, view: Overlay,
+                 now: float) -> tuple[list[Admit], list[Gate], tuple[str, ...]]:
+        """Every session that wants HBM is either tried (keyed, in priority order) or held
+        without an attempt, as ``_may_fit`` says; the index finds the tried ones without
+        walking the held (see ``controller.policy.waiting``)."""
         gates: list[Gate] = []
         largest = state.largest_gpu()
-        bounds = self._room_bounds(state, view)
+        bounds = state.index.room_bounds(state)
         most = max(bounds.values(), default=0)
+        index = state.index
+        moved = {move.session_id for move in view.moves}  # by overflow: the index has them elsewhere
+        keyed: list = []
+        tried: set[str] = set()
+        for need, _, session_id in index.needing_more_than(largest):
+            # Accepted when a larger replica existed; it is gone. The caller fails
+            # the request or waits for capacity to come back.
+            tried.add(session_id)
+            gates.append(Gate(session_id, _too_large(need, largest)))
         age = self.config.starvation_age_s
-        keyed = []
-        for index, session_id in enumerate(state.attention):
+        if age is not None:
+            for arrived_at, seq, session_id in index.arrived_by(now - age + 1e-6):
+                if session_id not in tried and now - arrived_at >= age:
+                    tried.add(session_id)
+                    keyed.append(((-1, arrived_at), seq, state.sessions[session_id]))  # aged: oldest first
+        for scope, bound in (*bounds.items(), (None, most)):
+            for _, seq, session_id in index.fitting(scope, bound):
+                if session_id not in tried and session_id not in moved:
+                    tried.add(session_id)
+                    keyed.append((self._promotion_key(view, state.sessions[session_id]), seq,
+                                  state.sessions[session_id]))
+        # Moved by overflow (the index has them where they were), closing, or prefetching:
+        others = [(s, state.attention.get(s)) for s in moved] + list(index.others.items())
+        for session_id, seq in others:
             record = state.sessions[session_id]
-            if view.released(session_id) or not record.waiting_for_gpu or record.closing:
-                continue
-            if record.request is None and not self.config.prefetch:
+            if seq is None or session_id in tried or view.released(session_id) or record.closing \
+                    or not record.waiting_for_gpu or (record.request is None and not self.config.prefetch):
                 continue
             need = self._need(record)
-            if need > largest:
-                # Accepted when a larger replica existed; it is gone. The caller
-                # fails the request or waits for capacity to come back.
-                if record.request is not None:
-                    gates.append(Gate(session_id, _too_large(need, largest)))
-                continue
-            if age is not None and record.request is not None and now - record.request.arrived_at >= age:
-                keyed.append(((-1, record.request.arrived_at), index, record))  # aged: oldest first
-                continue
-            if not self._may_fit(view, record, need, bounds, most):
-                # Gated without a sort key or a placement attempt: under load most
-                # gated requests are here, and a plan runs on every event.
-                if record.request is not None:
-                    gates.append(Gate(session_id, "waiting for GPU capacity"))
-                continue
-            keyed.append((self._promotion_key(view, record), index, record))
+            if need <= largest and self._may_fit(view, record, need, bounds, most):
+                tried.add(session_id)  # (a request held here is in the plan's waiting list)
+                keyed.append((self._promotion_key(view, record), seq, record))
         keyed.sort(key=lambda item: item[:2])
         admits = self._admit_in_order(state, view, keyed, bounds, gates)
-        return admits, gates
+        return admits, gates, index.gated()
 
     def _admit_in_order(self, state: ClusterState, view: Overlay, keyed: list, bounds: dict[Location, int],
                         gates: list[Gate]) -> list[Admit]:
@@ -188,7 +201,7 @@ class TierPlanner:
             if record.request is None:
                 continue
             if replica is None:
-                gates.append(Gate(record.session_id, "waiting for GPU capacity"))
+                gates.append(Gate(record.session_id, HELD_REASON))
             else:
                 view.admit(record.session_id, replica, record.request.need_tokens)
                 admits.append(Admit(record.session_id, replica, record.request.need_tokens))
@@ -209,23 +222,9 @@ class TierPlanner:
         return max(gpus, key=lambda g: (g not in held, bounds[g], g.replica or ""))
 
     @staticmethod
-    def _room_bounds(state: ClusterState, view: Overlay) -> dict[Location, int]:
-        """The most HBM each GPU tier could offer in this plan: its capacity less
-        what displacement cannot move (sessions in an LLM call; a session wanting HBM
-        may be displaced by a less idle request, see ``_room``). Promotion only lowers
-        it: an admit pins what it takes, and a displacement frees exactly what it
-        moves out. So a need above it now fails all plan."""
-        bounds = {}
-        for replica in state.replicas:
-            where = Location(Tier.GPU, replica)
-            held = sum(view.footprint(s) for s in view.residents(where) if view.pinned(s))
-            bounds[where] = state.capacity[where] - held
-        return bounds
-
-    @staticmethod
     def _may_fit(view: Overlay, record: SessionRecord, need: int,
                  bounds: dict[Location, int], most: int) -> bool:
-        """A necessary condition for ``_place_on_gpu`` to succeed (see ``_room_bounds``)."""
+        """A necessary condition for ``_place_on_gpu`` to succeed (see ``AttentionIndex.room_bounds``)."""
         here = view.location(record.session_id)
         if here.tier is Tier.GPU:
             return need - view.footprint(record.session_id) <= bounds[here]

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from controller.policy.idleness import DEFAULT_CYCLES, IdlenessHistory
+from controller.policy.waiting import AttentionIndex
 from controller.policy.types import (
     SHARED,
     WAITING,
@@ -90,9 +91,12 @@ class ClusterState:
         self.used: dict[Location, int] = {SHARED: 0, WAITING: 0}
         self.residents: dict[Location, set[str]] = {SHARED: set(), WAITING: set()}
         self.replicas: dict[str, ReplicaSpec] = {}
-        # Sessions that want the planner's attention: waiting for GPU or closing.
-        # A dict keeps insertion order, so equal-priority requests stay FCFS.
-        self.attention: dict[str, None] = {}
+        # Sessions that want the planner's attention: waiting for GPU or closing, each
+        # with a sequence number that orders them as they came (equal-priority requests
+        # stay FCFS). ``index`` files them for the planner (``controller.policy.waiting``).
+        self.attention: dict[str, int] = {}
+        self.index = AttentionIndex()
+        self._seq = 0
         for spec in replicas:
             self.set_replica(spec)
 
@@ -122,7 +126,7 @@ class ClusterState:
                 record = self.sessions[session_id]
                 if record.phase is Phase.LLM:
                     record.history.call_aborted(now)
-                    self.attention[session_id] = None
+                    self._attend(session_id)
                 self._relocate(record, WAITING, record.context_tokens)
                 lost.append(session_id)
             del self.capacity[where], self.used[where], self.residents[where]
@@ -181,7 +185,7 @@ class ClusterState:
         record.request = PendingRequest(prompt_tokens, need, now)
         record.expecting = False
         record.active_at = now
-        self.attention[session_id] = None
+        self._attend(session_id)
 
     def call_finished(self, session_id: str, now: float, context_tokens: int) -> None:
         """The engine finished the call; the session's KV is ``context_tokens`` long."""
@@ -199,7 +203,7 @@ class ClusterState:
         record.active_at = now
         self._relocate(record, record.location, context_tokens)
         if record.closing:  # closed while its call was gated or running: release it now
-            self.attention[session_id] = None
+            self._attend(session_id)
 
     def call_abandoned(self, session_id: str, now: float) -> None:
         """The admitted call never reached the engine (its caller left): its reservation is
@@ -228,7 +232,7 @@ class ClusterState:
         record.active_at = now
         if record.phase is Phase.TOOL and not record.history.is_new:
             record.expecting = True
-            self.attention[session_id] = None
+            self._attend(session_id)
 
     def request_withdrawn(self, session_id: str, now: float) -> None:
         """The gated request will not run (its wait timed out, its client left)."""
@@ -238,6 +242,7 @@ class ClusterState:
         record.active_at = now
         if not record.closing:
             self.attention.pop(session_id, None)
+        self.index.touch(session_id)
 
     def restore_session(self, session_id: str, where: Location, context_tokens: int, now: float) -> None:
         """Re-enter a session found in a tier after a controller restart. Its idleness
@@ -253,7 +258,7 @@ class ClusterState:
     def close_session(self, session_id: str, now: float) -> None:
         record = self.get(session_id)
         record.closing = True
-        self.attention[session_id] = None
+        self._attend(session_id)
 
     # -- recording decisions ----------------------------------------------------------
 
@@ -311,6 +316,13 @@ class ClusterState:
         self.residents[record.location].discard(release.session_id)
         del self.sessions[release.session_id]
         self.attention.pop(release.session_id, None)
+        self.index.touch(release.session_id)
+
+    def _attend(self, session_id: str) -> None:
+        if session_id not in self.attention:  # one already there keeps its place
+            self._seq += 1
+            self.attention[session_id] = self._seq
+        self.index.touch(session_id)
 
     def _relocate(self, record: SessionRecord, where: Location, footprint: int) -> None:
         footprint = 0 if where.tier is Tier.WAITING else footprint
@@ -319,6 +331,7 @@ class ClusterState:
         self.used[where] += footprint
         self.residents[where].add(record.session_id)
         record.location, record.footprint = where, footprint
+        self.index.touch(record.session_id)
 
     # -- views ------------------------------------------------------------------
 
@@ -363,6 +376,7 @@ class ClusterState:
                 bound = max(capacity, self.pinned_tokens(where))
                 assert self.used[where] <= bound, f"{where}: {self.used[where]} > {capacity}"
         assert seen == set(self.sessions), "a session is in no tier"
+        self.index.check(self)
         for session_id in self.sessions:
             record = self.sessions[session_id]
             if record.location.replica is not None:
