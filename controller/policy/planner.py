@@ -47,11 +47,14 @@ over capacity; idleness is computed on demand for the residents of the tiers it 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 
 from proto.config import LullConfig
 from controller.policy.overlay import Overlay
 from controller.policy.state import ClusterState, SessionRecord
+from controller.policy.waiting import may_fit
 from controller.policy.types import (
     WAITING,
     Admit,
@@ -130,34 +133,29 @@ class TierPlanner:
 
     def _promote(self, state: ClusterState, view: Overlay,
                  now: float) -> tuple[list[Admit], list[Gate], tuple[str, ...]]:
-        """Every session that wants HBM is either tried (keyed, in priority order) or held
-        without an attempt, as ``_may_fit`` says; the index finds the tried ones without
-        walking the held (see ``controller.policy.waiting``)."""
+        """Each session that wants HBM is tried (in priority order) or, when ``may_fit`` says
+        it cannot fit, held untried; the index finds the tried ones without walking the rest."""
         gates: list[Gate] = []
         largest = state.largest_gpu()
         bounds = state.index.room_bounds(state)
         most = max(bounds.values(), default=0)
-        index = state.index
+        index, keyed, tried = state.index, [], set()
         moved = {move.session_id for move in view.moves}  # by overflow: the index has them elsewhere
-        keyed: list = []
-        tried: set[str] = set()
         for need, _, session_id in index.needing_more_than(largest):
-            # Accepted when a larger replica existed; it is gone. The caller fails
-            # the request or waits for capacity to come back.
+            # Accepted when a larger replica existed (gone): the caller fails it or waits.
             tried.add(session_id)
             gates.append(Gate(session_id, _too_large(need, largest)))
         age = self.config.starvation_age_s
-        if age is not None:
-            for arrived_at, seq, session_id in index.arrived_by(now - age + 1e-6):
-                if session_id not in tried and now - arrived_at >= age:
-                    tried.add(session_id)
-                    keyed.append(((-1, arrived_at), seq, state.sessions[session_id]))  # aged: oldest first
+
+        def aged(record: SessionRecord) -> bool:
+            return age is not None and record.request is not None and now - record.request.arrived_at >= age
+
         for scope, bound in (*bounds.items(), (None, most)):
             for _, seq, session_id in index.fitting(scope, bound):
-                if session_id not in tried and session_id not in moved:
+                record = state.sessions[session_id]
+                if session_id not in tried and session_id not in moved and not aged(record):
                     tried.add(session_id)
-                    keyed.append((self._promotion_key(view, state.sessions[session_id]), seq,
-                                  state.sessions[session_id]))
+                    keyed.append((self._promotion_key(view, record), seq, record))
         # Moved by overflow (the index has them where they were), closing, or prefetching:
         others = [(s, state.attention.get(s)) for s in moved] + list(index.others.items())
         for session_id, seq in others:
@@ -166,23 +164,30 @@ class TierPlanner:
                     or not record.waiting_for_gpu or (record.request is None and not self.config.prefetch):
                 continue
             need = self._need(record)
-            if need <= largest and self._may_fit(view, record, need, bounds, most):
+            if not aged(record) and need <= largest and may_fit(view, record, need, bounds, most):
                 tried.add(session_id)  # (a request held here is in the plan's waiting list)
                 keyed.append((self._promotion_key(view, record), seq, record))
         keyed.sort(key=lambda item: item[:2])
-        admits = self._admit_in_order(state, view, keyed, bounds, gates)
+        # Aged requests go first, oldest first: their key (-1, arrival) sorts before every
+        # other, and the index keeps them in that order, so they are read only as far as
+        # they are used (once every GPU tier is held, the rest stay held).
+        oldest = () if age is None else (((-1, arrived_at), seq, state.sessions[session_id])
+                                         for arrived_at, seq, session_id in index.arrived_by(now - age + 1e-6)
+                                         if session_id not in tried and now - arrived_at >= age)
+        admits = self._admit_in_order(state, view, chain(oldest, keyed), bounds, gates)
         return admits, gates, index.gated()
 
-    def _admit_in_order(self, state: ClusterState, view: Overlay, keyed: list, bounds: dict[Location, int],
+    def _admit_in_order(self, state: ClusterState, view: Overlay, keyed: Iterable, bounds: dict[Location, int],
                         gates: list[Gate]) -> list[Admit]:
         admits = []
-        # Inside a group, requests come in ascending idleness (or, for new sessions,
-        # equal idleness and ascending size), so each later one may displace at most
-        # what an earlier one could. Once a need failed and nothing has moved since,
-        # every later need at least as large fails too: skip it.
+        # Inside a group, requests come in ascending idleness (new sessions: ascending size),
+        # so each may displace at most what an earlier one could. Once a need failed and
+        # nothing has moved since, every later need at least as large fails too: skip it.
         futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
         held: set[Location] = set()  # GPU tiers held by aged requests: nothing younger goes there
         for key, _, record in keyed:
+            if len(held) == len(bounds):
+                break  # every GPU tier held: nothing younger goes anywhere (the rest are in Plan.waiting)
             aged = key[0] == -1
             scope = (key[0], self._scope(view, record))
             need = self._need(record)
@@ -190,13 +195,12 @@ class TierPlanner:
             if failed and failed[0] != view.changes:
                 failed = None  # something moved since: that failure proves nothing now
             growing = scope[1].tier is Tier.GPU  # its need counts what it holds: not comparable
-            if (failed and not growing and need >= failed[1]) or len(held) == len(bounds):
-                replica = None  # (every GPU tier held: nothing younger can go anywhere)
-            else:
+            replica = None
+            if not (failed and not growing and need >= failed[1]):
                 replica = self._place_on_gpu(state, view, record, held, aged)
                 if replica is None:
                     futile[scope] = (view.changes, min(need, failed[1]) if failed else need)
-            if aged and replica is None and len(held) < len(bounds):
+            if aged and replica is None:
                 held.add(self._hold_for(state, view, record, bounds, held))
             if record.request is None:
                 continue
@@ -220,17 +224,6 @@ class TierPlanner:
         need = self._need(record)
         gpus = [g for g in bounds if state.capacity[g] >= need]
         return max(gpus, key=lambda g: (g not in held, bounds[g], g.replica or ""))
-
-    @staticmethod
-    def _may_fit(view: Overlay, record: SessionRecord, need: int,
-                 bounds: dict[Location, int], most: int) -> bool:
-        """A necessary condition for ``_place_on_gpu`` to succeed (see ``AttentionIndex.room_bounds``)."""
-        here = view.location(record.session_id)
-        if here.tier is Tier.GPU:
-            return need - view.footprint(record.session_id) <= bounds[here]
-        if here.tier is Tier.DRAM:
-            return need <= bounds[Location(Tier.GPU, here.replica)]
-        return need <= most
 
     # -- promotion -------------------------------------------------------------
 
@@ -291,8 +284,7 @@ class TierPlanner:
             (g for g in gpus if state.capacity[g] >= need),
             key=lambda g: (-view.free(g), g.replica),
         )
-        # Looking for victims costs an idleness sort per replica; the roomiest few
-        # are where displacement is cheapest, so a burst stays O(attention).
+        # Looking for victims costs an idleness sort per replica; the roomiest few are where it is cheapest.
         return roomiest[: self.config.displacement_candidates]
 
     def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: bool = False) -> bool:
@@ -379,8 +371,8 @@ class TierPlanner:
             level = Tier(level)
             if level is Tier.DRAM and replica is None:
                 continue
-            if level is Tier.SHARED and not self.config.shared_tier:
-                continue
+            if level is Tier.SHARED and not (self.config.shared_tier and view.link_in_time(session_id, size)):
+                continue  # (a copy its link would finish after the session's expected gap: dropped)
             if level is Tier.WAITING:
                 target = WAITING
             else:

@@ -96,6 +96,10 @@ class ClusterState:
         # stay FCFS). ``index`` files them for the planner (``controller.policy.waiting``).
         self.attention: dict[str, int] = {}
         self.index = AttentionIndex()
+        # The shared tier's link, as its owner reports it: when it has carried every copy
+        # booked on it, and its speed. None: not modelled (the planner ignores link time).
+        self.shared_link_free_at = 0.0
+        self.shared_link_tokens_per_s: float | None = None
         self._seq = 0
         for spec in replicas:
             self.set_replica(spec)
@@ -137,6 +141,12 @@ class ClusterState:
         if tokens < 0:
             raise ValueError(f"shared capacity must be >= 0, got {tokens}")
         self.capacity[SHARED] = tokens
+
+    def report_shared_link(self, free_at: float, tokens_per_s: float) -> None:
+        """The shared tier's link is busy until ``free_at`` and carries ``tokens_per_s``."""
+        if not tokens_per_s > 0:
+            raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s}")
+        self.shared_link_free_at, self.shared_link_tokens_per_s = free_at, tokens_per_s
 
     def capacity_of(self, where: Location) -> int | None:
         """None for the unbounded waiting set."""

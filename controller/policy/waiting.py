@@ -8,7 +8,7 @@ plan made planning quadratic in the cluster's size (a simulated 64-replica hour 
 each mutation marks its session dirty, and ``refresh`` (called by the planner before it
 reads) re-files only the dirty ones. The index answers, in the planner's own terms:
 
-- which gated requests pass ``TierPlanner._may_fit``: each is filed under the GPU
+- which gated requests pass ``may_fit``: each is filed under the GPU
   tier it may use (its own, from HBM or its node's DRAM; ``None``: any) with the
   threshold that tier's room bound must reach (its growth in place, or its need);
 - which have waited since a time (the aged ones), in arrival order;
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from controller.policy.types import Location, Phase, Tier
 
 if TYPE_CHECKING:
+    from controller.policy.overlay import Overlay
     from controller.policy.state import ClusterState, SessionRecord
 
 _AFTER = float("inf")  # sorts after every (value, seq) with that value
@@ -135,3 +136,15 @@ class AttentionIndex:
         assert pinned == {w: t for w, t in fresh.pinned.items() if t}, "pinned tokens wrong"
         for scope, entries in self._scopes.items():
             assert entries == sorted(fresh._scopes.get(scope, [])), f"{scope} bucket wrong"
+
+
+def may_fit(view: Overlay, record: SessionRecord, need: int, bounds: dict[Location, int], most: int) -> bool:
+    """A necessary condition for ``TierPlanner._place_on_gpu`` to succeed, on the plan's
+    view (see ``AttentionIndex.room_bounds``; ``most``: the largest bound). The index
+    files each gated request by the same test, on the books."""
+    here = view.location(record.session_id)
+    if here.tier is Tier.GPU:
+        return need - view.footprint(record.session_id) <= bounds[here]
+    if here.tier is Tier.DRAM:
+        return need <= bounds[Location(Tier.GPU, here.replica)]
+    return need <= most
