@@ -125,10 +125,7 @@ def build_workload(
 
     ``max_tokens``: what each request asks for, cut to the room the window leaves
     (the live gateway refuses more) and never below what the call produced; None: the
-    exact output (an oracle no live client has).
-
-    ``gap_model``: ``trace`` keeps each recorded tool-call gap; ``mori`` resamples it,
-    seeded, to MORI's published statistics (``loadgen.sim.gaps``).
+    exact output (an oracle no live client has). ``gap_model``: see ``loadgen.sim.gaps``.
     """
     gaps = GapModel(gap_model, seed)
     mains = [s for s in sessions if not s.is_subagent]
