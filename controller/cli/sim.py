@@ -52,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--trace-limit", type=int, default=None, help="read only the first N trace files")
     parser.add_argument("--seed", type=int, default=0, help="seeds session order and start times")
     parser.add_argument("--token-scale", type=float, default=1.0, help="multiply every call's tokens")
+    parser.add_argument("--gap-model", choices=("trace", "mori"), default="trace",
+                        help="trace: the recorded tool-call gaps; mori: resampled (seeded) to MORI's published "
+                             "P50 1.1 s, P90 2.0 s, P99 20 s")
     parser.add_argument("--arrival", choices=("closed", "poisson"), default="closed",
                         help="closed: MORI's closed loop; poisson: open-loop session arrivals")
     parser.add_argument("--rate", type=float, default=0.0, help="poisson: sessions per second, cluster-wide")
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     gpu, dram = profile.kv_capacity_tokens, profile.dram_kv_tokens
     workload = build_workload(load_sessions(args.trace_dir, limit=args.trace_limit),
                               context_window=profile.context_window, seed=args.seed, token_scale=args.token_scale,
-                              max_tokens=None if args.oracle_output else args.max_tokens)
+                              max_tokens=None if args.oracle_output else args.max_tokens,
+                              gap_model=args.gap_model)
     shared = None if args.shared_ratio is None else int(args.shared_ratio * gpu * args.replicas)
     console = Console(stderr=True)
     console.print(f"workload (simulated): {workload.notes}", markup=False, highlight=False)

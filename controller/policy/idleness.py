@@ -103,6 +103,16 @@ class IdlenessHistory:
         else:
             self._phase, self._since = Phase.TOOL, None
 
+    def expected_gap(self, now: float) -> float:
+        """How long the session's KV is expected to sit unused from now on: the mean of
+        its closed gaps, or the gap running now if that is already longer (0 when new)."""
+        gaps = [tool for _, tool in self._cycles]
+        running = 0.0
+        if self._phase is Phase.TOOL and self._since is not None:
+            gaps.pop()  # the open one, accounted from _since
+            running = _elapsed(self._since, now)
+        return max(sum(gaps) / len(gaps) if gaps else 0.0, running)
+
     def idleness(self, now: float) -> float:
         tool = llm = 0.0
         for llm_s, tool_s in self._cycles:

@@ -22,6 +22,7 @@ class Overlay:
         self._idleness: dict[str, float] = {}
         self._version: dict[Location, int] = {}
         self.changes = 0  # bumped by every tentative decision
+        self.link_free_at = state.shared_link_free_at  # with this plan's copies to and from the shared tier
         self.moves: list[Move] = []
         # For the planner's derived views of a location (its demotion order), valid
         # while ``version(where)`` is unchanged. Failed attempts to make room change
@@ -56,6 +57,19 @@ class Overlay:
             self._idleness[session_id] = iota
         return iota
 
+    def link_in_time(self, session_id: str, tokens: int) -> bool:
+        """Whether a copy of ``tokens`` to the shared tier, behind what its link already
+        carries, lands within the session's expected idle gap. The link is one resource
+        for the whole cluster; demotions queued past the gaps they fill only delay every
+        load behind them (at 64 simulated replicas the queue grew without bound and
+        throughput fell to a tenth), so such a session is dropped and recomputed instead.
+        Always True where the owner does not model the link."""
+        rate = self._state.shared_link_tokens_per_s
+        if rate is None:
+            return True
+        lands = max(self._now, self.link_free_at) + tokens / rate - self._now
+        return lands <= self._state.sessions[session_id].history.expected_gap(self._now)
+
     def pinned(self, session_id: str) -> bool:
         """Running an LLM call, or admitted to run one in this plan."""
         record = self._state.sessions[session_id]
@@ -89,6 +103,9 @@ class Overlay:
         self._placed[session_id] = (dst, footprint)
         self._arrived.setdefault(dst, {})[session_id] = None
         self._touch(src, dst)
+        rate = self._state.shared_link_tokens_per_s
+        if rate is not None and Tier.SHARED in (src.tier, dst.tier) and WAITING not in (src, dst):
+            self.link_free_at = max(self._now, self.link_free_at) + tokens / rate
         self.moves.append(Move(session_id, src, dst, tokens, reason))
 
     def admit(self, session_id: str, replica: str, tokens: int) -> None:

@@ -44,21 +44,27 @@ Tenant shares (``controller.policy.shares``): a session whose tenant is at its s
 the GPU tier makes room only by displacing its own tenant's sessions; otherwise it waits,
 and it neither holds a tier when aged nor marks a need as futile for other tenants.
 
-Cost: a plan touches only the sessions that asked for attention and the tiers
-that are over capacity; idleness is computed on demand for the residents of the
-tiers it inspects.
+Cost: a plan touches only the sessions that changed since the last one (through the
+state's index, ``controller.policy.waiting``), those that may fit, and the tiers
+over capacity; idleness is computed on demand for the residents of the tiers it inspects.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import chain
 
 from proto.names import tenant_of
 from controller.policy.overlay import Overlay
 from controller.policy.planner_config import PlannerConfig
 from controller.policy.shares import GpuShares
 from controller.policy.state import ClusterState, SessionRecord
+from controller.policy.waiting import may_fit
 from controller.policy.types import (
     WAITING,
     Admit,
+    CAPPED_REASON,
+    HELD_REASON,
     Gate,
     Location,
     MoveReason,
@@ -75,17 +81,19 @@ class TierPlanner:
         self.shares = GpuShares(self.config.gpu_shares)
 
     def plan(self, state: ClusterState, now: float) -> Plan:
+        state.index.refresh(state)  # a cache of the books, brought up to date: no decision
         view = Overlay(state, now)
         releases = self._releases(state, view)
         self._fix_overflow(state, view)
-        admits, gates = self._promote(state, view, now)
-        return Plan(releases=tuple(releases), moves=tuple(view.moves), admits=tuple(admits), gates=tuple(gates))
+        admits, gates, waiting = self._promote(state, view, now)
+        return Plan(releases=tuple(releases), moves=tuple(view.moves), admits=tuple(admits), tried=tuple(gates),
+                    waiting=waiting)
 
     # -- steps ----------------------------------------------------------------
 
     def _releases(self, state: ClusterState, view: Overlay) -> list[Release]:
         releases = []
-        for session_id in state.attention:
+        for session_id, _ in sorted(state.index.others.items(), key=lambda item: item[1]):
             record = state.sessions[session_id]
             if record.closing and record.phase is not Phase.LLM:
                 releases.append(Release(session_id, record.location))
@@ -93,58 +101,70 @@ class TierPlanner:
         return releases
 
     def _fix_overflow(self, state: ClusterState, view: Overlay) -> None:
-        for where in sorted(state.capacity, key=lambda loc: (loc.tier, loc.replica or "")):
-            if view.free(where) >= 0:
-                continue
+        over = [where for where in state.capacity if view.free(where) < 0]
+        for where in sorted(over, key=lambda loc: (loc.tier, loc.replica or "")):
             for session_id in self._demotion_order(view, where):
                 if view.free(where) >= 0:
                     break
                 self._push_down(view, session_id, Tier(where.tier + 1), MoveReason.OVERFLOW)
 
-    def _promote(self, state: ClusterState, view: Overlay, now: float) -> tuple[list[Admit], list[Gate]]:
+    def _promote(self, state: ClusterState, view: Overlay,
+                 now: float) -> tuple[list[Admit], list[Gate], tuple[str, ...]]:
+        """Each session that wants HBM is tried (in priority order) or, when ``may_fit`` says
+        it cannot fit, held untried; the index finds the tried ones without walking the rest."""
         gates: list[Gate] = []
         largest = state.largest_gpu()
-        bounds = self._room_bounds(state, view)
+        bounds = state.index.room_bounds(state)
         most = max(bounds.values(), default=0)
+        index, keyed, tried = state.index, [], set()
+        moved = {move.session_id for move in view.moves}  # by overflow: the index has them elsewhere
+        for need, _, session_id in index.needing_more_than(largest):
+            # Accepted when a larger replica existed (gone): the caller fails it or waits.
+            tried.add(session_id)
+            gates.append(Gate(session_id, _too_large(need, largest)))
         age = self.config.starvation_age_s
-        keyed = []
-        for index, session_id in enumerate(state.attention):
+
+        def aged(record: SessionRecord) -> bool:
+            return age is not None and record.request is not None and now - record.request.arrived_at >= age
+
+        for scope, bound in (*bounds.items(), (None, most)):
+            for _, seq, session_id in index.fitting(scope, bound):
+                record = state.sessions[session_id]
+                if session_id not in tried and session_id not in moved and not aged(record):
+                    tried.add(session_id)
+                    keyed.append((self._promotion_key(view, record), seq, record))
+        # Moved by overflow (the index has them where they were), closing, or prefetching:
+        others = [(s, state.attention.get(s)) for s in moved] + list(index.others.items())
+        for session_id, seq in others:
             record = state.sessions[session_id]
-            if view.released(session_id) or not record.waiting_for_gpu or record.closing:
-                continue
-            if record.request is None and not self.config.prefetch:
+            if seq is None or session_id in tried or view.released(session_id) or record.closing \
+                    or not record.waiting_for_gpu or (record.request is None and not self.config.prefetch):
                 continue
             need = self._need(record)
-            if need > largest:
-                # Accepted when a larger replica existed; it is gone. The caller
-                # fails the request or waits for capacity to come back.
-                if record.request is not None:
-                    gates.append(Gate(session_id, _too_large(need, largest)))
-                continue
-            if age is not None and record.request is not None and now - record.request.arrived_at >= age:
-                keyed.append(((-1, record.request.arrived_at), index, record))  # aged: oldest first
-                continue
-            if not self._may_fit(view, record, need, bounds, most):
-                # Gated without a sort key or a placement attempt: under load most
-                # gated requests are here, and a plan runs on every event.
-                if record.request is not None:
-                    gates.append(Gate(session_id, "waiting for GPU capacity"))
-                continue
-            keyed.append((self._promotion_key(view, record), index, record))
+            if not aged(record) and need <= largest and may_fit(view, record, need, bounds, most):
+                tried.add(session_id)  # (a request held here is in the plan's waiting list)
+                keyed.append((self._promotion_key(view, record), seq, record))
         keyed.sort(key=lambda item: item[:2])
-        admits = self._admit_in_order(state, view, keyed, bounds, gates)
-        return admits, gates
+        # Aged requests go first, oldest first: their key (-1, arrival) sorts before every
+        # other, and the index keeps them in that order, so they are read only as far as
+        # they are used (once every GPU tier is held, the rest stay held).
+        oldest = () if age is None else (((-1, arrived_at), seq, state.sessions[session_id])
+                                         for arrived_at, seq, session_id in index.arrived_by(now - age + 1e-6)
+                                         if session_id not in tried and now - arrived_at >= age)
+        admits = self._admit_in_order(state, view, chain(oldest, keyed), bounds, gates)
+        return admits, gates, index.gated()
 
-    def _admit_in_order(self, state: ClusterState, view: Overlay, keyed: list, bounds: dict[Location, int],
+    def _admit_in_order(self, state: ClusterState, view: Overlay, keyed: Iterable, bounds: dict[Location, int],
                         gates: list[Gate]) -> list[Admit]:
         admits = []
-        # Inside a group, requests come in ascending idleness (or, for new sessions,
-        # equal idleness and ascending size), so each later one may displace at most
-        # what an earlier one could. Once a need failed and nothing has moved since,
-        # every later need at least as large fails too: skip it.
+        # Inside a group, requests come in ascending idleness (new sessions: ascending size),
+        # so each may displace at most what an earlier one could. Once a need failed and
+        # nothing has moved since, every later need at least as large fails too: skip it.
         futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
         held: set[Location] = set()  # GPU tiers held by aged requests: nothing younger goes there
         for key, _, record in keyed:
+            if len(held) == len(bounds):
+                break  # every GPU tier held: nothing younger goes anywhere (the rest are in Plan.waiting)
             aged = key[0] == -1
             scope = (key[0], self._scope(view, record))
             need = self._need(record)
@@ -153,19 +173,17 @@ class TierPlanner:
                 failed = None  # something moved since: that failure proves nothing now
             growing = scope[1].tier is Tier.GPU  # its need counts what it holds: not comparable
             capped = self.shares.over(view, record.session_id, need) > 0  # at its tenant's GPU share
-            if (failed and not growing and need >= failed[1]) or len(held) == len(bounds):
-                replica = None  # (every GPU tier held: nothing younger can go anywhere)
-            else:
+            replica = None
+            if not (failed and not growing and need >= failed[1]):
                 replica = self._place_on_gpu(state, view, record, held, aged)
                 if replica is None and not capped:  # a capped failure proves nothing for other tenants
                     futile[scope] = (view.changes, min(need, failed[1]) if failed else need)
-            if aged and replica is None and len(held) < len(bounds) and not capped:
+            if aged and replica is None and not capped:
                 held.add(self._hold_for(state, view, record, bounds, held))
             if record.request is None:
                 continue
             if replica is None:
-                gates.append(Gate(record.session_id, "the tenant is at its GPU-tier share" if capped
-                                  else "waiting for GPU capacity"))
+                gates.append(Gate(record.session_id, CAPPED_REASON if capped else HELD_REASON))
             else:
                 view.admit(record.session_id, replica, record.request.need_tokens)
                 admits.append(Admit(record.session_id, replica, record.request.need_tokens))
@@ -184,31 +202,6 @@ class TierPlanner:
         need = self._need(record)
         gpus = [g for g in bounds if state.capacity[g] >= need]
         return max(gpus, key=lambda g: (g not in held, bounds[g], g.replica or ""))
-
-    @staticmethod
-    def _room_bounds(state: ClusterState, view: Overlay) -> dict[Location, int]:
-        """The most HBM each GPU tier could offer in this plan: its capacity less
-        what displacement cannot move (sessions in an LLM call; a session wanting HBM
-        may be displaced by a less idle request, see ``_room``). Promotion only lowers
-        it: an admit pins what it takes, and a displacement frees exactly what it
-        moves out. So a need above it now fails all plan."""
-        bounds = {}
-        for replica in state.replicas:
-            where = Location(Tier.GPU, replica)
-            held = sum(view.footprint(s) for s in view.residents(where) if view.pinned(s))
-            bounds[where] = state.capacity[where] - held
-        return bounds
-
-    @staticmethod
-    def _may_fit(view: Overlay, record: SessionRecord, need: int,
-                 bounds: dict[Location, int], most: int) -> bool:
-        """A necessary condition for ``_place_on_gpu`` to succeed (see ``_room_bounds``)."""
-        here = view.location(record.session_id)
-        if here.tier is Tier.GPU:
-            return need - view.footprint(record.session_id) <= bounds[here]
-        if here.tier is Tier.DRAM:
-            return need <= bounds[Location(Tier.GPU, here.replica)]
-        return need <= most
 
     # -- promotion -------------------------------------------------------------
 
@@ -269,8 +262,7 @@ class TierPlanner:
             (g for g in gpus if state.capacity[g] >= need),
             key=lambda g: (-view.free(g), g.replica),
         )
-        # Looking for victims costs an idleness sort per replica; the roomiest few
-        # are where displacement is cheapest, so a burst stays O(attention).
+        # Looking for victims costs an idleness sort per replica; the roomiest few are where it is cheapest.
         return roomiest[: self.config.displacement_candidates]
 
     def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: bool = False) -> bool:
@@ -367,8 +359,8 @@ class TierPlanner:
             level = Tier(level)
             if level is Tier.DRAM and replica is None:
                 continue
-            if level is Tier.SHARED and not self.config.shared_tier:
-                continue
+            if level is Tier.SHARED and not (self.config.shared_tier and view.link_in_time(session_id, size)):
+                continue  # (a copy its link would finish after the session's expected gap: dropped)
             if level is Tier.WAITING:
                 target = WAITING
             else:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from controller.policy.idleness import DEFAULT_CYCLES, IdlenessHistory
+from controller.policy.waiting import AttentionIndex
 from controller.policy.types import (
     SHARED,
     WAITING,
@@ -90,9 +91,16 @@ class ClusterState:
         self.used: dict[Location, int] = {SHARED: 0, WAITING: 0}
         self.residents: dict[Location, set[str]] = {SHARED: set(), WAITING: set()}
         self.replicas: dict[str, ReplicaSpec] = {}
-        # Sessions that want the planner's attention: waiting for GPU or closing.
-        # A dict keeps insertion order, so equal-priority requests stay FCFS.
-        self.attention: dict[str, None] = {}
+        # Sessions that want the planner's attention: waiting for GPU or closing, each
+        # with a sequence number that orders them as they came (equal-priority requests
+        # stay FCFS). ``index`` files them for the planner (``controller.policy.waiting``).
+        self.attention: dict[str, int] = {}
+        self.index = AttentionIndex()
+        # The shared tier's link, as its owner reports it: when it has carried every copy
+        # booked on it, and its speed. None: not modelled (the planner ignores link time).
+        self.shared_link_free_at = 0.0
+        self.shared_link_tokens_per_s: float | None = None
+        self._seq = 0
         for spec in replicas:
             self.set_replica(spec)
 
@@ -122,7 +130,7 @@ class ClusterState:
                 record = self.sessions[session_id]
                 if record.phase is Phase.LLM:
                     record.history.call_aborted(now)
-                    self.attention[session_id] = None
+                    self._attend(session_id)
                 self._relocate(record, WAITING, record.context_tokens)
                 lost.append(session_id)
             del self.capacity[where], self.used[where], self.residents[where]
@@ -133,6 +141,12 @@ class ClusterState:
         if tokens < 0:
             raise ValueError(f"shared capacity must be >= 0, got {tokens}")
         self.capacity[SHARED] = tokens
+
+    def report_shared_link(self, free_at: float, tokens_per_s: float) -> None:
+        """The shared tier's link is busy until ``free_at`` and carries ``tokens_per_s``."""
+        if not tokens_per_s > 0:
+            raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s}")
+        self.shared_link_free_at, self.shared_link_tokens_per_s = free_at, tokens_per_s
 
     def capacity_of(self, where: Location) -> int | None:
         """None for the unbounded waiting set."""
@@ -181,7 +195,7 @@ class ClusterState:
         record.request = PendingRequest(prompt_tokens, need, now)
         record.expecting = False
         record.active_at = now
-        self.attention[session_id] = None
+        self._attend(session_id)
 
     def call_finished(self, session_id: str, now: float, context_tokens: int) -> None:
         """The engine finished the call; the session's KV is ``context_tokens`` long."""
@@ -199,7 +213,7 @@ class ClusterState:
         record.active_at = now
         self._relocate(record, record.location, context_tokens)
         if record.closing:  # closed while its call was gated or running: release it now
-            self.attention[session_id] = None
+            self._attend(session_id)
 
     def call_abandoned(self, session_id: str, now: float) -> None:
         """The admitted call never reached the engine (its caller left): its reservation is
@@ -228,7 +242,7 @@ class ClusterState:
         record.active_at = now
         if record.phase is Phase.TOOL and not record.history.is_new:
             record.expecting = True
-            self.attention[session_id] = None
+            self._attend(session_id)
 
     def request_withdrawn(self, session_id: str, now: float) -> None:
         """The gated request will not run (its wait timed out, its client left)."""
@@ -238,6 +252,7 @@ class ClusterState:
         record.active_at = now
         if not record.closing:
             self.attention.pop(session_id, None)
+        self.index.touch(session_id)
 
     def restore_session(self, session_id: str, where: Location, context_tokens: int, now: float) -> None:
         """Re-enter a session found in a tier after a controller restart. Its idleness
@@ -253,7 +268,7 @@ class ClusterState:
     def close_session(self, session_id: str, now: float) -> None:
         record = self.get(session_id)
         record.closing = True
-        self.attention[session_id] = None
+        self._attend(session_id)
 
     # -- recording decisions ----------------------------------------------------------
 
@@ -311,6 +326,13 @@ class ClusterState:
         self.residents[record.location].discard(release.session_id)
         del self.sessions[release.session_id]
         self.attention.pop(release.session_id, None)
+        self.index.touch(release.session_id)
+
+    def _attend(self, session_id: str) -> None:
+        if session_id not in self.attention:  # one already there keeps its place
+            self._seq += 1
+            self.attention[session_id] = self._seq
+        self.index.touch(session_id)
 
     def _relocate(self, record: SessionRecord, where: Location, footprint: int) -> None:
         footprint = 0 if where.tier is Tier.WAITING else footprint
@@ -319,6 +341,7 @@ class ClusterState:
         self.used[where] += footprint
         self.residents[where].add(record.session_id)
         record.location, record.footprint = where, footprint
+        self.index.touch(record.session_id)
 
     # -- views ------------------------------------------------------------------
 
@@ -363,6 +386,7 @@ class ClusterState:
                 bound = max(capacity, self.pinned_tokens(where))
                 assert self.used[where] <= bound, f"{where}: {self.used[where]} > {capacity}"
         assert seen == set(self.sessions), "a session is in no tier"
+        self.index.check(self)
         for session_id in self.sessions:
             record = self.sessions[session_id]
             if record.location.replica is not None:

@@ -98,13 +98,29 @@ class Release:
     location: Location
 
 
+HELD_REASON = "waiting for GPU capacity"
+CAPPED_REASON = "the tenant is at its GPU-tier share"  # auth.quotas gpu_share
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     releases: tuple[Release, ...] = ()
     moves: tuple[Move, ...] = ()
     admits: tuple[Admit, ...] = ()
-    gates: tuple[Gate, ...] = ()
+    tried: tuple[Gate, ...] = ()
+    """Requests the plan tried to place, or found too large, and held."""
+    waiting: tuple[str, ...] = ()
+    """Every request that was gated when the plan was made. Those neither admitted nor
+    in ``tried`` could not fit anywhere and were held without an attempt; their gates
+    are built only when ``gates`` is read (a plan runs on every event; most of a
+    backlog is these)."""
     notes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gates(self) -> tuple[Gate, ...]:
+        """Every request the plan held, with why."""
+        named = {gate.session_id for gate in self.tried} | {admit.session_id for admit in self.admits}
+        return self.tried + tuple(Gate(s, HELD_REASON) for s in self.waiting if s not in named)
 
     def __bool__(self) -> bool:
         return bool(self.releases or self.moves or self.admits or self.gates)

@@ -51,6 +51,7 @@ class CorePolicy(SimPolicy):
         self.driver = _driver(definition, self, cluster)
         self._now = 0.0  # the time of the event being planned on: moves book links then
         self._ready: dict[str, float] = {}  # session -> when its promotion's copy is in HBM
+        self._link_tokens_per_s = cluster.network.bandwidth / cluster.cost.kv_bytes(1)
 
     @property
     def state(self) -> ClusterState:
@@ -58,6 +59,8 @@ class CorePolicy(SimPolicy):
 
     def _step_if(self, plan_now: bool, now: float) -> None:
         self._now = now
+        if plan_now:  # the planner weighs the shared link's queue (``Overlay.link_in_time``)
+            self.state.report_shared_link(self.cluster.network.free_at, self._link_tokens_per_s)
         _step_if(self.driver, plan_now, now)
 
     def open(self, sid: str, now: float) -> None:

@@ -12,19 +12,24 @@ Inference System" (arXiv:2602.13692), and its router
 - Every ``scheduler_interval = 5`` s: first resume, then pause.
   Pause (``_pause_until_safe``), while a backend is over capacity: ACTING programs,
   smallest context first; then REASONING ones are marked, smallest first, and
-  paused when their call ends. A paused program's next request waits in the
-  global waiting queue. Nothing is offloaded: the engine keeps or evicts the
-  paused program's KV by its own LRU.
-  Resume (``_greedy_resume``): waiting programs in priority order (requests of
-  known programs, then new programs, then programs without a request; smallest
-  context first in each) while their sum fits the cluster's remaining capacity,
-  where ACTING tokens count ``2^-t`` after t seconds in the tool call
-  (``remaining_capacity_with_decay``); then placed best-fit-decreasing, the
+  paused when their call ends. A mark does not lower the overflow the loop reads
+  (``remaining_capacity`` leaves ``future_paused_tokens`` out), so once the ACTING
+  ones are gone every unmarked REASONING program on that backend is marked, and
+  marked ones still count as active at the next check. A paused program's next
+  request waits in the global waiting queue. Nothing is offloaded: the engine keeps
+  or evicts the paused program's KV by its own LRU.
+  Resume (``_greedy_resume``): waiting programs in priority order (programs on their
+  first step, ``step_count == 1``, after those with a request, then the rest;
+  smallest context first in each) while their sum fits the cluster's remaining
+  capacity, where ACTING tokens count ``2^-t`` after t seconds in the tool call
+  (``remaining_capacity_with_decay``: the paper's design, §4.3.1; the repository
+  has it behind ``--use-acting-token-decay``); then placed best-fit-decreasing, the
   largest on the backend with the most room. The queue is node-agnostic: a
   program may resume on another backend (its KV there is recomputed).
-  A program that waited ``1800`` s is resumed regardless (``_wait_for_resume``).
+  A request that waited ``1800`` s is resumed regardless (``_wait_for_resume``),
+  on its old backend, or a new program on the one with the fewest programs.
 - A new program is placed at once on the backend with the fewest active tokens
-  that has room for it, if nobody waits in the global queue; else it queues.
+  among those with room for it, if nobody waits in the global queue; else it queues.
 
 Under the admission layer each backend is the ``vllm-lru`` engine model (prefix
 cache, LRU, FCFS queue); ``ta-offload`` (MORI's TA+O baseline) swaps in the
@@ -48,10 +53,11 @@ class _Program:
     tokens: int = 0  # last known context (the request's prompt while it runs)
     acting_since: float | None = None  # None: REASONING (or not started)
     backend: str | None = None  # None while paused or before placement
-    paused_since: float | None = None
     marked: bool = False  # REASONING, to be paused when its call ends
     pending: CallSpec | None = None  # a request held while paused
+    waiting_since: float | None = None  # when the held request began to wait
     started: bool = False  # has had a request placed
+    steps: int = 0  # requests made (the router's step_count)
 
 
 @POLICIES.register("thunderagent")
@@ -72,17 +78,18 @@ class ThunderAgent(LruPolicy):
     def request(self, sid: str, now: float, call: CallSpec) -> None:
         program = self.programs[sid]
         program.acting_since = None
+        program.steps += 1
         program.tokens = call.input_tokens  # the router's estimate from the payload
         if not program.started:
             backend = self._place_new(program, now)
             if backend is None:
-                program.pending = call
+                program.pending, program.waiting_since = call, now
                 self._pause(sid, program, now)
                 return
             program.started = True
             self._settle(sid, backend)
         if program.backend is None:
-            program.pending = call  # paused: wait to be resumed
+            program.pending, program.waiting_since = call, now  # paused: wait to be resumed
             return
         super().request(sid, now, call)
 
@@ -127,19 +134,25 @@ class ThunderAgent(LruPolicy):
         if self.waiting:
             return None  # fairness: queue behind the waiting programs
         remaining = self._remaining(now, decay=False)
-        name = max(remaining, key=lambda r: (remaining[r], r))  # fewest active tokens
-        return name if remaining[name] >= program.tokens + BUFFER_PER_PROGRAM else None
+        roomy = [r for r in self.replicas if remaining[r] >= program.tokens + BUFFER_PER_PROGRAM]
+        active = self._active_tokens()
+        return min(roomy, key=lambda r: (active[r], r)) if roomy else None
+
+    def _active_tokens(self) -> dict[str, int]:
+        active = dict.fromkeys(self.replicas, 0)
+        for program in self.programs.values():
+            if program.backend is not None:
+                active[program.backend] += program.tokens
+        return active
 
     # -- pause and resume ------------------------------------------------------------
 
     def _pause(self, sid: str, program: _Program, now: float) -> None:
         program.backend = None
-        program.paused_since = now
         self.waiting[sid] = None
 
     def _pause_until_safe(self, backend: str, over: float, now: float) -> None:
         mine = [(p.tokens, sid, p) for sid, p in self.programs.items() if p.backend == backend]
-        over -= sum(p.tokens for _, _, p in mine if p.marked)  # released when their calls end
         acting = sorted(item for item in mine if item[2].acting_since is not None)
         reasoning = sorted(item for item in mine if item[2].acting_since is None and not item[2].marked)
         for tokens, sid, program in acting:
@@ -147,18 +160,15 @@ class ThunderAgent(LruPolicy):
                 return
             self._pause(sid, program, now)
             over -= tokens + BUFFER_PER_PROGRAM
-        for tokens, _, program in reasoning:
-            if over <= 0:
-                return
+        for _, _, program in reasoning:  # a mark does not lower ``over`` (see the module doc): all
             program.marked = True
-            over -= tokens
 
     def _resume(self, now: float) -> None:
         overdue = [sid for sid in self.waiting
                    if self.programs[sid].pending is not None
-                   and now - self.programs[sid].paused_since >= RESUME_TIMEOUT_S]
+                   and now - self.programs[sid].waiting_since >= RESUME_TIMEOUT_S]
         for sid in overdue:
-            self._wake(sid, self.home[sid].name if sid in self.home else self._emptiest(now), now)
+            self._wake(sid, self.home[sid].name if sid in self.home else self._fewest_programs(), now)
         if not self.waiting:
             return
         rooms = {name: room for name, room in self._remaining(now, decay=True).items()
@@ -168,9 +178,9 @@ class ThunderAgent(LruPolicy):
 
         def group(sid: str) -> int:
             program = self.programs[sid]
-            if program.pending is not None:
-                return 0 if program.started else 1
-            return 2
+            if program.steps <= 1:
+                return 1  # a new program (its first step), with a request or not
+            return 0 if program.pending is not None else 2
 
         order = sorted(self.waiting, key=lambda sid: (group(sid), self.programs[sid].tokens))
         total = sum(rooms.values())
@@ -193,14 +203,17 @@ class ThunderAgent(LruPolicy):
             if rooms[name] <= BUFFER_PER_PROGRAM:
                 del rooms[name]
 
-    def _emptiest(self, now: float) -> str:
-        remaining = self._remaining(now, decay=False)
-        return max(remaining, key=lambda r: (remaining[r], r))
+    def _fewest_programs(self) -> str:
+        count = dict.fromkeys(self.replicas, 0)
+        for program in self.programs.values():
+            if program.backend is not None:
+                count[program.backend] += 1
+        return min(count, key=lambda r: (count[r], r))
 
     def _wake(self, sid: str, backend: str, now: float) -> None:
         program = self.programs[sid]
         del self.waiting[sid]
-        program.paused_since = None
+        program.waiting_since = None
         program.started = True
         self._settle(sid, backend)
         call, program.pending = program.pending, None

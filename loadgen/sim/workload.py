@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from loadgen.scaling import ScaleSpec, scale_session
+from loadgen.sim.gaps import GapModel
 from loadgen.traces import TraceSession
 
 
@@ -109,6 +110,7 @@ def build_workload(
     seed: int = 0,
     token_scale: float = 1.0,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    gap_model: str = "trace",
 ) -> Workload:
     """Main agents only (see the module doc), scaled by ``token_scale``, shuffled by
     ``seed``, every call within ``context_window`` (prompt + output).
@@ -123,8 +125,9 @@ def build_workload(
 
     ``max_tokens``: what each request asks for, cut to the room the window leaves
     (the live gateway refuses more) and never below what the call produced; None: the
-    exact output (an oracle no live client has).
+    exact output (an oracle no live client has). ``gap_model``: see ``loadgen.sim.gaps``.
     """
+    gaps = GapModel(gap_model, seed)
     mains = [s for s in sessions if not s.is_subagent]
     specs = []
     capped = over = changed = 0
@@ -144,6 +147,7 @@ def build_workload(
         # The cap leaves input + output <= window; a rounding edge is skipped, not run.
         calls = tuple(_with_max_tokens(c, context_window, max_tokens) for c in spec.calls
                       if c.need_tokens <= context_window)
+        calls = tuple(replace(c, gap_s=gaps.gap(c.gap_s)) if i else c for i, c in enumerate(calls))
         if calls:
             specs.append(SessionSpec(spec.trace_id, calls))
     random.Random(seed).shuffle(specs)
@@ -156,7 +160,7 @@ def build_workload(
              f"{capped} sessions were compacted as an agent does (oldest history after the system "
              f"and tool prefix dropped to half the prompt budget, output capped at a quarter of the "
              f"window), shortening {changed:,} calls ({changed / max(1, total):.1%}); {skipped} calls "
-             f"dropped at a rounding edge; each request reserves prompt + {asked}")
+             f"dropped at a rounding edge; each request reserves prompt + {asked}; {gaps.describe()}")
     return Workload(tuple(specs), skipped, notes, total, over, changed)
 
 

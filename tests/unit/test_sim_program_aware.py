@@ -138,6 +138,17 @@ def test_thunderagent_marks_a_running_program_and_pauses_it_when_its_call_ends()
     assert run.policy.programs["A"].backend is None and "A" in run.policy.waiting
 
 
+def test_thunderagent_marks_every_running_program_once_no_acting_one_is_left_as_its_router_does():
+    """The router's loop reads ``remaining_capacity``, which a mark does not change."""
+    run = Harness("thunderagent", gpu=2000)
+    for sid in ("A", "B", "C"):
+        run.policy.open(sid, 0.0)
+        run.policy.request(sid, 0.0, CallSpec(0.0, 500, 10, 0))
+    run.policy.programs["A"].tokens = 900  # it grew while streaming: 200 over with the buffers
+    run.policy.tick(5.0)
+    assert all(run.policy.programs[sid].marked for sid in ("A", "B", "C"))
+
+
 def test_thunderagent_queues_new_programs_while_others_wait():
     run = Harness("thunderagent", gpu=1000 + BUFFER_PER_PROGRAM)
     run.policy.open("A", 0.0)
@@ -169,13 +180,14 @@ def test_thunderagent_resumes_on_the_roomiest_replica_and_frees_the_old_kv():
         run.policy.open(sid, 0.0)
         run.call(sid, 0.0, tokens, 0, done=1.0)
     homes = {sid: run.policy.home[sid].name for sid in ("big", "mid", "small")}
-    assert homes == {"big": "r1", "mid": "r0", "small": "r0"}, "new programs go where most room is"
-    run.policy.request("mid", 2.0, CallSpec(0.0, 1300, 10, 600))  # a long prompt: r0 is over
+    # The fewest active tokens among the backends with room; the first in order on a tie (the router's loop).
+    assert homes == {"big": "r0", "mid": "r1", "small": "r1"}, "new programs go where fewest tokens are"
+    run.policy.request("mid", 2.0, CallSpec(0.0, 1300, 10, 600))  # a long prompt: r1 is over
     run.policy.tick(3.0)
     assert paused(run) == ["small"]
     run.policy.request("small", 4.0, CallSpec(0.0, 400, 10, 300))
     run.policy.tick(5.0)
-    assert run.policy.home["small"].name == "r1"
-    r0 = run.policy.replicas["r0"]
-    assert "small" not in r0.idle and "small" not in r0.dram, "its KV on r0 is freed"
-    assert run.launches[-1][:3] == ("small", "r1", 0), "recomputed on r1"
+    assert run.policy.home["small"].name == "r0"
+    r1 = run.policy.replicas["r1"]
+    assert "small" not in r1.idle and "small" not in r1.dram, "its KV on r1 is freed"
+    assert run.launches[-1][:3] == ("small", "r0", 0), "recomputed on r0"
