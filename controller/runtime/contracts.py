@@ -31,12 +31,20 @@ class SessionClosed(RuntimeError):
     """The session was closed while its request waited at the gate."""
 
 
+class NotWrittenThrough(RuntimeError):
+    """A GPU-tier session has no copy in its node's DRAM tier to demote (the agent's
+    SOURCE_NOT_FOUND): its write-through is still on its way, or it was refused (a full
+    tmpfs) and its KV is only in the engine, which no move copies. The controller retries
+    for ``WRITE_THROUGH_GRACE_S`` after the session's last call, then recomputes it."""
+
+
 class Mover(Protocol):
     """Carries out the controller's moves. Called by ``plan_step``, one move at a
     time, in plan order; never for a session in an LLM call. Returns True only once
     the move committed (the destination owns the KV); False leaves the source owner.
     Raises ``SourceLost`` when a DRAM or shared source no longer has the KV (the agent's
-    SOURCE_NOT_FOUND): the driver then books the session as recomputed.
+    SOURCE_NOT_FOUND): the driver then books the session as recomputed; ``NotWrittenThrough``
+    when a GPU-tier source has no written-through copy.
     ``src_node`` / ``dst_node`` are the Ray nodes of per-replica ends, else None."""
 
     async def move(self, move: Move, src_node: str | None, dst_node: str | None) -> bool: ...

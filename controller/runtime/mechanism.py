@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from controller.policy import Admit, Location, Move, Release, SourceLost
-from controller.runtime.contracts import Admission, SessionClosed
+from controller.runtime.contracts import Admission, NotWrittenThrough, SessionClosed
 
 if TYPE_CHECKING:
     from controller.runtime.live import LiveController
 
 log = logging.getLogger(__name__)
+# How long after a session's last event its GPU-tier KV may still be on its way to DRAM (the
+# connector's write-through); a demotion that finds no copy after that recomputes it instead.
+WRITE_THROUGH_GRACE_S = 10.0
 
 
 @dataclass
@@ -53,6 +56,13 @@ class LiveMechanism:
             return bool(await live.mover.move(move, live._node(move.src), live._node(move.dst)))
         except SourceLost:
             raise  # the driver books the session as recomputed
+        except NotWrittenThrough as missing:
+            record = live.state.sessions.get(move.session_id)
+            if record is None or live.clock() - record.active_at < WRITE_THROUGH_GRACE_S:
+                return False  # its write-through may be on its way: a later step tries again
+            # Refused for good (a full DRAM tier): waiting would hold its GPU room for ever.
+            await live.release_copy(move.session_id, move.src)  # the engine's hold on its blocks
+            raise SourceLost(f"no written-through copy {WRITE_THROUGH_GRACE_S:.0f} s after its call: {missing}")
         except Exception:
             log.exception("move of %s %s -> %s failed", move.session_id, move.src, move.dst)
             return False

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import grpc
 
 from controller.policy import Location, Move, SourceLost, Tier
+from controller.runtime.contracts import NotWrittenThrough
 from proto.internal_auth import agent_channel
 from proto.telemetry import tracing
 from proto import node_agent_pb2 as pb
@@ -133,9 +134,10 @@ class GrpcMover:
         if prepared.WhichOneof("outcome") != "reserved":
             refusal = prepared.refused
             log.info("%s refused: %s (%s)", what, pb.RefusalReason.Name(refusal.reason), refusal.message)
-            if (refusal.reason == pb.REFUSAL_REASON_SOURCE_NOT_FOUND and request.kind != pb.MOVE_KIND_DROP
-                    and request.src.tier in (tiers_pb2.TIER_DRAM, tiers_pb2.TIER_SHARED)):
-                raise SourceLost(refusal.message)  # gone off-GPU: no retry brings it back
+            if refusal.reason == pb.REFUSAL_REASON_SOURCE_NOT_FOUND and request.kind != pb.MOVE_KIND_DROP:
+                if request.src.tier in (tiers_pb2.TIER_DRAM, tiers_pb2.TIER_SHARED):
+                    raise SourceLost(refusal.message)  # gone off-GPU: no retry brings it back
+                raise NotWrittenThrough(refusal.message)  # the controller decides: wait, or recompute
             return False
         try:
             done = await stub.CompleteMove(pb.CompleteMoveRequest(move_id=request.move_id), timeout=self.timeout_s)

@@ -18,6 +18,7 @@ import pytest
 
 from controller.policy import Location, Phase, Tier, UnknownSession
 from controller.runtime import GateTimeout, GrpcMover, LiveController, SessionClosed
+from controller.runtime.mechanism import WRITE_THROUGH_GRACE_S
 from proto import tiers_pb2
 from tests.support import INTERNAL_TOKEN, Engine, FakeClock
 from workers.dram_store import DramStore
@@ -176,6 +177,29 @@ def test_a_refused_move_leaves_the_books_unchanged_and_a_later_step_retries(plan
         engines["r1"].write_through("s1", 240)  # a later save got through
         await ctl.plan_step()  # the backstop tick
         assert (await waiting).replica_id == "r1" and where(ctl, "s1") == Location(Tier.DRAM, "r1")
+        ctl.check_integrity()
+
+    run(scenario)
+
+
+def test_a_gpu_session_never_written_through_is_recomputed_after_the_grace_and_the_gated_call_runs(plane):
+    """s1's write-through was refused (its DRAM tier's tmpfs full): its KV is only in the engine,
+    and the agent answers SOURCE_NOT_FOUND to every demotion. Within the grace that is retried (the
+    save may be on its way); after it, s1 is booked as recomputed and its GPU room freed, so s2 runs
+    instead of waiting at the gate for good (found by `lull chaos`'s shm-full fault)."""
+    agents, addresses, engines = plane
+
+    async def scenario():
+        ctl, clock = await s1_running(addresses)
+        waiting = await gated(ctl, "s2", 150)
+        engines["r1"].finish(ctl, "s1", 240, written=False)
+        await ctl.quiesce()
+        assert not waiting.done() and where(ctl, "s1") == Location(Tier.GPU, "r1")
+        clock.advance(WRITE_THROUGH_GRACE_S)
+        await ctl.plan_step()  # the backstop tick
+        admission = await asyncio.wait_for(waiting, 3)
+        assert admission.replica_id == "r1" and where(ctl, "s2") == Location(Tier.GPU, "r1")
+        assert where(ctl, "s1").tier is Tier.WAITING
         ctl.check_integrity()
 
     run(scenario)
