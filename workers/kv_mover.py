@@ -31,7 +31,7 @@ from workers.tier_errors import TierFull
 
 log = logging.getLogger(__name__)
 
-LOAD, SAVE, STATS, STOP = 0, 1, 2, 3  # queue priorities: lower runs first
+LOAD, STATS, SAVE, STOP = 0, 1, 2, 3  # queue priorities, lower first: counters stay fresh behind a long save
 
 
 @dataclass(frozen=True)
