@@ -1,4 +1,4 @@
-"""Reading and writing one block of a vLLM KV cache across all layers, whatever the layout.
+"""Whole blocks of a vLLM KV cache across all layers, gathered and scattered in one batch.
 
 vLLM hands the connector one tensor per attention layer. Their layouts differ
 by backend (CPU: `[num_blocks, kv_heads, block_size, 2*head_dim]`; FlashAttention:
@@ -6,6 +6,12 @@ by backend (CPU: `[num_blocks, kv_heads, block_size, 2*head_dim]`; FlashAttentio
 index is one dimension of the same size, `num_blocks`. A block's bytes are its
 slice along that dimension, layer after layer, so the same bytes load back into
 the same layout on any replica of the same model.
+
+`gather` and `scatter` move many blocks at once between the cache and a contiguous
+`[blocks, block_nbytes]` byte buffer on the cache's device, one indexed copy per
+layer (never one per block and layer); row i holds block i's bytes in the stored
+format. Moving that buffer across the host link is `workers.kv_copy`'s job. Imports
+torch only: the GPU bandwidth script runs it where vLLM is not installed.
 """
 
 from __future__ import annotations
@@ -37,22 +43,36 @@ class KvLayout:
         return cls(layers, dims[0])
 
     @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    def layer_nbytes(self) -> list[int]:
+        """Bytes of one block in each layer, in layer order."""
+        return [layer.select(self.block_dim, 0).numel() * layer.element_size() for layer in self.layers]
+
+    @property
     def block_nbytes(self) -> int:
-        return sum(layer.select(self.block_dim, 0).numel() * layer.element_size() for layer in self.layers)
+        return sum(self.layer_nbytes())
 
-    def read_block(self, block_id: int) -> bytes:
-        parts = [layer.select(self.block_dim, block_id).contiguous().cpu().reshape(-1).view(torch.uint8)
-                 for layer in self.layers]
-        return torch.cat(parts).numpy().tobytes()
+    def _block_shape(self, layer: torch.Tensor) -> tuple[int, ...]:
+        return tuple(layer.select(self.block_dim, 0).shape)
 
-    def write_block(self, block_id: int, data: bytes) -> None:
-        if len(data) != self.block_nbytes:
-            raise ValueError(f"block holds {len(data)} bytes, this model's blocks hold {self.block_nbytes}")
-        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        offset = 0
-        for layer in self.layers:
-            dst = layer.select(self.block_dim, block_id)
-            n = dst.numel() * layer.element_size()
-            src = flat[offset : offset + n].view(layer.dtype).reshape(dst.shape)
-            dst.copy_(src.to(dst.device, non_blocking=False))
-            offset += n
+    def gather(self, block_ids: torch.Tensor, out: torch.Tensor) -> None:
+        """Copy blocks `block_ids` (a long tensor on the cache's device) into `out`, a
+        `[len(block_ids), block_nbytes]` uint8 tensor on the same device, row per block."""
+        offset, n = 0, len(block_ids)
+        for layer, nbytes in zip(self.layers, self.layer_nbytes()):
+            rows = out[:, offset : offset + nbytes].view(layer.dtype).view(n, *self._block_shape(layer))
+            rows.copy_(layer.index_select(self.block_dim, block_ids).movedim(self.block_dim, 0))
+            offset += nbytes
+
+    def scatter(self, block_ids: torch.Tensor, src: torch.Tensor) -> None:
+        """Write rows of `src` (`[len(block_ids), block_nbytes]` uint8, on the cache's device)
+        into blocks `block_ids`: the inverse of `gather`."""
+        if src.shape[1] != self.block_nbytes:
+            raise ValueError(f"blocks hold {src.shape[1]} bytes, this model's blocks hold {self.block_nbytes}")
+        offset, n = 0, len(block_ids)
+        for layer, nbytes in zip(self.layers, self.layer_nbytes()):
+            rows = src[:, offset : offset + nbytes].view(layer.dtype).view(n, *self._block_shape(layer))
+            layer.index_copy_(self.block_dim, block_ids, rows.movedim(0, self.block_dim))
+            offset += nbytes
