@@ -61,7 +61,11 @@ def platform(tmpfs):
 # the controller never frees GPU-tier capacity again (its DRAM tier's index showed 4 sessions
 # labelled dram, ~1,100 of ~1,500 tokens, and none reached Redis). Suspect: NodeAgent.complete
 # pops the move before its DRAM label change and the engine's release line, which raise on a
-# full tmpfs, so the move is neither committed nor aborted. Failing, the run takes ~7 minutes
+# full tmpfs, so the move is neither committed nor aborted; or a GPU-tier session whose
+# write-through was refused, whose demotion the agent refuses (SOURCE_NOT_FOUND) on every
+# plan while the controller keeps its GPU room booked. `lull chaos` by hand showed the same
+# gate stall after an `agent` kill and calls stuck after a `controller` restart, so the cause
+# may be wider than shm-full. Failing, the run takes ~7 minutes
 # (gate timeouts), too long for CI: skipped until that is fixed; the check stays as it is.
 @pytest.mark.skip(reason="open bug: GPU tier never freed after shm-full (see the comment above)")
 def test_chaos_with_the_tier_faults_loses_no_session_and_every_answer_is_right(platform, monkeypatch):
