@@ -85,6 +85,12 @@ class LullEngine:
         async for part in self.replica.http(call):
             yield part
 
+    async def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose vLLM engine core died raises here,
+        and Serve replaces it as it does a dead actor (otherwise it answers every call with
+        vLLM's EngineDeadError for good)."""
+        await self.replica.engine.check_health()
+
     def metrics_text(self) -> str:
         """vLLM's own `vllm:*` metrics of this replica, in Prometheus text format."""
         from prometheus_client import REGISTRY, generate_latest

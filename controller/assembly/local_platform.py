@@ -84,7 +84,8 @@ def up(nodes: int, overrides: dict[str, dict[str, Any]]) -> int:
     cpus = os.cpu_count() or 1
     most = max(config.replicas.initial, config.replicas.max)
     overrides.setdefault("cluster", {}).setdefault("engine_cpus", local_engine_cpus(cpus, nodes, most))
-    state: dict = {"temp_dir": tempfile.mkdtemp(prefix="lull-ray-"), "port": config.gateway.http_port}
+    state: dict = {"temp_dir": tempfile.mkdtemp(prefix="lull-ray-"), "port": config.gateway.http_port,
+                   "dram_dir": config.tiers.dram_dir}  # `lull chaos` fills its filesystem
     env = _secured_env(state)
     state_path().parent.mkdir(parents=True, exist_ok=True)
     state_path().write_text(json.dumps(state))  # so `lull down` can clean up a half-started platform

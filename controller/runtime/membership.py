@@ -12,7 +12,10 @@ Who calls what, and why:
 - The controller actor calls ``check`` every ``CHECK_S``, and ``lost`` when the gateway saw
   a call fail with its replica gone: a replica whose node is gone is removed at once (its
   node-local KV went with the node) and the node's agent forgotten; a replica whose actor
-  is gone while its node lives is drained (its KV still sits in that node's DRAM).
+  is gone while its node lives is drained (its KV still sits in that node's DRAM). A KV
+  agent that died while its node lives (killed mid-move, say) is started again: its DRAM
+  tier outlives it on the node's tmpfs, and until it answers, moves of that node are not
+  sent (the books keep each session where it was; the next plan tries again).
 - A restarted controller calls ``restore`` before it rebuilds its books from the agents'
   reports: the replicas and agents it had, read back from the ``Store``, those still alive.
 
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from controller.runtime.drain import DrainReport, start_drain
+from proto.names import node_agent_actor
 
 log = logging.getLogger(__name__)
 CHECK_S = 1.0  # how often the controller looks for replicas and nodes that died
@@ -158,7 +162,8 @@ class Membership:
     # -- deaths ---------------------------------------------------------------------------
 
     async def check(self) -> None:
-        """Remove the replicas of dead nodes, forget those nodes' agents, drain replicas that died."""
+        """Remove the replicas of dead nodes, forget those nodes' agents, start again the agents
+        that died on living nodes, drain replicas that died."""
         nodes = await self.cluster.alive_nodes()
         if not nodes:  # the controller's own node lives: an empty answer is no answer
             raise RuntimeError("the cluster reported no alive node")
@@ -171,6 +176,13 @@ class Membership:
                         replica.replica_id, replica.node_id)
             self._remove(replica.replica_id)
         actors = await self.cluster.alive_actors()
+        for node_id in sorted(n for n in self.agents.addresses if node_agent_actor(n) not in actors):
+            log.warning("the KV agent of node %s is gone while its node lives; starting it again", node_id)
+            self.agents.forget_agent(node_id)  # its old address answers nothing now
+            self._changed()
+        for node_id in sorted({r.node_id for r in self.replicas.values()} - set(self.agents.addresses)):
+            if node_id not in self._agent_starts:  # a start that failed is tried again here
+                asyncio.get_running_loop().create_task(self._restart_agent(node_id))
         for replica in list(self.replicas.values()):
             if replica.actor_name not in actors and replica.replica_id not in self._drains:
                 log.warning("engine replica %s is gone while its node lives; draining its sessions",
@@ -217,6 +229,12 @@ class Membership:
             task = self._agent_starts[node_id] = asyncio.get_running_loop().create_task(self._start_agent(node_id))
             task.add_done_callback(lambda _: self._agent_starts.pop(node_id, None))
         await asyncio.shield(task)
+
+    async def _restart_agent(self, node_id: str) -> None:
+        try:
+            await self._ensure_agent(node_id)
+        except Exception as error:  # the next check tries again
+            log.warning("the KV agent of node %s did not start again: %s", node_id, error)
 
     async def _start_agent(self, node_id: str) -> None:
         address = await self.cluster.start_agent(node_id)

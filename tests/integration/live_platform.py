@@ -50,13 +50,13 @@ class TwoNodePlatform:
 
 
 @contextmanager
-def _environment(env: dict[str, str]) -> Iterator[str]:
+def _environment(env: dict[str, str], dram_root: str = "/dev/shm") -> Iterator[str]:
     """LULL_* settings in os.environ (Ray's workers inherit the driver's environment when
-    their raylet starts) and a DRAM-tier root; yields the root, restores both after."""
+    their raylet starts) and a DRAM-tier root in ``dram_root``; yields the root, restores both after."""
     env = {**BASE_ENV, **env}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    dram_dir = tempfile.mkdtemp(prefix="lull-test-dram-", dir="/dev/shm")
+    dram_dir = tempfile.mkdtemp(prefix="lull-test-dram-", dir=dram_root)
     try:
         yield dram_dir
     finally:
@@ -85,9 +85,11 @@ def _deploy(app_args: dict, dram_dir: str, redis: LocalRedis, port: int, **serve
 
 
 @contextmanager
-def serve_platform(env: dict[str, str], app_args: dict, *, port: int, redis_maxmemory: str = "64mb"):
-    """Start the platform on 127.0.0.1:`port`; yields the LocalRedis; stops everything after."""
-    with _environment(env) as dram_dir:
+def serve_platform(env: dict[str, str], app_args: dict, *, port: int, redis_maxmemory: str = "64mb",
+                   dram_root: str = "/dev/shm"):
+    """Start the platform on 127.0.0.1:`port`, its DRAM tier in a folder of ``dram_root``; yields
+    the LocalRedis; stops everything after."""
+    with _environment(env, dram_root) as dram_dir:
         ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=RAY_NAMESPACE, log_to_driver=False)
         redis = LocalRedis(redis_maxmemory).start()
         try:

@@ -12,6 +12,7 @@ from controller.policy import Location, Tier
 from controller.runtime import LiveController
 from controller.runtime.actor import Controller
 from controller.runtime.membership import MemoryStore, Membership, Replica
+from proto.names import node_agent_actor
 from tests.support import FakeClock
 
 GPU, DRAM, SHARED = 300, 300, 1000  # KV tokens
@@ -30,6 +31,7 @@ class FakeCluster:
     async def start_agent(self, node_id: str) -> str:
         self.agent_starts.append(node_id)
         await asyncio.sleep(0)  # a real start takes a while: concurrent registrations overlap it
+        self.actors.add(node_agent_actor(node_id))
         return f"{node_id}:7000"
 
 
@@ -63,6 +65,7 @@ def setup(store=None, agents=None, cluster=None):
     live = LiveController(CommitAll(), clock=lambda: clock.now)
     live.set_shared_capacity(SHARED)
     cluster = cluster or FakeCluster()
+    cluster.actors |= {node_agent_actor(n) for n in (agents.addresses if agents else ())}
     membership = Membership(lambda: live, agents or FakeAgents(), cluster, store or MemoryStore())
     return live, membership, cluster, clock
 
@@ -200,3 +203,31 @@ def test_a_replica_reported_dead_is_drained_before_ray_shows_it_and_unreachable_
         assert "r1" not in live.nodes
 
     run(scenario)
+
+
+def test_an_agent_that_died_on_a_living_node_is_started_again_and_its_moves_wait_meanwhile():
+    async def scenario():
+        _, membership, cluster, _ = setup()
+        await register(membership, cluster, replica("r1", "n1"), replica("r2", "n2"))
+        assert cluster.agent_starts == ["n1", "n2"]
+        cluster.actors.discard(node_agent_actor("n1"))  # killed mid-move, say
+        cluster.start_agent = slow_start(cluster)
+        await membership.check()
+        # Forgotten at once (its address answers nothing); the replicas stay.
+        assert "n1" not in membership.agents.addresses and set(membership.replicas) == {"r1", "r2"}
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert membership.agents.addresses == {"n1": "n1:7001", "n2": "n2:7000"}
+        await membership.check()  # alive again: nothing more happens
+        assert cluster.agent_starts == ["n1", "n2", "n1"]
+
+    run(scenario)
+
+
+def slow_start(cluster):
+    async def start_agent(node_id: str) -> str:
+        cluster.agent_starts.append(node_id)
+        await asyncio.sleep(0)
+        cluster.actors.add(node_agent_actor(node_id))
+        return f"{node_id}:7001"  # a fresh port
+    return start_agent

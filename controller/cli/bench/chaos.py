@@ -1,37 +1,36 @@
-"""`lull chaos`: inject faults into a running Lull platform during a closed-loop replay.
+"""`lull chaos`: inject faults into a running Lull platform during a closed-loop replay, and
+check every answer.
 
-    lull chaos --faults replica,controller,redis,node --duration 120 --json chaos.json
+    lull chaos --faults agent,redis-resident,shm-full,disconnect --duration 120 --json chaos.json
 
-Against the platform of `lull up` (its state file names the Ray address, the REST
-port and the Redis it started). Programs replay agent sessions (calls with tool
-gaps between them, each call's prompt extending the previous context) through the
-public REST API while faults are injected in turn, one every `--interval` seconds:
+Against the platform of `lull up` (its state file names the Ray address, the REST port, the
+Redis it started and the DRAM tier's folder). Programs replay agent sessions (calls with
+tool gaps between them, each call's prompt extending the previous context) through the
+public REST API while faults (``chaos_faults``: replica, controller, redis, node, agent,
+redis-resident, shm-full, disconnect) are injected in turn, one every ``--interval``
+seconds. Every call is greedy; after the replay every answer is compared with the same
+prompt answered from scratch with no fault in flight (``chaos_replay``: how, and why that
+is fair; start the platform with ``--set engine.dtype=float32``).
 
-- `replica`: kill one engine replica actor (Serve starts a new one);
-- `controller`: kill the controller actor as a crash would (Ray restarts it and
-  the gateway hands it the replicas; it rebuilds from the node agents);
-- `redis`: stop the Redis that `lull up` started for `--redis-down` seconds, then
-  start it again on the same port;
-- `node`: kill the Ray processes of one worker node (not the head, which runs the
-  gateway and the controller); needs `lull up --nodes 2` or more.
-
-A session fails when one of its calls fails; the report has `sessions_completed`,
-`sessions_failed`, and per fault when it was injected and how long until the
-platform answered a probe call again (`recovered_s`).
+The report: ``sessions_completed``, ``sessions_lost`` (a session whose call failed or
+never completed), ``wrong_outputs``, and per fault when it was injected, how long until
+a probe call was answered again (``recovered_s``), and the sessions lost and wrong
+outputs from its injection until the next fault's. Exit status 1 when a session was lost
+or an answer was wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FAULTS = ("replica", "controller", "redis", "node")
+from controller.cli.bench.chaos_faults import FAULTS, MIB, FaultRecord, Injector, Options, PlatformRedis, Target
+from controller.cli.bench.chaos_replay import Ledger, check_answers, http_call, replay_sessions
 
 
 def add_parser(subparsers):
@@ -42,6 +41,11 @@ def add_parser(subparsers):
     parser.add_argument("--interval", type=float, default=15.0, help="seconds between faults")
     parser.add_argument("--programs", type=int, default=4, help="concurrent agent programs")
     parser.add_argument("--redis-down", type=float, default=5.0, help="seconds Redis stays stopped")
+    parser.add_argument("--wait", type=float, default=20.0,
+                        help="seconds `agent` waits for a move in flight and `redis-resident` for sessions in Redis")
+    parser.add_argument("--shm-full", type=float, default=5.0, help="seconds the DRAM tier's filesystem stays full")
+    parser.add_argument("--shm-fill-max-mib", type=int, default=1024,
+                        help="`shm-full` fills the DRAM tier's filesystem only when it has at most this much free")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None, help="write the report here")
     parser.set_defaults(func=cmd_chaos)
@@ -49,153 +53,43 @@ def add_parser(subparsers):
 
 
 @dataclass
-class FaultRecord:
-    fault: str
-    at_s: float  # since the replay began
-    target: str = ""
-    injected: bool = True
-    recovered_s: float | None = None  # from injection until a probe call succeeded
-    note: str = ""
-
-
-@dataclass
 class ChaosReport:
     duration_s: float = 0.0
     sessions_completed: int = 0
-    sessions_failed: int = 0
+    sessions_lost: int = 0
     calls_completed: int = 0
+    calls_checked: int = 0
+    wrong_outputs: int = 0
     errors: list[str] = field(default_factory=list)
+    wrong: list[dict] = field(default_factory=list)
     faults: list[FaultRecord] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "errors": self.errors[:50]}
+        return {**asdict(self), "errors": self.errors[:50], "wrong": self.wrong[:50]}
 
 
-# -- the replay ------------------------------------------------------------------------------
+def fill_report(report: ChaosReport, ledger: Ledger) -> None:
+    """The ledger's counts, overall and per fault: each loss and wrong answer goes to the
+    latest fault injected before it (none: before the first fault)."""
+    report.sessions_completed = ledger.sessions_completed
+    report.sessions_lost, report.wrong_outputs = len(ledger.losses), len(ledger.wrong)
+    report.calls_completed = len(ledger.calls)
+    report.errors = [f"{loss.session} at {loss.at_s:g}s: {loss.error}" for loss in ledger.losses]
+    # Text lengths and positions only: logs and reports never carry the text itself.
+    report.wrong = [{"session": w.session, "at_s": w.at_s, "chars": len(w.got), "reference_chars": len(w.reference),
+                     "first_difference": next((i for i, (a, b) in enumerate(zip(w.got, w.reference)) if a != b),
+                                              min(len(w.got), len(w.reference)))} for w in ledger.wrong]
+    injected = sorted((f for f in report.faults if f.injected), key=lambda f: f.at_s)
 
-async def http_call(port: int, session: str, prompt: list[int], max_tokens: int, timeout_s: float = 300.0) -> list:
-    """One /v1/completions call by token ids (stdlib only); returns the output token count as ids' stand-in."""
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
-    headers = {"content-type": "application/json", "x-session-id": session, "content-length": str(len(body))}
-    if key := os.environ.get("LULL_CHAOS_API_KEY"):
-        headers["authorization"] = f"Bearer {key}"
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout_s)
-    try:
-        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        writer.write(f"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n{head}\r\n".encode()
-                     + body)
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout_s)
-    finally:
-        writer.close()
-    status_line, _, rest = raw.partition(b"\r\n")
-    if not status_line.startswith(b"HTTP/"):
-        raise ConnectionError(f"the gateway closed the connection without a response ({len(raw)} bytes)")
-    status = int(status_line.split()[1])
-    payload = rest.partition(b"\r\n\r\n")[2]
-    if status != 200:
-        raise RuntimeError(f"HTTP {status}: {payload[:200].decode(errors='replace')}")
-    usage = json.loads(payload)["usage"]
-    return [0] * usage["completion_tokens"]
+    def owner(at_s: float) -> FaultRecord | None:
+        return next((f for f in reversed(injected) if f.at_s <= at_s), None)
 
-
-async def replay_sessions(port: int, programs: int, deadline: float, report: ChaosReport, seed: int) -> None:
-    """Closed loop: each program runs sessions of 3-6 calls with short tool gaps until the deadline."""
-    async def program(p: int) -> None:
-        rng = random.Random(seed * 7919 + p)
-        n = 0
-        while time.monotonic() < deadline:
-            session, n = f"chaos-{seed}-{p}-{n}", n + 1
-            context = [rng.randrange(20, 1000) for _ in range(rng.randrange(40, 200))]
-            try:
-                for _ in range(rng.randrange(3, 7)):
-                    out = await http_call(port, session, context, max_tokens=rng.randrange(4, 24))
-                    report.calls_completed += 1
-                    context = context + [rng.randrange(20, 1000) for _ in range(len(out) + rng.randrange(5, 40))]
-                    await asyncio.sleep(rng.uniform(0.05, 1.0))  # the tool call
-                report.sessions_completed += 1
-            except Exception as error:  # a failed session is counted, never fatal to the replay
-                report.sessions_failed += 1
-                report.errors.append(f"{session}: {type(error).__name__}: {str(error)[:200]}")
-
-    await asyncio.gather(*(program(p) for p in range(programs)))
-
-
-# -- the faults ------------------------------------------------------------------------------
-
-class Injector:
-    def __init__(self, state: dict, redis_down_s: float, rng: random.Random):
-        self.state, self.redis_down_s, self.rng = state, redis_down_s, rng
-
-    async def inject(self, fault: str) -> FaultRecord:
-        return await getattr(self, fault)()
-
-    async def replica(self) -> FaultRecord:
-        import ray
-
-        from proto.names import ENGINE_DEPLOYMENT
-
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["namespace"] == "serve" and f"#{ENGINE_DEPLOYMENT}#" in a["name"]]
-        if not names:
-            return FaultRecord("replica", 0, injected=False, note="no engine replica found")
-        victim = self.rng.choice(sorted(names))
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        return FaultRecord("replica", 0, target=victim.rpartition("#")[2])
-
-    async def controller(self) -> FaultRecord:
-        import ray
-
-        from proto.names import CONTROLLER_ACTOR, RAY_NAMESPACE
-
-        ray.kill(ray.get_actor(CONTROLLER_ACTOR, namespace=RAY_NAMESPACE), no_restart=False)  # a crash
-        return FaultRecord("controller", 0, target=CONTROLLER_ACTOR)
-
-    async def redis(self) -> FaultRecord:
-        pid = self.state.get("redis_pid")
-        if not pid:
-            return FaultRecord("redis", 0, injected=False, note="Redis was not started by `lull up`; not touched")
-        port = self.state["redis_url"].rsplit(":", 1)[1].split("/")[0]
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        await asyncio.sleep(self.redis_down_s)
-        from controller.assembly.local_platform import start_redis, state_path
-
-        start_redis(self.state, int(port))  # with the password `up` gave it: the agents log in again
-        state_path().write_text(json.dumps(self.state))  # `lull down` stops the new Redis
-        return FaultRecord("redis", 0, target=f"127.0.0.1:{port}", note=f"down {self.redis_down_s:g} s")
-
-    async def node(self) -> FaultRecord:
-        import ray
-
-        head = ray.get_runtime_context().gcs_address.split(":")[0]
-        workers = [n for n in ray.nodes() if n["Alive"] and not n.get("Resources", {}).get("node:__internal_head__")]
-        if not workers:
-            return FaultRecord("node", 0, injected=False, note="no worker node: start with `lull up --nodes 2`")
-        victim = self.rng.choice(sorted(workers, key=lambda n: n["NodeID"]))
-        killed = kill_node_processes(victim)
-        if not killed:
-            return FaultRecord("node", 0, target=victim["NodeID"][:8], injected=False,
-                               note=f"no process of the node found (head {head})")
-        return FaultRecord("node", 0, target=victim["NodeID"][:8], note=f"{killed} processes killed")
-
-
-def kill_node_processes(node: dict) -> int:
-    """SIGKILL the raylet of a local Ray node (found by its socket name) and its workers."""
-    socket = node.get("RayletSocketName", "")
-    if not socket:
-        return 0
-    killed = 0
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and socket.encode() in (entry / "cmdline").read_bytes():
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed += 1
-        except (OSError, ProcessLookupError):
-            continue
-    return killed
+    for loss in ledger.losses:
+        if (fault := owner(loss.at_s)) is not None:
+            fault.sessions_lost += 1
+    for wrong in ledger.wrong:
+        if (fault := owner(wrong.at_s)) is not None:
+            fault.wrong_outputs += 1
 
 
 async def probe(port: int, began: float, timeout_s: float = 120.0) -> float | None:
@@ -212,31 +106,43 @@ async def probe(port: int, began: float, timeout_s: float = 120.0) -> float | No
     return None
 
 
-async def run_chaos(state: dict, faults: list[str], duration_s: float, interval_s: float, programs: int,
-                    redis_down_s: float, seed: int) -> ChaosReport:
+async def run_chaos(target: Target, faults: list[str], duration_s: float, interval_s: float, programs: int,
+                    options: Options, seed: int) -> ChaosReport:
+    """Replay for ``duration_s`` and inject ``faults`` in turn, each at least once (the replay
+    goes on until the last has recovered), then check every answer."""
     report = ChaosReport()
-    began = time.monotonic()
-    deadline = began + duration_s
-    injector = Injector(state, redis_down_s, random.Random(seed))
+    ledger = Ledger(time.monotonic())
+    deadline = ledger.began + duration_s
+    injector = Injector(target, options, random.Random(seed), ledger)
+    scheduled = asyncio.Event()
 
     async def schedule() -> None:
         i = 0
-        while time.monotonic() + interval_s < deadline:
+        while i < len(faults) or time.monotonic() + interval_s < deadline:
             await asyncio.sleep(interval_s)
             fault = faults[i % len(faults)]
             i += 1
             at = time.monotonic()
+            print(f"  {ledger.now_s():7.1f}s {fault} ...", file=sys.stderr, flush=True)
             try:
                 record = await injector.inject(fault)
             except Exception as error:
                 record = FaultRecord(fault, 0, injected=False, note=f"{type(error).__name__}: {str(error)[:200]}")
-            record.at_s = round(at - began, 3)
+            record.at_s = round(at - ledger.began, 3)
             if record.injected:
-                record.recovered_s = await probe(state["port"], at)
+                record.recovered_s = await probe(target.port, at)
             report.faults.append(record)
+            print(f"  {ledger.now_s():7.1f}s {fault}: {'injected' if record.injected else 'NOT injected'}, back after "
+                  f"{record.recovered_s} s; {record.note}", file=sys.stderr, flush=True)
+        scheduled.set()
 
-    await asyncio.gather(replay_sessions(state["port"], programs, deadline, report, seed), schedule())
-    report.duration_s = round(time.monotonic() - began, 3)
+    def running() -> bool:
+        return time.monotonic() < deadline or not scheduled.is_set()
+
+    await asyncio.gather(replay_sessions(target.port, programs, running, ledger, seed), schedule())
+    report.duration_s = ledger.now_s()
+    report.calls_checked = await check_answers(target.port, ledger, programs)
+    fill_report(report, ledger)
     return report
 
 
@@ -248,6 +154,17 @@ def parse_faults(text: str) -> list[str]:
     return faults
 
 
+def summary(report: ChaosReport) -> str:
+    def one(f: FaultRecord) -> str:
+        back = (f" back {f.recovered_s:g}s" if f.recovered_s is not None else
+                " (not injected)" if not f.injected else " NOT BACK")
+        return f"{f.fault}@{f.at_s:g}s{back} lost {f.sessions_lost} wrong {f.wrong_outputs}"
+
+    return (f"lull chaos: {report.sessions_completed} sessions completed, {report.sessions_lost} lost; "
+            f"{report.calls_completed} calls, {report.wrong_outputs} wrong of {report.calls_checked} checked; "
+            f"faults: " + ", ".join(map(one, report.faults)))
+
+
 def cmd_chaos(args) -> int:
     import ray
 
@@ -255,21 +172,21 @@ def cmd_chaos(args) -> int:
     from controller.assembly.local_platform import read_state
 
     faults = parse_faults(args.faults)
-    if args.duration <= 0 or args.interval <= 0 or args.programs < 1 or args.redis_down < 0:
-        raise ValueError("--duration and --interval must be > 0, --programs >= 1, --redis-down >= 0")
+    if (args.duration <= 0 or args.interval <= 0 or args.programs < 1 or args.redis_down < 0 or args.wait < 0
+            or args.shm_full < 0 or args.shm_fill_max_mib < 1):
+        raise ValueError("--duration and --interval must be > 0, --programs and --shm-fill-max-mib >= 1, "
+                         "--redis-down, --wait and --shm-full >= 0")
     state = read_state()
+    target = Target(state["port"], PlatformRedis(state) if state.get("redis_pid") else None, state.get("dram_dir"))
+    options = Options(redis_down_s=args.redis_down, wait_s=args.wait, shm_full_s=args.shm_full,
+                      shm_fill_max_bytes=args.shm_fill_max_mib * MIB)
     ray.init(address=state["address"], namespace=RAY_NAMESPACE, log_to_driver=False, logging_level="ERROR")
     try:
-        report = asyncio.run(run_chaos(state, faults, args.duration, args.interval, args.programs,
-                                       args.redis_down, args.seed))
+        report = asyncio.run(run_chaos(target, faults, args.duration, args.interval, args.programs, options,
+                                       args.seed))
     finally:
         ray.shutdown()
-    out = report.to_json()
-    print(f"lull chaos: {report.sessions_completed} sessions completed, {report.sessions_failed} failed, "
-          f"{report.calls_completed} calls; faults: "
-          + ", ".join(f"{f.fault}@{f.at_s:g}s" + (f" back {f.recovered_s:g}s" if f.recovered_s is not None else
-                                                  " (not injected)" if not f.injected else " NOT BACK")
-                      for f in report.faults))
+    print(summary(report))
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(out, indent=2))
-    return 0 if report.sessions_failed == 0 else 1
+        Path(args.json_path).write_text(json.dumps(report.to_json(), indent=2))
+    return 0 if report.sessions_lost == 0 and report.wrong_outputs == 0 else 1
