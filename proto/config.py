@@ -73,7 +73,7 @@ class EngineConfig(Section):
     max_model_len: int = setting(4096, "Longest context (prompt + output tokens) a request may reach.", IntRange(64, 1_048_576))
     block_size: int = setting(32, "Tokens per KV block (a multiple of 32 on cpu); tier accounting rounds to whole blocks.", OneOf((8, 16, 32, 64, 128)))
     max_num_seqs: int = setting(32, "Most requests one replica runs in a batch.", IntRange(1, 4096))
-    tensor_parallel_size: int = setting(1, "GPUs per replica (tensor parallelism); 1 on cpu.", OneOf((1, 2, 4, 8)))
+    tensor_parallel_size: int = setting(1, "GPUs per replica (tensor parallelism); only 1 for now: the KV connector stores one shard per block.", OneOf((1, 2, 4, 8)))
     gpu_memory_utilization: float = setting(0.9, "Fraction of each GPU's memory vLLM may use (weights + KV).", FloatRange(0.0, 1.0, lo_open=True))
     cpu_kv_cache_space_gib: float = setting(1.0, "KV cache size per replica on cpu, whole GiB (VLLM_CPU_KVCACHE_SPACE).", FloatRange(0.0, 4096.0, lo_open=True))
     tool_call_parser: str | None = setting("hermes", "vLLM's parser of the model's tool calls (--tool-call-parser); null: no automatic tool choice.", Nullable(Text()))
@@ -283,6 +283,14 @@ class LullConfig:
             raise ConfigError(
                 f"engine.tensor_parallel_size ({engine.tensor_parallel_size}) must not exceed "
                 f"cluster.gpus_per_pod ({self.cluster.gpus_per_pod}): a replica's GPUs share one pod"
+            )
+        if engine.tensor_parallel_size > 1:
+            raise ConfigError(
+                f"engine.tensor_parallel_size {engine.tensor_parallel_size} is not supported yet: Lull's KV "
+                "connector stores each KV block once per node under one key, and tensor-parallel ranks hold "
+                "different shards of it, so their tier copies would overwrite each other and a load would give "
+                "wrong output. Serve one GPU per replica (tensor_parallel_size 1, more replicas) with a model "
+                "that fits one GPU"
             )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -94,6 +94,8 @@ def test_every_setting_has_a_doc_and_a_check():
     ({"cluster": {"engine_cpus": 0}}, r"cluster\.engine_cpus must be a number in \(0, 64\]"),
     ({"gateway": {"default_max_tokens": 0}}, r"gateway\.default_max_tokens must be an integer in \[1, 1048576\]"),
     ({"engine": {"tensor_parallel_size": 2}}, r"engine\.tensor_parallel_size must be 1 when model\.device is cpu"),
+    ({"model": {"device": "gpu"}, "engine": {"tensor_parallel_size": 2}},
+     r"engine\.tensor_parallel_size 2 is not supported yet: .*tier copies would overwrite each other"),
     ({"autoscaling": {"scale_down_window_s": 10}}, r"autoscaling\.scale_down_window_s must be >= scale_up_window_s"),
     ({"auth": {"required": True}}, r"auth\.required is true but no API keys"),
     ({"engine": {"max_len": 1}}, r"unknown setting engine\.max_len; valid: "),

@@ -121,8 +121,8 @@ def test_a_replica_larger_than_every_alive_node_fails_naming_the_fix():
                                           r"has \(the largest: 2 CPU; 2 alive\): lower cluster.engine_cpus "
                                           r"\(lull up --engine-cpus\)"):
         check_fits(replica_asks(from_dict({"cluster": {"engine_cpus": 3.5}})), RECORDED_NODES)
-    gpu = from_dict({"model": {"device": "gpu"}, "engine": {"block_size": 16, "tensor_parallel_size": 2}})
-    with pytest.raises(ConfigError, match=r"asks Ray for 1 CPU, 2 GPU.*the largest: 2 CPU, 0 GPU.*tensor_parallel_size"):
+    gpu = from_dict({"model": {"device": "gpu"}, "engine": {"block_size": 16}})
+    with pytest.raises(ConfigError, match=r"asks Ray for 1 CPU, 1 GPU.*the largest: 2 CPU, 0 GPU.*tensor_parallel_size"):
         check_fits(replica_asks(gpu), RECORDED_NODES)
     with pytest.raises(ConfigError, match=r"the gateway asks Ray for 3 CPU.*lower cluster.gateway_cpus"):
         check_fits(replica_asks(from_dict({"cluster": {"gateway_cpus": 3.0}})), RECORDED_NODES)
