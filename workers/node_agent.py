@@ -29,6 +29,7 @@ controller books in DRAM leaves only by a move the controller orders.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import uuid
 from dataclasses import dataclass
 from enum import Enum
@@ -88,6 +89,7 @@ class NodeAgent:
         self.node_id = node_id
         self.instance_id = uuid.uuid4().hex  # changes when the agent (and its DRAM tier) restarts
         self.dram, self.shared, self.dram_dir = dram, shared, dram_dir
+        self._undos: list[PreparedMove] = []  # undos a full tmpfs refused: tried again on every call
         self.moves: dict[str, PreparedMove] = {}
         self.finished: dict[str, str] = {}  # move_id -> "committed" | "aborted", for idempotent retries
         self.report_seq = 0
@@ -149,9 +151,25 @@ class NodeAgent:
         move = self.moves.pop(move_id, None)
         if move is None:
             return "unknown", Tier.WAITING
-        s = move.session_id
         if move.src == Tier.SHARED and move.dst == Tier.WAITING and not self._dropped_from_shared(move):
             return "aborted", move.src
+        try:
+            self._commit(move)
+        except (OSError, sqlite3.Error) as error:  # the node's tmpfs full: its index or the engine's control file
+            log.warning("move %s could not commit (%s: %s); undone", move_id, type(error).__name__, error)
+            self._undo_or_later(move)
+            self.finished[move_id] = "aborted"
+            return "aborted", move.src
+        self.finished[move_id] = "committed"
+        log.info("move %s committed: session %s %s -> %s", move_id, move.session_id, move.src.name, move.dst.name)
+        return "committed", move.dst
+
+    def _commit(self, move: PreparedMove) -> None:
+        """A prepared move's last steps. The engine's release line goes first: on a full tmpfs it
+        fails before anything changed, so the move aborts whole instead of half-committed."""
+        s = move.session_id
+        if move.src == Tier.GPU and move.dst != Tier.GPU:
+            release_sessions(self.dram_dir, move.replica_id, [s])
         if move.dst in DRAM_HOMES:
             self.dram.set_label(s, move.dst.label)
             if move.copied_to_dram:
@@ -162,11 +180,6 @@ class NodeAgent:
             self.dram.drop_session(s)
         if move.dst == Tier.WAITING and move.src != Tier.SHARED and self.shared is not None:
             self._shared_call(lambda: self.shared.drop_session(s), "drop")
-        if move.src == Tier.GPU and move.dst != Tier.GPU:
-            release_sessions(self.dram_dir, move.replica_id, [s])
-        self.finished[move_id] = "committed"
-        log.info("move %s committed: session %s %s -> %s", move_id, s, move.src.name, move.dst.name)
-        return "committed", move.dst
 
     def abort(self, move_id: str, reason: str) -> str:
         move = self.moves.pop(move_id, None)
@@ -177,7 +190,21 @@ class NodeAgent:
         log.info("move %s aborted (%s): session %s stays in %s", move_id, reason, move.session_id, move.src.name)
         return "aborted"
 
+    def _undo_or_later(self, move: PreparedMove) -> None:
+        """Undo ``move``; an undo the full tmpfs refuses too is tried again on every later call."""
+        try:
+            self._undo(move)
+        except (OSError, sqlite3.Error) as error:
+            log.warning("move %s: undo failed (%s); tried again on the next call", move.move_id, type(error).__name__)
+            self._undos.append(move)
+
+    def _retry_undos(self) -> None:
+        pending, self._undos = self._undos, []
+        for move in pending:
+            self._undo_or_later(move)
+
     def expire(self, now: float) -> list[str]:
+        self._retry_undos()
         expired = [m.move_id for m in self.moves.values() if m.deadline <= now]
         for move_id in expired:
             self.abort(move_id, "lease expired")

@@ -4,6 +4,9 @@ the engine's side is its control file, read as the KV connector reads it)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
 from proto.tiers import Tier
@@ -28,3 +31,50 @@ def test_a_demotion_without_a_dram_copy_is_still_refused(tmp_path):
     with pytest.raises(Refused) as refused:
         agent.prepare("m1", "s1", MoveKind.DEMOTE, Tier.GPU, Tier.DRAM, "r1", lease_s=5, now=0.0)
     assert refused.value.reason == "REFUSAL_REASON_SOURCE_NOT_FOUND" and control_lines(tmp_path, "r1") == []
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    """A real 1 MiB tmpfs for the node's DRAM folder (needs the right to mount: skipped where there is none)."""
+    root = tmp_path / "shm"
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield root
+    subprocess.run(["umount", "-l", str(root)], check=True)
+
+
+def _fill(folder) -> None:
+    """Write until the tmpfs has no page left."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_a_demotion_that_cannot_commit_on_a_full_tmpfs_aborts_whole_and_a_later_one_commits(full_tmpfs):
+    """The engine's release line and the index's label are the commit's last writes; on a full
+    tmpfs the move is answered "aborted" and undone (the undo, refused by the full tmpfs too,
+    on the next call), so the controller keeps the session where it was and tries again. It
+    was left half-done and unanswered: popped from the agent's moves, neither committed nor
+    aborted, its copy pinned for good."""
+    store = DramStore(full_tmpfs, 1 << 19)
+    agent = NodeAgent("n1", store, None, dram_dir=str(full_tmpfs))
+    store.put_session("s1", tenant="t", replica="r1", label="gpu", tokens=32, block_hashes=["b1"],
+                      blocks={"b1": b"k" * 1000})  # the engine's write-through
+    agent.prepare("m1", "s1", MoveKind.DEMOTE, Tier.GPU, Tier.DRAM, "r1", lease_s=5, now=0.0)
+    _fill(full_tmpfs)
+    assert agent.complete("m1", now=1.0) == ("aborted", Tier.GPU)
+    assert control_lines(full_tmpfs, "r1") == []  # the engine keeps its hold: the session stays on the GPU tier
+    (full_tmpfs / "filler").unlink()
+    agent.expire(now=2.0)  # any later call first retries the undo the full tmpfs refused
+    assert store.session("s1").label == "gpu"
+    agent.prepare("m2", "s1", MoveKind.DEMOTE, Tier.GPU, Tier.DRAM, "r1", lease_s=5, now=2.0)
+    assert agent.complete("m2", now=3.0) == ("committed", Tier.DRAM)
+    assert control_lines(full_tmpfs, "r1") == ["release s1"] and store.session("s1").label == "dram"
+    store.check_integrity()
