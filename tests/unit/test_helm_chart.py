@@ -87,8 +87,8 @@ def test_multinode_values_add_monitoring_and_use_existing_secrets():
 
 def test_worker_group_has_autoscaling_bounds_gpus_and_placement():
     worker = find("gpu-multinode", "RayService")[0]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-    # replicas 2..16 of 2 GPUs each, 8 GPUs per pod: 1..4 pods, 8 GPUs' worth at start.
-    assert (worker["minReplicas"], worker["maxReplicas"], worker["replicas"]) == (1, 4, 1)
+    # replicas 2..16 of 1 GPU each, 8 GPUs per pod: 1..2 pods, 8 GPUs' worth at start.
+    assert (worker["minReplicas"], worker["maxReplicas"], worker["replicas"]) == (1, 2, 1)
     pod = worker["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}

@@ -132,9 +132,8 @@ def test_a_replica_larger_than_every_alive_node_fails_naming_the_fix():
 
 
 def test_actor_options_ask_what_the_config_says():
-    gpu = from_dict({"model": {"device": "gpu"}, "engine": {"tensor_parallel_size": 2},
-                     "cluster": {"engine_cpus": 4.0, "gateway_cpus": 1.0}})
-    assert actor_options(gpu) == {"engine": {"num_cpus": 4.0, "num_gpus": 2.0}, "gateway": {"num_cpus": 1.0}}
+    gpu = from_dict({"model": {"device": "gpu"}, "cluster": {"engine_cpus": 4.0, "gateway_cpus": 1.0}})
+    assert actor_options(gpu) == {"engine": {"num_cpus": 4.0, "num_gpus": 1.0}, "gateway": {"num_cpus": 1.0}}
     assert actor_options(LullConfig())["engine"] == {"num_cpus": 1.0, "num_gpus": 0.0}
 
 
