@@ -65,9 +65,12 @@ def platform(tmpfs):
 # write-through was refused, whose demotion the agent refuses (SOURCE_NOT_FOUND) on every
 # plan while the controller keeps its GPU room booked. `lull chaos` by hand showed the same
 # gate stall after an `agent` kill and calls stuck after a `controller` restart, so the cause
-# may be wider than shm-full. Failing, the run takes ~7 minutes
+# may be wider than shm-full. Rerun after the write-through grace (196108d) and the agent's
+# whole-or-nothing commit (29a06cb): the agent fault recovered in 1.9 s, then neither
+# redis-resident (0 sessions had reached Redis) nor shm-full got a probe answered within 120 s.
+# Failing, the run takes ~7-9 minutes
 # (gate timeouts), too long for CI: skipped until that is fixed; the check stays as it is.
-@pytest.mark.skip(reason="open bug: GPU tier never freed after shm-full (see the comment above)")
+@pytest.mark.skip(reason="open bug: calls stall at the gate after the tier faults (see the comment above)")
 def test_chaos_with_the_tier_faults_loses_no_session_and_every_answer_is_right(platform, monkeypatch):
     redis, dram_dir = platform
     monkeypatch.setenv("LULL_CHAOS_API_KEY", KEY)
