@@ -5,7 +5,13 @@ after every step, and an ``Engine`` that writes KV through as the connector woul
 from __future__ import annotations
 
 import hashlib
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
 
 from controller.policy import ClusterState, Plan, PlannerConfig, ReplicaSpec, TierPlanner
 from controller.runtime import LiveController
@@ -107,3 +113,17 @@ def counter_settings(tool_call_parser: str | None, **extra_engine_args):
 
     return EngineSettings(model=str(ensure_tiny_model()), served_model_name="lull", max_model_len=512,
                           dtype="float32", tool_call_parser=tool_call_parser, extra_engine_args=extra_engine_args)
+
+
+@contextmanager
+def mounted_tmpfs(root: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` ("1m") mounted at ``root`` (made here), unmounted after; the
+    test is skipped where this user may not mount one."""
+    root.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(root)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=True)

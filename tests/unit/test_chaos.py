@@ -5,13 +5,13 @@ tmpfs (mounted when this user may; skipped otherwise)."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
 from controller.cli.bench.chaos import ChaosReport, fill_report, parse_faults, summary
 from controller.cli.bench.chaos_faults import FaultRecord, fill
 from controller.cli.bench.chaos_replay import CallRecord, Ledger, Loss, Wrong
+from tests.support import mounted_tmpfs
 
 
 def test_faults_are_parsed_by_name_and_an_unknown_one_is_refused():
@@ -44,11 +44,7 @@ def test_losses_and_wrong_answers_go_to_the_latest_fault_injected_before_them():
 
 
 def test_fill_writes_until_enospc_and_the_filesystem_is_full(tmp_path):
-    root = tmp_path / "tmpfs"
-    root.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "1m") as root:
         written = fill(root / "fill")
         assert 1024**2 - 64 * 1024 <= written <= 1024**2
         with pytest.raises(OSError) as error:
@@ -56,5 +52,3 @@ def test_fill_writes_until_enospc_and_the_filesystem_is_full(tmp_path):
         assert error.value.errno == 28  # ENOSPC
         os.unlink(root / "fill")
         (root / "more").write_bytes(b"x" * 4096)  # freed: writes succeed again
-    finally:
-        subprocess.run(["umount", "-l", str(root)], check=False)

@@ -11,11 +11,11 @@ import multiprocessing
 import os
 import random
 import signal
-import subprocess
 
 import pytest
 
 from proto.tiers import Tier
+from tests.support import mounted_tmpfs
 from workers import dram_store
 from workers.dram_store import PINNED, DramStore, MissingBlocks, write_session
 from workers.shared_tier import TierFull as SharedTierFull
@@ -171,13 +171,8 @@ def test_a_full_tmpfs_leaves_no_partial_file_and_raises_tier_full(store, monkeyp
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A real 512 KiB tmpfs (needs the right to mount: skipped where there is none)."""
-    root = tmp_path / "shm"
-    root.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(root)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield root
-    subprocess.run(["umount", "-l", str(root)], check=True)
+    with mounted_tmpfs(tmp_path / "shm", "512k") as root:
+        yield root
 
 
 def test_a_real_tmpfs_filling_below_capacity_refuses_and_cleans_up(tiny_tmpfs):

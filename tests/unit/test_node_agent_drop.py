@@ -4,12 +4,11 @@ the engine's side is its control file, read as the KV connector reads it)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 
+from controller.cli.bench.chaos_faults import fill
 from proto.tiers import Tier
+from tests.support import mounted_tmpfs
 from workers.dram_store import DramStore
 from workers.node_agent import MoveKind, NodeAgent, Refused
 
@@ -36,25 +35,8 @@ def test_a_demotion_without_a_dram_copy_is_still_refused(tmp_path):
 @pytest.fixture
 def full_tmpfs(tmp_path):
     """A real 1 MiB tmpfs for the node's DRAM folder (needs the right to mount: skipped where there is none)."""
-    root = tmp_path / "shm"
-    root.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield root
-    subprocess.run(["umount", "-l", str(root)], check=True)
-
-
-def _fill(folder) -> None:
-    """Write until the tmpfs has no page left."""
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, bytes(4096)):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with mounted_tmpfs(tmp_path / "shm", "1m") as root:
+        yield root
 
 
 def test_a_demotion_that_cannot_commit_on_a_full_tmpfs_aborts_whole_and_a_later_one_commits(full_tmpfs):
@@ -68,7 +50,7 @@ def test_a_demotion_that_cannot_commit_on_a_full_tmpfs_aborts_whole_and_a_later_
     store.put_session("s1", tenant="t", replica="r1", label="gpu", tokens=32, block_hashes=["b1"],
                       blocks={"b1": b"k" * 1000})  # the engine's write-through
     agent.prepare("m1", "s1", MoveKind.DEMOTE, Tier.GPU, Tier.DRAM, "r1", lease_s=5, now=0.0)
-    _fill(full_tmpfs)
+    fill(full_tmpfs / "filler")  # until no page is left
     assert agent.complete("m1", now=1.0) == ("aborted", Tier.GPU)
     assert control_lines(full_tmpfs, "r1") == []  # the engine keeps its hold: the session stays on the GPU tier
     (full_tmpfs / "filler").unlink()
