@@ -81,7 +81,7 @@ def ensure_controller(config: LullConfig, agents: dict[str, str], bytes_per_toke
                               tick_s=config.policy.tick_seconds, idleness_window=config.policy.idleness_window,
                               bytes_per_token=bytes_per_token, metrics=True, shared_tokens=shared,
                               start_agent=start_agent, session_ttl_s=config.policy.session_idle_ttl_s,
-                              reconcile_s=config.policy.reconcile_interval_s)
+                              reconcile_s=config.policy.reconcile_interval_s, block_tokens=config.engine.block_size)
     restored = ray.get(actor.start.remote(shared))
     log.info("controller started (policy %s, %d sessions restored)", policy, restored)
     return actor

@@ -194,7 +194,7 @@ class Controller:
             raise ValueError(f"dram_tokens must be an integer >= 0, got {dram_tokens!r}")
         new = LiveController(old.mover, policy=policy, planner_config=self.planner_config,
                              idleness_window=old.idleness_window, metrics=old.metrics,
-                             session_ttl_s=old.session_ttl_s)
+                             session_ttl_s=old.session_ttl_s, block_tokens=old.block_tokens)
         registered = self.membership.replicas if self.membership is not None else {}
         for replica_id, node_id in old.nodes.items():
             dram = dram_tokens
@@ -224,10 +224,11 @@ class ControllerActor(Controller):
     def __init__(self, agents: dict[str, str], *, policy: str = "lull", planner_config: PlannerConfig | None = None,
                  tick_s: float = 5.0, idleness_window: int = DEFAULT_CYCLES, bytes_per_token: int = 0,
                  metrics: bool = False, shared_tokens: int = 0, start_agent=None, session_ttl_s: float = 0.0,
-                 reconcile_s: float = 30.0) -> None:
+                 reconcile_s: float = 30.0, block_tokens: int = 1) -> None:
         """``agents``: node id -> address of the agents started with the platform; ``start_agent``:
         the assembly's ``node id -> agent actor handle``, for nodes that join later; ``reconcile_s``:
-        the books' periodic reconciliation (``runtime.reconcile``; 0: only after a Redis restart)."""
+        the books' periodic reconciliation (``runtime.reconcile``; 0: only after a Redis restart);
+        ``block_tokens``: the engines' KV block size (the books count whole blocks)."""
         from proto.telemetry.metrics import make_metrics
         from proto.telemetry.tracing import setup_tracing
 
@@ -235,13 +236,13 @@ class ControllerActor(Controller):
         self._options = dict(agents=dict(agents), policy=policy, planner_config=planner_config, tick_s=tick_s,
                              idleness_window=idleness_window, bytes_per_token=bytes_per_token, metrics=metrics,
                              shared_tokens=shared_tokens, start_agent=start_agent, session_ttl_s=session_ttl_s,
-                             reconcile_s=reconcile_s)
+                             reconcile_s=reconcile_s, block_tokens=block_tokens)
         self.shared_tokens, self.tick_s, self.bytes_per_token = shared_tokens, tick_s, bytes_per_token
         self.reconcile_s = reconcile_s
         self.mover = GrpcMover(agents, bytes_per_token=bytes_per_token)
         live = LiveController(self.mover, policy=policy, planner_config=planner_config, idleness_window=idleness_window,
                               metrics=make_metrics() if metrics else None,  # the process's registry
-                              session_ttl_s=session_ttl_s)
+                              session_ttl_s=session_ttl_s, block_tokens=block_tokens)
         membership = Membership(lambda: self.controller, self.mover, RayCluster(start_agent), GcsStore())
         super().__init__(live, membership, planner_config=planner_config, started=False)
         self._start_lock = asyncio.Lock()

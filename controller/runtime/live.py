@@ -10,7 +10,8 @@ only on the tick excepted); ``run`` is the backstop tick, which also closes sess
 idle longer than ``session_ttl_s``. The driver owns the books and the event -> plan ->
 apply loop (the simulator runs the same one); here the ``Mover`` carries the bytes and admitted
 callers are woken: a move is recorded only once the mover committed it, so a refused
-or failed move leaves the session where it was, and the next plan tries again.
+or failed move leaves the session where it was, and the next plan tries again. KV is
+booked in the engines' whole blocks (``block_tokens``).
 
 One event loop, no Ray, no clock of its own (``clock`` is injected). Plans run one at
 a time under a lock; events that arrive while a plan awaits its moves are recorded at
@@ -31,6 +32,7 @@ from controller.policy import (
 from controller.policy.idleness import DEFAULT_CYCLES
 from controller.runtime.contracts import Admission, GateTimeout, Mover, SessionClosed  # noqa: F401 (re-exported)
 from controller.runtime.mechanism import LiveMechanism, Waiter
+from controller.runtime.metrics import gauge_sessions
 from controller.runtime.restore import Placement, placements_from_reports
 from controller.runtime.turns import WAITING_FOR_TURN, SessionTurns, TurnTimeout
 
@@ -41,11 +43,15 @@ RECENT_WAITS_S = 5.0  # gate waits that count towards the autoscaler's signal af
 class LiveController:
     def __init__(self, mover: Mover, *, policy: str = "lull", planner_config: PlannerConfig | None = None,
                  clock: Callable[[], float] = time.monotonic, idleness_window: int = DEFAULT_CYCLES,
-                 metrics: dict | None = None, session_ttl_s: float = 0.0) -> None:
-        """``session_ttl_s``: close a session idle this long (no call running or waiting); 0: never."""
-        if not session_ttl_s >= 0:
-            raise ValueError(f"session_ttl_s must be >= 0 (0: sessions never expire), got {session_ttl_s}")
-        self.policy_name = policy
+                 metrics: dict | None = None, session_ttl_s: float = 0.0, block_tokens: int = 1) -> None:
+        """``session_ttl_s``: close a session idle this long (no call running or waiting); 0: never.
+        ``block_tokens``: the engines' KV block size. vLLM allocates whole blocks, so the books count
+        whole blocks: in tokens, calls that fit the books could need more blocks than the engine has
+        and wait inside it, admitted, for blocks that only a release frees."""
+        if not session_ttl_s >= 0 or type(block_tokens) is not int or block_tokens < 1:
+            raise ValueError(f"session_ttl_s must be >= 0 (0: sessions never expire) and block_tokens an "
+                             f"integer >= 1, got {session_ttl_s!r} and {block_tokens!r}")
+        self.policy_name, self.block_tokens = policy, block_tokens
         self.policy = POLICY_DEFINITIONS.get(policy)
         self.idleness_window, self.session_ttl_s = idleness_window, session_ttl_s
         self.driver = PlanDriver(self.policy, LiveMechanism(self), planner_config, k=idleness_window)
@@ -107,6 +113,7 @@ class LiveController:
         enters the books. Cancelled, it withdraws the call (see the module docstring).
         Raises GateTimeout, SessionClosed, or ValueError for a request that can never run."""
         self._check_size(prompt_tokens, max_tokens)
+        max_tokens = self.whole_blocks(prompt_tokens + max_tokens) - prompt_tokens  # reserve whole blocks
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         try:
@@ -166,10 +173,14 @@ class LiveController:
             return True
         return record is not None and (record.closing or record.phase is not Phase.TOOL)
 
+    def whole_blocks(self, tokens: int) -> int:
+        """``tokens`` of KV as the engine holds them: rounded up to whole blocks."""
+        return -(-tokens // self.block_tokens) * self.block_tokens
+
     def _check_size(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens < 1 or max_tokens < 1:
             raise ValueError("prompt_tokens and max_tokens must be >= 1")
-        need = prompt_tokens + max_tokens
+        need = self.whole_blocks(prompt_tokens + max_tokens)
         largest = max((c for w, c in self.capacity.items() if w.tier is Tier.GPU), default=0)
         if need > largest and largest > 0:  # none at all (all died, or scaled to zero): wait for one
             raise ValueError(f"request needs {need} KV tokens (prompt + max_tokens); the largest replica "
@@ -178,7 +189,7 @@ class LiveController:
     # -- session events ------------------------------------------------------------
 
     def call_finished(self, session_id: str, context_tokens: int) -> None:
-        self._kick(self.driver.finished(session_id, self.clock(), context_tokens))
+        self._kick(self.driver.finished(session_id, self.clock(), self.whole_blocks(context_tokens)))
 
     def call_failed(self, session_id: str, started: bool = True) -> None:
         """The engine call failed: its KV is taken to be the prompt's. ``started`` False: the
@@ -331,7 +342,7 @@ class LiveController:
         now = self.clock()
         placements = placements_from_reports(reports, set(self.nodes), bytes_per_token)
         for place in placements:
-            self.driver.restore(place.session_id, place.where, place.tokens, now)
+            self.driver.restore(place.session_id, place.where, self.whole_blocks(place.tokens), now)
         self._kick(self.policy.event_driven)
         return placements
 
@@ -379,16 +390,9 @@ class LiveController:
     # -- metrics -------------------------------------------------------------------------
 
     def _gauge_gated(self) -> None:
-        if "lull:gated_requests" in self.metrics:
-            self.metrics["lull:gated_requests"].set(len(self._waiters))
-        if "lull:sessions" in self.metrics:
-            counts = dict.fromkeys(Tier, 0)
-            for where, members in self.state.residents.items():
-                counts[where.tier] += len(members)
-            for tier, count in counts.items():
-                self.metrics["lull:sessions"].labels(tier=tier.name.lower()).set(count)
+        gauge_sessions(self.metrics, len(self._waiters), self.state.residents)
 
-    def _observe_wait(self, waiter: _Waiter, outcome: str) -> None:
+    def _observe_wait(self, waiter: Waiter, outcome: str) -> None:
         now = self.clock()
         self._recent_waits.append((now, now - waiter.arrived))
         if "lull:gate_wait_seconds" in self.metrics:

@@ -21,6 +21,18 @@ def session_on_arrival(controller, session_id: str) -> tuple[str, int, float | N
     return record.location.tier.label, record.context_tokens, record.idleness(controller.clock())
 
 
+def gauge_sessions(metrics: dict, gated: int, residents: dict) -> None:
+    """`lull:gated_requests`, and `lull:sessions` per tier from the books' residents."""
+    if "lull:gated_requests" in metrics:
+        metrics["lull:gated_requests"].set(gated)
+    if "lull:sessions" in metrics:
+        counts = dict.fromkeys(Tier, 0)
+        for where, members in residents.items():
+            counts[where.tier] += len(members)
+        for tier, count in counts.items():
+            metrics["lull:sessions"].labels(tier=tier.name.lower()).set(count)
+
+
 async def gauge_gpu_tiers_forever(current_controller, bytes_per_token: int, period_s: float = 1.0) -> None:
     """Keep `lull:tier_used_bytes` / `lull:tier_capacity_bytes` of every replica's GPU tier
     current, from the books of the `LiveController` that ``current_controller()`` returns

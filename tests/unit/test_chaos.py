@@ -1,15 +1,19 @@
 """`lull chaos`'s bookkeeping without a platform: faults parsed by name, losses and wrong answers
 charged to the fault in flight, reports that carry no text, and `fill` on a real 1 MiB
-tmpfs (mounted when this user may; skipped otherwise)."""
+tmpfs (mounted when this user may; skipped otherwise), and the run's time limit against a
+gateway that accepts calls and never answers (a local socket server standing for a stalled
+platform)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 
 import pytest
 
-from controller.cli.bench.chaos import ChaosReport, fill_report, parse_faults, summary
-from controller.cli.bench.chaos_faults import FaultRecord, fill
+from controller.cli.bench.chaos import ChaosReport, fill_report, parse_faults, run_chaos, summary
+from controller.cli.bench.chaos_faults import FaultRecord, Options, Target, fill
 from controller.cli.bench.chaos_replay import CallRecord, Ledger, Loss, Wrong
 from tests.support import mounted_tmpfs
 
@@ -52,3 +56,25 @@ def test_fill_writes_until_enospc_and_the_filesystem_is_full(tmp_path):
         assert error.value.errno == 28  # ENOSPC
         os.unlink(root / "fill")
         (root / "more").write_bytes(b"x" * 4096)  # freed: writes succeed again
+
+
+def test_a_stalled_platform_ends_the_run_at_its_time_limit_with_the_cut_off_sessions_lost():
+    async def scenario() -> tuple[ChaosReport, float]:
+        async def never_answer(reader, writer):
+            await reader.read()  # holds the call open: the platform is stalled
+        server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        started = time.monotonic()
+        try:
+            report = await run_chaos(Target(port), ["shm-full", "shm-full"], duration_s=60, interval_s=0.5,
+                                     programs=2, options=Options(probe_timeout_s=30), seed=3, time_limit_s=2.0)
+        finally:
+            server.close()
+        return report, time.monotonic() - started
+
+    report, took = asyncio.run(scenario())
+    assert took < 6, f"the run took {took:.1f} s past its 2 s limit"
+    assert report.timed_out and report.calls_completed == 0
+    assert report.sessions_lost == 2 and all("time limit" in e for e in report.errors)  # one call in flight each
+    assert len(report.faults) >= 2 and not any(f.injected for f in report.faults)  # no DRAM folder known here
+    assert "unchecked (time limit)" in summary(report)

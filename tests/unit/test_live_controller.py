@@ -371,3 +371,4 @@ def test_one_sessions_state_is_its_snapshot_entry_looked_up_by_key(plane, monkey
         assert ctl.session_state("s1") == entry and ctl.session_state("unknown") is None
 
     run(scenario)
+

@@ -109,6 +109,7 @@ class Options:
     shm_full_s: float = 5.0
     shm_fill_max_bytes: int = 1024 * MIB
     disconnect_sessions: int = 3
+    probe_timeout_s: float = 120.0  # how long a fault's probe waits for an answer
 
 
 class Injector:

@@ -62,6 +62,7 @@ class Ledger:
     losses: list[Loss] = field(default_factory=list)
     wrong: list[Wrong] = field(default_factory=list)
     sessions_completed: int = 0
+    checked: int = 0  # answers compared with their reference so far
 
     def now_s(self) -> float:
         return round(time.monotonic() - self.began, 3)
@@ -157,6 +158,9 @@ async def replay_sessions(port: int, programs: int, running: Callable[[], bool],
                 ledger.sessions_completed += 1
             except Exception as error:  # a lost session is counted, never fatal to the replay
                 ledger.lose(session, error)
+            except asyncio.CancelledError:  # the run's time limit cut its call off: not served
+                ledger.lose(session, TimeoutError("cut off by the run's time limit"))
+                raise
 
     await asyncio.gather(*(program(p) for p in range(programs)))
 
@@ -175,6 +179,7 @@ async def check_answers(port: int, ledger: Ledger, parallel: int) -> int:
                                         cache_salt=REFERENCE_SALT)
             if reference != record.text:
                 ledger.wrong.append(Wrong(record.session, record.ended_s, record.text, reference))
+            ledger.checked += 1
 
     await asyncio.gather(*(worker() for _ in range(max(1, parallel))))
     return len(ledger.calls)
