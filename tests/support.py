@@ -5,6 +5,7 @@ after every step, and an ``Engine`` that writes KV through as the connector woul
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ import pytest
 
 from controller.policy import ClusterState, Plan, PlannerConfig, ReplicaSpec, TierPlanner
 from controller.runtime import LiveController
+from workers.connector_control import STATS_FILE, engine_dir
 from workers.dram_store import DramStore
 
 BLOCK_BYTES = 64
@@ -98,6 +100,13 @@ class Engine:
         label = "gpu"  # as LullConnector labels every write-through: the session's call ran in the GPU tier
         self.store.put_session(session_id, tenant="t", replica=self.replica, label=label, tokens=tokens,
                                block_hashes=hashes, blocks={h: b"k" * BLOCK_BYTES for h in hashes})  # or TierFull
+
+    def hold(self, held: dict[str, int]) -> None:
+        """The connector's counters file naming the sessions whose blocks it holds (session ->
+        tokens), as `KvWorkerSide` writes it; read by the node agent's report."""
+        path = engine_dir(self.store.root, self.replica) / STATS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"held_requests": len(held), "held_sessions": held}))
 
     def finish(self, ctl: LiveController, session_id: str, tokens: int, *, written: bool = True,
                tier_label: str = "gpu") -> None:

@@ -54,7 +54,7 @@ class KvWorkerSide:
         self.wake = threading.Event()
         self.mover: KvMover | None = None
         self.control: ControlWatch | None = None
-        self._held: dict[str, str] = {}  # req_id -> session, blocks kept after the call
+        self._held: dict[str, tuple[str, int]] = {}  # req_id -> (session, tokens), blocks kept after the call
         self._saving: dict[str, str] = {}  # req_id -> session, save in flight
         self._loading: set[str] = set()
         self._free_on_landing: set[str] = set()  # saves in flight whose session was released or came back
@@ -134,7 +134,7 @@ class KvWorkerSide:
                 loaded.add(done.copy.req_id)
             elif self._saved(done):
                 freed.add(done.copy.req_id)
-        for req_id, session in list(self._held.items()):
+        for req_id, (session, _) in list(self._held.items()):
             if session in released:
                 freed.add(req_id)
                 del self._held[req_id]
@@ -168,7 +168,7 @@ class KvWorkerSide:
         released = save.req_id in self._free_on_landing or save.session in self._gone
         self._free_on_landing.discard(save.req_id)
         if save.tier == GPU_TIER and not released:
-            self._held[save.req_id] = save.session
+            self._held[save.req_id] = (save.session, save.tokens)
             return False
         return True
 
@@ -188,4 +188,8 @@ class KvWorkerSide:
 
     def _write_stats(self) -> None:
         self._stats_written, self._dirty = time.monotonic(), False
-        self.mover.write_stats(self.engine_dir / STATS_FILE, {**self.stats, "held_requests": len(self._held)})
+        # The holds themselves (session -> tokens), for the node agent's report: the controller
+        # releases a hold its books no longer place here (one a lost release line left).
+        held = {session: tokens for session, tokens in self._held.values()}
+        self.mover.write_stats(self.engine_dir / STATS_FILE,
+                               {**self.stats, "held_requests": len(self._held), "held_sessions": held})

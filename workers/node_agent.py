@@ -15,7 +15,8 @@ Every move is prepare -> complete | abort, as in node_agent.proto:
 
 Where a session is, as the agent sees it:
 - DRAM index label "gpu" (`Tier.GPU.label`): in the GPU tier of its replica (the
-  DRAM copy is a write-through copy, redundant);
+  DRAM copy is a write-through copy, redundant); also a session whose blocks a
+  replica's engine holds (its connector's ``held_sessions``);
 - label "dram": in this node's DRAM tier;
 - label "pinned": where the move that pinned it started;
 - in the shared tier and not here: shared.
@@ -36,7 +37,7 @@ from enum import Enum
 
 from proto.tiers import Tier
 from workers.dram_store import PINNED, REDUNDANT, DramStore, MissingBlocks, write_session
-from workers.connector_control import release_sessions, staged_from_shared
+from workers.connector_control import read_all_connector_stats, release_sessions, staged_from_shared
 from workers.shared_tier import SharedTier
 from workers.tier_errors import TierError, TierFull
 
@@ -119,6 +120,8 @@ class NodeAgent:
         if any(m.session_id == session_id for m in self.moves.values()):
             raise Refused("REFUSAL_REASON_SOURCE_BUSY", f"session {session_id} is in another move")
         local = self.dram.session(session_id)
+        if src == Tier.GPU and kind is MoveKind.DROP and local is not None and local.label != Tier.GPU.label:
+            local = None  # a copy booked in a tier of its own: dropping the GPU tier releases the engine's hold only
         move = PreparedMove(move_id, session_id, kind, src, dst, replica_id, now + lease_s,
                             local.label if local else None)
         if src in (Tier.GPU, Tier.DRAM) and local is None:
@@ -176,9 +179,9 @@ class NodeAgent:
                 staged_from_shared(self.dram_dir, move.replica_id, [s])  # counts the engine's next load as shared
                 if self.shared is not None:  # a copy left by a refused drop: the controller's reconciliation drops it
                     self._shared_call(lambda: self.shared.drop_session(s), "drop after promote")
-        elif move.src in DRAM_HOMES:  # a drop from the shared tier leaves a node-local copy to its own owner
-            self.dram.drop_session(s)
-        if move.dst == Tier.WAITING and move.src != Tier.SHARED and self.shared is not None:
+        elif move.src in DRAM_HOMES and move.old_label is not None:  # the copy this move pinned
+            self.dram.drop_session(s)  # (a drop from the shared tier leaves a node-local copy to its own owner)
+        if move.dst == Tier.WAITING and move.src == Tier.DRAM and self.shared is not None:
             self._shared_call(lambda: self.shared.drop_session(s), "drop")
 
     def abort(self, move_id: str, reason: str) -> str:
@@ -290,6 +293,12 @@ class NodeAgent:
             else:
                 tier = Tier.from_label(s.label)
             places.append(SessionPlace(s.session_id, tier, s.replica, s.nbytes, s.tokens, pinned.get(s.session_id, "")))
+        listed = {(p.session_id, p.replica_id) for p in places if p.tier == Tier.GPU}
+        for replica, stats in read_all_connector_stats(self.dram_dir).items():
+            held = stats.get("held_sessions")
+            for session, tokens in (held.items() if isinstance(held, dict) else ()):
+                if (session, replica) not in listed:  # held by the engine, no write-through copy here
+                    places.append(SessionPlace(session, Tier.GPU, replica, 0, int(tokens)))
         return places
 
     def shared_instance(self) -> str:

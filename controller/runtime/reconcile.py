@@ -18,10 +18,13 @@ once when its probe (one agent's Health, every ``PROBE_S``) finds the shared tie
    it should be, and that did not move since step 1: its next call runs at once;
 4. drops the orphans, one at a time, each under the planning lock and checked again just
    before: a shared copy of a session the books place elsewhere or not at all, a node copy
-   of a session the books do not know.
+   of a session the books do not know, and an engine's hold on (or a write-through copy of)
+   a session the books place in another tier or nowhere: a release line the agent could not
+   write, or a restarted controller, left the engine holding blocks nobody would free, and
+   the books' GPU tier then promises blocks the engine lacks (its calls stall inside vLLM).
+   Such a drop releases the hold only: it never touches a copy booked in a tier of its own.
 
-Never judged: GPU-tier sessions (their KV is in the engine; the agent's copy is redundant),
-a node whose agent sent no report, the shared tier when no report could read it, copies
+Never judged: GPU-tier sessions the books place there, a node whose agent sent no report, the shared tier when no report could read it, copies
 pinned by a prepared move, sessions whose failed release the tick retries. Cost: O(sessions)
 per pass, in the background, off the calls' path.
 """
@@ -93,6 +96,8 @@ def is_orphan(live: LiveController, session_id: str, where: Location) -> bool:
     record = live.state.sessions.get(session_id)
     if where.tier is Tier.SHARED:
         return record is None or record.location != SHARED
+    if where.tier is Tier.GPU and record is not None:  # the engine holds KV the books place elsewhere
+        return record.location != where and where.replica in live.nodes
     return record is None and where.replica in live.nodes
 
 

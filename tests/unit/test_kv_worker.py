@@ -75,7 +75,7 @@ def test_a_save_completes_later_and_the_step_never_waits_on_storage(side, tmp_pa
 def test_a_gpu_tier_save_is_held_until_a_release_line_wakes_the_idle_step(side, tmp_path):
     side.start_saves([save("r2", "s2", (2, 4), tier="gpu")])
     wait = time.monotonic()
-    while "s2" not in side._held.values():  # landed and held: never reported as freed
+    while "s2" not in {session for session, _ in side._held.values()}:  # landed and held: never reported as freed
         assert side.finished(set(), idle_step=False) == (None, None)
         assert time.monotonic() - wait < 20
     release_sessions(tmp_path, "r0", ["s2"])
