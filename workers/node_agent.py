@@ -131,21 +131,30 @@ class NodeAgent:
             if kind is not MoveKind.DROP:
                 raise Refused("REFUSAL_REASON_SOURCE_NOT_FOUND", f"session {session_id} has no KV on node {self.node_id}")
         elif src in (Tier.GPU, Tier.DRAM):
-            self.dram.set_label(session_id, PINNED)
+            self._write(lambda: self.dram.set_label(session_id, PINNED))
             if kind is not MoveKind.DROP:
                 # GPU -> DRAM copies nothing now (the write-through did), but the DRAM copy becomes
                 # the session's home: its bytes are what this move demotes.
                 move.reserved_bytes = local.nbytes
         try:
             if dst == Tier.SHARED:
-                self._copy_to_shared(move, local)
+                self._write(lambda: self._copy_to_shared(move, local))
             elif src == Tier.SHARED and dst in (Tier.GPU, Tier.DRAM):
-                self._copy_from_shared(move)
+                self._write(lambda: self._copy_from_shared(move))
         except BaseException:
-            self._undo(move)
+            self._undo_or_later(move)
             raise
         self.moves[move_id] = move
         return move
+
+    def _write(self, step) -> None:
+        """A step that writes the node's tmpfs (its DRAM index or blocks): a full or failing tmpfs
+        refuses the move (insufficient capacity), never an error the caller cannot read."""
+        try:
+            step()
+        except (OSError, sqlite3.Error) as error:
+            raise Refused("REFUSAL_REASON_INSUFFICIENT_CAPACITY", f"the DRAM tier of node {self.node_id} refused "
+                          f"a write ({type(error).__name__}: {error})") from error
 
     def complete(self, move_id: str, now: float) -> tuple[str, Tier]:
         self.expire(now)

@@ -60,3 +60,21 @@ def test_a_demotion_that_cannot_commit_on_a_full_tmpfs_aborts_whole_and_a_later_
     assert agent.complete("m2", now=3.0) == ("committed", Tier.DRAM)
     assert control_lines(full_tmpfs, "r1") == ["release s1"] and store.session("s1").label == "dram"
     store.check_integrity()
+
+
+def test_a_move_prepared_on_a_full_tmpfs_is_refused_for_capacity_and_a_later_one_is_prepared(full_tmpfs):
+    """Pinning the copy writes the index; on a full tmpfs sqlite answers "database or disk is
+    full", which reached the controller as an UNKNOWN gRPC error. It is a refusal now (the
+    tier has no room), and nothing changed: once there is room the same move is prepared."""
+    store = DramStore(full_tmpfs, 1 << 19)
+    agent = NodeAgent("n1", store, None, dram_dir=str(full_tmpfs))
+    store.put_session("s1", tenant="t", replica="r1", label="gpu", tokens=32, block_hashes=["b1"],
+                      blocks={"b1": b"k" * 1000})
+    fill(full_tmpfs / "filler")
+    with pytest.raises(Refused) as refused:
+        agent.prepare("m1", "s1", MoveKind.DEMOTE, Tier.GPU, Tier.DRAM, "r1", lease_s=5, now=0.0)
+    assert refused.value.reason == "REFUSAL_REASON_INSUFFICIENT_CAPACITY" and "refused a write" in str(refused.value)
+    assert store.session("s1").label == "gpu" and not agent.moves
+    (full_tmpfs / "filler").unlink()
+    agent.prepare("m2", "s1", MoveKind.DEMOTE, Tier.GPU, Tier.DRAM, "r1", lease_s=5, now=1.0)
+    assert agent.complete("m2", now=2.0) == ("committed", Tier.DRAM)
