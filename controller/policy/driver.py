@@ -92,6 +92,22 @@ class PlanDriver:
         self.state.request_arrived(session_id, now, prompt_tokens, max_tokens)
         return self.definition.event_driven
 
+    def admit_resident(self, session_id: str, now: float) -> bool:
+        """Between plans (a policy not ``event_driven`` that ``admits_resident``): the
+        session's request runs at once when its KV is in HBM and its growth fits there;
+        moves nothing. The owner calls it after ``request``, once it can take the admit."""
+        record = self.state.sessions[session_id]
+        where = record.location
+        if not self.definition.admits_resident or where.tier is not Tier.GPU or record.request is None:
+            return False
+        admit, kv_tokens = Admit(session_id, where.replica, record.request.need_tokens), record.context_tokens
+        try:
+            self.state.apply_admit(admit, now, was=where)
+        except StaleDecision:
+            return False  # it does not fit (or runs already): it waits for the plan
+        self.mechanism.admitted(admit, where, kv_tokens, now)
+        return True
+
     def withdrawn(self, session_id: str, now: float) -> bool:
         """The gated request will not run (timed out, cancelled, its replica died)."""
         self.state.request_withdrawn(session_id, now)

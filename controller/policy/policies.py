@@ -9,8 +9,10 @@ The live controller (``controller.runtime.live``) and the simulator
   admitted at once when capacity allows), the tick is a backstop.
 - ``mori``: MORI ("Idleness is Relative", 2026) as published: the same idleness
   ranking over HBM and host DRAM only (no shared tier: DRAM overflow drops KV), no
-  prefetch, and plans only on the tick, so an arriving request waits for the next
-  tick. It shares the planner's promotion rules with ``lull``, but not its
+  prefetch, and plans only on the tick: a request waits for the next tick unless its
+  session's KV is in HBM and its growth fits there, when it runs at once (the paper's
+  GPU queue, whose requests go straight to the engine, as ThunderAgent, which MORI is
+  built on, forwards an active program's request). It shares the planner's promotion rules with ``lull``, but not its
   anti-starvation rule (``starvation_age_s``): the paper has no aging.
 - ``lru-offload``: the no-gating baseline (vLLM prefix caching + write-through
   offload, LRU; LMCache's "CPU offloading"). Every request is admitted at once to its
@@ -51,6 +53,9 @@ class PolicyDefinition:
     shared_tier: bool  # may use the cluster-wide shared tier
     admitted_tier: Tier  # the tier label admitted requests carry to the engine (see ``tier_label``)
     unbounded_gpu: bool = False  # the books never fill HBM: the engine's own eviction is the limit
+    # Between plans, a request of a session held in HBM runs at once where its growth fits
+    # (``PlanDriver.admit_resident``); only matters when not ``event_driven``.
+    admits_resident: bool = False
 
     def __post_init__(self) -> None:
         if self.admitted_tier is Tier.SHARED:
@@ -99,7 +104,7 @@ POLICY_DEFINITIONS.register("lull", PolicyDefinition(
     event_driven=True, moves_kv=True, shared_tier=True, admitted_tier=Tier.GPU))
 POLICY_DEFINITIONS.register("mori", PolicyDefinition(
     "MORI: idleness-ranked GPU/DRAM, no shared tier, no prefetch, planned on the tick", _mori_planner,
-    event_driven=False, moves_kv=True, shared_tier=False, admitted_tier=Tier.GPU))
+    event_driven=False, moves_kv=True, shared_tier=False, admitted_tier=Tier.GPU, admits_resident=True))
 POLICY_DEFINITIONS.register("lru-offload", PolicyDefinition(
     "no gating: vLLM's LRU prefix cache with write-through DRAM offload", _no_gate_planner,
     event_driven=True, moves_kv=False, shared_tier=False, admitted_tier=Tier.DRAM, unbounded_gpu=True))

@@ -150,7 +150,7 @@ class LiveController:
             self.driver.open(session_id, now)
         plan_now = self.driver.request(session_id, now, prompt_tokens, max_tokens)
         waiter = self._waiters[session_id] = Waiter(asyncio.get_running_loop().create_future(), now)
-        if not plan_now:
+        if not plan_now and not self.driver.admit_resident(session_id, now):
             waiter.reason = "waiting for the next planning tick"
         self._gauge_gated()
         return waiter, plan_now

@@ -68,7 +68,10 @@ class CorePolicy(SimPolicy):
 
     def request(self, sid: str, now: float, call: CallSpec) -> None:
         # The books reserve what the live controller reserves: prompt + max_tokens.
-        self._step_if(self.driver.request(sid, now, call.input_tokens, call.reserve_tokens - call.input_tokens), now)
+        plan_now = self.driver.request(sid, now, call.input_tokens, call.reserve_tokens - call.input_tokens)
+        self._step_if(plan_now, now)
+        if not plan_now:
+            self.driver.admit_resident(sid, now)
 
     def finished(self, sid: str, now: float, context_tokens: int) -> None:
         self._step_if(self.driver.finished(sid, now, context_tokens), now)

@@ -178,3 +178,32 @@ def test_a_step_with_a_mechanism_that_suspends_must_be_awaited():
     driver.request("b", 2.0, 600, 10)
     with pytest.raises(RuntimeError, match="await step"):
         driver.step_now(2.0)  # a's KV must move to DRAM first, and this mover suspends
+
+
+def test_mori_runs_a_request_whose_kv_is_in_hbm_at_once_and_the_rest_at_the_tick():
+    """MORI's GPU queue sends its requests straight to the engine (ThunderAgent, which
+    it is built on, forwards an active program's request): only the others wait."""
+    mechanism = Recorder()
+    driver = _driver("mori", mechanism)
+    assert driver.request("a", 3.0, 620, 10) is False  # no plan: mori plans on the tick
+    assert driver.admit_resident("a", 3.0) is True  # a's 610 tokens are in HBM, +20 fits
+    assert mechanism.admits[-1] == ("a", "r1", Location(Tier.GPU, "r1"), 610, 3.0)
+    assert driver.state.get("a").phase is Phase.LLM
+    driver.request("b", 3.0, 50, 10)
+    assert driver.admit_resident("b", 3.0) is False  # b has no KV in HBM: it waits
+    assert driver.state.get("b").phase is Phase.GATED
+    driver.state.check_integrity()
+
+
+def test_a_resident_request_that_does_not_fit_waits_and_lull_never_admits_between_plans():
+    mechanism = Recorder()
+    driver = _driver("mori", mechanism)
+    driver.request("b", 2.0, 50, 10)
+    driver.step_now(2.0)  # b takes 60 of the 90 tokens a leaves free
+    assert driver.request("a", 3.0, 650, 10) is False
+    assert driver.admit_resident("a", 3.0) is False  # a grows by 50: 30 are free
+    assert driver.state.get("a").phase is Phase.GATED and mechanism.admits[-1][0] == "b"
+    lull = _driver("lull")
+    lull.request("a", 3.0, 620, 10)
+    assert lull.admit_resident("a", 3.0) is False  # event-driven: its plans admit
+    driver.state.check_integrity()

@@ -28,9 +28,8 @@ class Scenario:
     def call(self, sid: str, at: float, tokens_in: int, reuse: int, seconds: float = 1.0) -> None:
         before = len(self.launches)
         self.policy.request(sid, at, CallSpec(0.0, tokens_in, 10, reuse))
-        if self.tick_each_request:
-            assert len(self.launches) == before, "mori decides only on its tick"
-            self.policy.tick(at)
+        if self.tick_each_request and len(self.launches) == before:
+            self.policy.tick(at)  # mori runs a session held in HBM at once, the rest on its tick
         assert self.launches[-1][0] == sid
         self.policy.finished(sid, at + seconds, tokens_in + 10)
 
@@ -44,8 +43,9 @@ class Scenario:
         self.call("B", 90.0, 1010, 1010)
         self.policy.open("C", 95.0)
         self.call("C", 95.0, 1500, 0)  # 1510 needed; 3000 - 1030 - 1020 = 950 free
+        before = len(self.launches)
         self.policy.request("A", 96.0, CallSpec(0.0, 1030, 10, 1030))
-        if self.tick_each_request:
+        if self.tick_each_request and len(self.launches) == before:
             self.policy.tick(96.0)
         return self.launches[-1]
 
@@ -75,6 +75,16 @@ def test_lull_demotes_the_idle_session_to_the_shared_tier_mori_drops_it():
     mori.run()
     assert mori.cluster.counters.bytes_dram_shared == 0
     assert mori.policy.occupancy()[2] == 0  # no shared tier: B's KV was dropped
+
+
+def test_mori_runs_a_call_of_a_session_held_in_hbm_at_once():
+    scenario = Scenario("mori")
+    scenario.policy.open("A", 0.0)
+    scenario.policy.request("A", 0.0, CallSpec(0.0, 100, 10, 0))
+    scenario.policy.tick(5.0)
+    scenario.policy.finished("A", 6.0, 110)
+    scenario.policy.request("A", 7.0, CallSpec(0.0, 120, 10, 110))
+    assert scenario.launches[-1] == ("A", "r0", 110, 0.0, 7.0)  # not at the next tick (10 s)
 
 
 def test_lull_admits_at_once_mori_waits_for_the_tick():
