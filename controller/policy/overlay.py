@@ -71,6 +71,20 @@ class Overlay:
         lands = max(self._now, self.link_free_at) + tokens / rate - self._now
         return lands <= self._state.sessions[session_id].history.expected_gap(self._now)
 
+    def recompute_sooner(self, session_id: str) -> bool:
+        """Whether a prefill would rebuild the session's KV before its copy from the shared
+        tier, behind what the link already carries, would land. Promotions that queue
+        behind a saturated link hold their HBM idle while they wait and delay every copy
+        after them (at 64 simulated replicas the link was 99.5% busy and each plan
+        re-weighed ~600 aged requests); such a session is recomputed instead. Always False
+        where the owner models no link or no recompute time (live)."""
+        rate, recompute_s = self._state.shared_link_tokens_per_s, self._state.recompute_s
+        if rate is None or recompute_s is None:
+            return False
+        tokens = self._state.sessions[session_id].context_tokens
+        lands = max(self._now, self.link_free_at) + tokens / rate - self._now
+        return recompute_s(tokens) < lands
+
     def pinned(self, session_id: str) -> bool:
         """Running an LLM call, or admitted to run one in this plan."""
         record = self._state.sessions[session_id]

@@ -273,6 +273,8 @@ class TierPlanner:
             candidates = self._best_fit(state, view, need, held)
         for target in candidates:
             if target not in held and self._room(view, target, need, session_id, aged):
+                if here.tier is Tier.SHARED and record.request is not None and view.recompute_sooner(session_id):
+                    view.move(session_id, WAITING, 0, MoveReason.RECOMPUTE)  # its call prefills it
                 view.move(session_id, target, need, MoveReason.PROMOTE)
                 return target.replica
         return None
