@@ -21,6 +21,7 @@ class Overlay:
         self._arrived: dict[Location, dict[str, None]] = {}  # ordered sets
         self._released: set[str] = set()
         self._admitted: set[str] = set()
+        self._admitted_tokens: dict[Location, int] = {}  # HBM this plan's admits pinned, per GPU tier
         self._idleness: dict[str, float] = {}
         self.changes = 0  # bumped by every tentative decision
         self.link_free_at = state.shared_link_free_at  # with this plan's copies to and from the shared tier
@@ -90,6 +91,13 @@ class Overlay:
         record = self._state.sessions[session_id]
         return record.phase is Phase.LLM or session_id in self._admitted
 
+    def room_bound(self, where: Location) -> int:
+        """The most room displacement could make in ``where`` now: its capacity less what
+        running calls (the books' pinned tokens) and this plan's admits hold, which never
+        move. A need above it fails without a look at the residents."""
+        return self._state.capacity[where] - self._state.index.pinned.get(where, 0) \
+            - self._admitted_tokens.get(where, 0)
+
     def released(self, session_id: str) -> bool:
         return session_id in self._released
 
@@ -114,10 +122,14 @@ class Overlay:
         return order
 
     def check(self) -> None:
-        """Raise AssertionError unless every kept demotion order equals one sorted afresh."""
+        """Raise AssertionError unless every kept demotion order equals one sorted afresh
+        and every room bound is its capacity less what its pinned residents hold."""
         for where, order in self._leaving.items():
             fresh = sorted(self._leaving_key(s) for s in self.residents(where) if not self.pinned(s))
             assert order == fresh, f"{where}: demotion order kept wrongly"
+        for where, capacity in self._state.capacity.items():
+            pinned = sum(self.footprint(s) for s in self.residents(where) if self.pinned(s))
+            assert self.room_bound(where) == capacity - pinned, f"{where}: room bound wrong"
 
     def _leaving_key(self, session_id: str) -> tuple[bool, float, str]:
         return self._state.sessions[session_id].waiting_for_gpu, -self.idleness(session_id), session_id
@@ -153,6 +165,7 @@ class Overlay:
         # moves before its admits. The next plan sees it.
         held = max(tokens, self.footprint(session_id))
         self._used[where] += held - self.footprint(session_id)
+        self._admitted_tokens[where] = self._admitted_tokens.get(where, 0) + held
         self._placed[session_id] = (where, held)
         self._arrived.setdefault(where, {})[session_id] = None
         self._admitted.add(session_id)

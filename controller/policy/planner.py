@@ -333,6 +333,8 @@ class TierPlanner:
         ``wanting_more_idle_than`` (None: never). All or nothing: if the room cannot
         be made in full, nothing moves. ``keep`` (the requester) never goes. ``tenant``: only
         that tenant's sessions go, ``own`` tokens of them at least (a tenant at its GPU share)."""
+        if view.room_bound(target) < amount:
+            return False  # (every resident that may go would not be enough: skip the walk)
         room = free = view.free(target)
         victims = []
         for _, negative_iota, session_id in view.demotion_order(target):
