@@ -11,7 +11,7 @@ are tokens times the model's KV bytes per token.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from controller.policy.idleness import DEFAULT_CYCLES, IdlenessHistory
@@ -97,9 +97,11 @@ class ClusterState:
         self.attention: dict[str, int] = {}
         self.index = AttentionIndex()
         # The shared tier's link, as its owner reports it: when it has carried every copy
-        # booked on it, and its speed. None: not modelled (the planner ignores link time).
+        # booked on it, and its speed; and how long a replica takes to recompute (prefill)
+        # so many tokens of KV. None: not modelled (the planner ignores link time).
         self.shared_link_free_at = 0.0
         self.shared_link_tokens_per_s: float | None = None
+        self.recompute_s: Callable[[int], float] | None = None
         self._seq = 0
         for spec in replicas:
             self.set_replica(spec)
@@ -142,11 +144,14 @@ class ClusterState:
             raise ValueError(f"shared capacity must be >= 0, got {tokens}")
         self.capacity[SHARED] = tokens
 
-    def report_shared_link(self, free_at: float, tokens_per_s: float) -> None:
-        """The shared tier's link is busy until ``free_at`` and carries ``tokens_per_s``."""
+    def report_shared_link(self, free_at: float, tokens_per_s: float,
+                           recompute_s: Callable[[int], float] | None = None) -> None:
+        """The shared tier's link is busy until ``free_at`` and carries ``tokens_per_s``;
+        ``recompute_s(tokens)``: a replica's time to prefill that much KV (None: not weighed)."""
         if not tokens_per_s > 0:
             raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s}")
         self.shared_link_free_at, self.shared_link_tokens_per_s = free_at, tokens_per_s
+        self.recompute_s = recompute_s
 
     def capacity_of(self, where: Location) -> int | None:
         """None for the unbounded waiting set."""
