@@ -80,12 +80,15 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         except ApiError as error:
             await self._abort(error, context)
         finish, usage = None, {}
-        async for event in sse_events(forwarded):
-            for choice in event.get("choices") or ():
-                finish = choice.get("finish_reason") or finish
-                if choice.get("text") or choice.get("token_ids"):
-                    yield pb.GenerateChunk(text=choice.get("text") or "", token_ids=choice.get("token_ids") or [])
-            usage = event.get("usage") or usage
+        try:
+            async for event in sse_events(forwarded):
+                for choice in event.get("choices") or ():
+                    finish = choice.get("finish_reason") or finish
+                    if choice.get("text") or choice.get("token_ids"):
+                        yield pb.GenerateChunk(text=choice.get("text") or "", token_ids=choice.get("token_ids") or [])
+                usage = event.get("usage") or usage
+        finally:
+            await forwarded.dropped()  # a caller gone before the first event: the call is reported
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         yield pb.GenerateChunk(finish_reason=FINISH.get(finish, FINISH["stop"]), usage=pb.Usage(
             prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),

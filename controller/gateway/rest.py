@@ -123,9 +123,12 @@ class _Api:
         forwarded = await self.core.forward(call)
         headers = {"x-session-id": sid}
         if dict(forwarded.headers).get("content-type", "").startswith("text/event-stream"):
-            return StreamingResponse(_events(forwarded, path, call.key), status_code=forwarded.status,
-                                     media_type="text/event-stream", headers=headers)
-        content = b"".join([chunk async for chunk in forwarded])
+            return _Answer(forwarded, _events(forwarded, path, call.key), status_code=forwarded.status,
+                           media_type="text/event-stream", headers=headers)
+        try:
+            content = b"".join([chunk async for chunk in forwarded])
+        finally:
+            await forwarded.dropped()
         return Response(content, status_code=forwarded.status, headers=headers,
                         media_type=dict(forwarded.headers).get("content-type", "application/json"))
 
@@ -140,6 +143,22 @@ class _Api:
                 raise _too_large(size, self.max_body_bytes)
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+class _Answer(StreamingResponse):
+    """A streamed answer that reports its call however the response ends: a client that leaves
+    before the body's first read (the send of the response's start fails, or the sender is
+    cancelled) leaves the body's generator unstarted, and its own `finally` never runs."""
+
+    def __init__(self, forwarded, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forwarded = forwarded
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.forwarded.dropped()
 
 
 def _too_large(size: int, limit: int) -> ApiError:

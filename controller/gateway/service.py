@@ -19,7 +19,7 @@ import math
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -92,9 +92,20 @@ class Forwarded:
     headers: list[tuple[str, str]]
     chunks: AsyncIterator[bytes]
     usage: CallUsage | None = None
+    started: bool = False  # the body's reading began: from then on it reports how the call ended
+    on_dropped: Callable[[], Awaitable[None]] | None = None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self.chunks
+
+    async def dropped(self) -> None:
+        """Call when the answer is done with, read or not: an answer whose body was never read
+        (its client left between the admission and the body's first read: an unstarted
+        generator runs no `finally`) closes the engine's stream and reports the call failed,
+        else the session would keep its turn and its reservation for good. Idempotent."""
+        if not self.started and self.on_dropped is not None:
+            self.started = True
+            await self.on_dropped()
 
 
 class GatewayCore:
@@ -160,12 +171,19 @@ class GatewayCore:
                 await self._before_retry(call.key, admission.replica_id, error)
         forwarded = Forwarded(head["status"], head["headers"], None)  # type: ignore[arg-type]
         forwarded.chunks = self._rest(call, admission, parts, first, forwarded, span)
+        forwarded.on_dropped = lambda: self._unread(call.key, admission.replica_id, parts, span)
         return forwarded
+
+    async def _unread(self, key: str, replica_id: str, parts, span) -> None:
+        span.end()
+        await _close(parts)  # vLLM aborts the request
+        await self._failed(key, replica_id, None)
 
     async def _rest(self, call: Call, admission, parts, first, forwarded: Forwarded, span) -> AsyncIterator[bytes]:
         first_at = time.monotonic()
         if call.body.get("stream"):
             self.metrics.first_token(admission, call.arrived_at, first_at)
+        forwarded.started = True  # this generator's `finally` reports how the call ends
         failure: BaseException | None = None
         try:
             part = first
