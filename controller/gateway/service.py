@@ -171,13 +171,15 @@ class GatewayCore:
                 await self._before_retry(call.key, admission.replica_id, error)
         forwarded = Forwarded(head["status"], head["headers"], None)  # type: ignore[arg-type]
         forwarded.chunks = self._rest(call, admission, parts, first, forwarded, span)
-        forwarded.on_dropped = lambda: self._unread(call.key, admission.replica_id, parts, span)
+        forwarded.on_dropped = lambda: self._ended_early(call.key, admission.replica_id, parts, span, None)
         return forwarded
 
-    async def _unread(self, key: str, replica_id: str, parts, span) -> None:
+    async def _ended_early(self, key: str, replica_id: str, parts, span, failure: BaseException | None) -> None:
+        """The call ended before its usage: the engine stream is closed (vLLM aborts the request)
+        and the call reported failed; a lost replica (``failure``) is looked at."""
         span.end()
-        await _close(parts)  # vLLM aborts the request
-        await self._failed(key, replica_id, None)
+        await _close(parts)
+        await self._failed(key, replica_id, failure)
 
     async def _rest(self, call: Call, admission, parts, first, forwarded: Forwarded, span) -> AsyncIterator[bytes]:
         first_at = time.monotonic()
@@ -197,11 +199,11 @@ class GatewayCore:
             failure = error
             raise
         finally:
-            span.end()
-            if failure is not None:  # vLLM aborted the request; a lost replica is looked at
-                await _close(parts)
-                await self._failed(call.key, admission.replica_id,
-                                   None if isinstance(failure, (asyncio.CancelledError, GeneratorExit)) else failure)
+            if failure is None:
+                span.end()
+            else:
+                await self._ended_early(call.key, admission.replica_id, parts, span,
+                                        None if isinstance(failure, (asyncio.CancelledError, GeneratorExit)) else failure)
         forwarded.usage = part
         if forwarded.status >= 400:  # vLLM refused the request: nothing ran
             await self._failed(call.key, admission.replica_id, None)
