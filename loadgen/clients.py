@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -51,7 +52,7 @@ class _HttpClient:
             if reply.status_code != 200:
                 text = (await reply.aread()).decode(errors="replace")
                 raise RuntimeError(f"HTTP {reply.status_code}: {text[:300]}")
-            async for line in reply.aiter_lines():
+            async for line in sse_lines(reply.aiter_bytes()):
                 if line == "data: [DONE]":
                     return
                 if not line.startswith("data: "):
@@ -69,6 +70,22 @@ class _HttpClient:
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """An event stream's lines, ended only where SSE ends them (CR LF, LF, CR). httpx's
+    ``aiter_lines`` also breaks at the Unicode line breaks (U+0085, U+2028, ...) that a
+    model's text may hold and vLLM's JSON leaves unescaped: an event cut there is no JSON."""
+    pending = b""
+    async for chunk in chunks:
+        *lines, pending = _LINE_END.split(pending + chunk)
+        for line in lines:
+            yield line.decode()
+    if pending:
+        yield pending.decode()
 
 
 def _cached(event: dict) -> int | None:

@@ -71,7 +71,7 @@ def _call(session: str, prompt: list[int], max_tokens: int, stream: bool) -> str
         raise RuntimeError(f"session {session}: {response.status} {data[:300]}")
     if not stream:
         return json.loads(data)["choices"][0]["text"]
-    events = [json.loads(line[6:]) for line in data.splitlines() if line.startswith("data: {")]
+    events = [json.loads(line[6:]) for line in data.split("\n") if line.startswith("data: {")]
     return "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
 
 

@@ -41,7 +41,7 @@ class FakeServer:
     """Answers GET /v1/models with MODELS and every POST with ``status`` and the ``parts``,
     written one by one after ``delay_s`` each; records each request's headers and body."""
 
-    def __init__(self, parts: list[str], status: int = 200, delay_s: float = 0.0):
+    def __init__(self, parts: list[str | bytes], status: int = 200, delay_s: float = 0.0):
         self.parts, self.status, self.delay_s = parts, status, delay_s
         self.requests: list[tuple[str, dict, dict]] = []
 
@@ -59,7 +59,7 @@ class FakeServer:
         writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {kind}\r\nconnection: close\r\n\r\n".encode())
         for part in parts:
             await asyncio.sleep(self.delay_s)
-            writer.write(part.encode())
+            writer.write(part if isinstance(part, bytes) else part.encode())
             await writer.drain()
         writer.close()
 
@@ -137,6 +137,20 @@ def test_completions_reads_token_ids_and_fails_on_a_cut_stream():
     assert server.requests[0][2]["prompt"] == [1, 2, 3, 4]
     with pytest.raises(RuntimeError, match="without \\[DONE\\]"):
         asyncio.run(FakeServer(sse(text([5]))).call(RestClient, [1]))
+
+
+def test_text_with_unicode_line_breaks_does_not_cut_an_event():
+    """vLLM writes its events with pydantic, which leaves U+0085, U+2028 and U+2029 unescaped; a
+    model's text may hold them (a bench run's random prompts once drew one). Only CR and LF end
+    an event stream's lines, and a chunk may end anywhere, inside a character too."""
+    text = {"object": "text_completion", "choices": [{"index": 0, "text": "a\u0085b\u2028c\u2029d\x1ce",
+                                                      "token_ids": [5, 6], "finish_reason": "length"}]}
+    raw = "".join(sse(json.dumps(text, ensure_ascii=False), usage(4, 2, cached=0), "[DONE]")).encode()
+    assert "\u2028".encode() in raw  # the line breaks travel raw, as vLLM sends them
+    for size in (len(raw), 3, 1):
+        server = FakeServer([raw[i:i + size] for i in range(0, len(raw), size)])
+        outcome = asyncio.run(server.call(RestClient, [1, 2, 3, 4]))
+        assert outcome.output_ids == [5, 6] and outcome.cached_tokens == 0
 
 
 def bench_args(*extra: str) -> argparse.Namespace:
