@@ -88,7 +88,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                         yield pb.GenerateChunk(text=choice.get("text") or "", token_ids=choice.get("token_ids") or [])
                 usage = event.get("usage") or usage
         finally:
-            await forwarded.dropped()  # a caller gone before the first event: the call is reported
+            await forwarded.dropped()  # a caller gone before or during the stream: the call is reported
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         yield pb.GenerateChunk(finish_reason=FINISH.get(finish, FINISH["stop"]), usage=pb.Usage(
             prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),

@@ -19,7 +19,7 @@ import math
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,7 +90,7 @@ class Forwarded:
 
     status: int
     headers: list[tuple[str, str]]
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncGenerator[bytes, None]
     usage: CallUsage | None = None
     started: bool = False  # the body's reading began: from then on it reports how the call ended
     on_dropped: Callable[[], Awaitable[None]] | None = None
@@ -99,13 +99,17 @@ class Forwarded:
         return self.chunks
 
     async def dropped(self) -> None:
-        """Call when the answer is done with, read or not: an answer whose body was never read
+        """Call when the answer is done with, read or not, else a client that left could leave
+        its session's turn and reservation held for good. An answer whose body was never read
         (its client left between the admission and the body's first read: an unstarted
-        generator runs no `finally`) closes the engine's stream and reports the call failed,
-        else the session would keep its turn and its reservation for good. Idempotent."""
+        generator runs no `finally`) closes the engine's stream and reports the call failed.
+        A body left mid-way (its client left while a piece was being sent: the body's generator
+        stays suspended where it yielded, and its `finally` would wait for the garbage
+        collector) is closed, so that its `finally` reports the call now. Idempotent."""
         if not self.started and self.on_dropped is not None:
             self.started = True
             await self.on_dropped()
+        await self.chunks.aclose()
 
 
 class GatewayCore:
@@ -298,12 +302,13 @@ class GatewayCore:
         return await self.controller.session_state(key)
 
 
-async def _released(chunks: AsyncIterator[bytes], ticket: Ticket) -> AsyncIterator[bytes]:
+async def _released(chunks: AsyncGenerator[bytes, None], ticket: Ticket) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield chunk
     finally:
         ticket.release()
+        await chunks.aclose()  # (closed early, by `Forwarded.dropped`: the body's own `finally` runs)
 
 
 async def _payload(call: Call, tier: str, call_id: str) -> bytes:
