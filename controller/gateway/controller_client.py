@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import logging
 import time
+import uuid
 from typing import Any
 
 from proto.actor_errors import cause, controller_gone
@@ -64,13 +65,15 @@ class ControllerClient:
 
         A caller that leaves while gated (its task is cancelled: the client disconnected)
         withdraws: the controller's waiting admit is cancelled, and an admission granted
-        before the cancel reached it is handed back with `call_failed`, so no reservation leaks."""
+        before the cancel reached it is handed back by its ticket, so no reservation leaks."""
         sent: list = []
+        ticket = uuid.uuid4().hex
         try:
-            return await self._call("admit", session_id, tenant, prompt_tokens, max_tokens, timeout_s, sent=sent)
+            return await self._call("admit", session_id, tenant, prompt_tokens, max_tokens, timeout_s, ticket,
+                                    sent=sent)
         except asyncio.CancelledError:
             if sent:
-                self._withdraw(session_id, sent[-1])
+                self._withdraw(session_id, ticket, sent[-1])
             raise
 
     async def call_finished(self, session_id: str, context_tokens: int, close: bool = False,
@@ -104,8 +107,10 @@ class ControllerClient:
     async def snapshot(self) -> dict:
         return await self._call("snapshot")
 
-    def _withdraw(self, session_id: str, reply) -> None:
-        """Cancel a gated admit whose caller left; if it was granted first, hand the admission back."""
+    def _withdraw(self, session_id: str, ticket: str, reply) -> None:
+        """Cancel a gated admit whose caller left; if it was granted first, hand the admission back.
+        Once the admit has ended, the controller is asked by ticket, whatever the reply says:
+        Ray answers TaskCancelledError also for an admit that ran to its end, granted."""
         import ray
 
         ray.cancel(reply)
@@ -113,10 +118,13 @@ class ControllerClient:
         async def hand_back() -> None:
             try:
                 await reply
-            except BaseException:  # cancelled or failed: nothing was granted
-                return
-            log.info("admission of session %s granted after its caller left; handed back", session_id)
-            await self.call_failed(session_id, started=False)
+            except BaseException:  # cancelled, or granted as it was cancelled
+                pass
+            try:
+                if await self._call("withdraw", session_id, ticket):
+                    log.info("admission of session %s granted after its caller left; handed back", session_id)
+            except Exception as error:  # (a controller that restarted meanwhile holds no admission)
+                log.warning("withdrawing session %s's admission failed: %s", session_id, type(cause(error)).__name__)
 
         self._detached(hand_back())
 

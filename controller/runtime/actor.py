@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import ray
 
 from controller.autoscale import signals
-from controller.policy import DEFAULT_CYCLES, Location, PlannerConfig, Tier
+from controller.policy import DEFAULT_CYCLES, Location, Phase, PlannerConfig, Tier
 from controller.runtime.live import LiveController
 from controller.runtime.membership import Membership, Replica
 from controller.runtime.metrics import gauge_gpu_tiers_forever, session_on_arrival
@@ -71,6 +71,7 @@ class Controller:
         if membership is not None:
             membership.on_change = self._gauge_replicas
         self._started = started
+        self._granted: dict[str, str] = {}  # session -> the ticket of its admitted call (`withdraw`)
 
     def _ready(self) -> None:
         if not self._started:
@@ -106,15 +107,17 @@ class Controller:
     # -- sessions (the gateway calls these) -----------------------------------------------------
 
     async def admit(self, session_id: str, tenant: str, prompt_tokens: int, max_tokens: int,
-                    timeout_s: float) -> Admitted:
+                    timeout_s: float, ticket: str | None = None) -> Admitted:
         """Wait until the call may run (``LiveController.admit``: a call of a session whose
         previous call runs or waits waits for it first); records the session's idleness as
         the call's turn comes and answers with its tier and context then.
 
         Cancellation (the gateway's caller left: ``ray.cancel`` on this call's ref) withdraws
         the call, or gives back the reservation of a call admitted just before; the ref then
-        raises TaskCancelledError. A caller that got an ``Admitted`` and will not run the call
-        reports ``call_failed(session_id, started=False)``."""
+        raises TaskCancelledError. But Ray also answers TaskCancelledError for a call that
+        had already run to its end, admitted: a caller who cancelled cannot tell, so it
+        hands the call back by its ``ticket`` (``withdraw``). A caller that got an
+        ``Admitted`` and will not run the call reports ``call_failed(session_id, started=False)``."""
         self._ready()
         live, arrival = self.controller, {}
 
@@ -124,12 +127,15 @@ class Controller:
                 live.metrics["lull:session_idleness"].labels(tier=tier).observe(idleness)
 
         admission = await live.admit(session_id, tenant, prompt_tokens, max_tokens, timeout_s, on_turn)
+        if ticket is not None:
+            self._granted[session_id] = ticket
         tier, context_tokens, _ = arrival["at"]
         return Admitted(admission.replica_id, admission.tier_label, admission.waited_s, tier, context_tokens)
 
     async def call_finished(self, session_id: str, context_tokens: int, close: bool = False) -> None:
         """The call ended with ``context_tokens`` of KV; ``close``: the session ends with it (a one-off)."""
         self._ready()
+        self._granted.pop(session_id, None)
         self.controller.call_finished(session_id, context_tokens)
         if close:
             self.controller.close_session(session_id)
@@ -141,11 +147,23 @@ class Controller:
         drained or removed before the call is retried. ``started`` False: the admitted call
         never reached an engine (its caller left): its reservation is given back whole."""
         self._ready()
+        self._granted.pop(session_id, None)
         try:
             self.controller.call_failed(session_id, started)
         finally:
             if lost_replica is not None and self.membership is not None:
                 await self.membership.lost(lost_replica, dead)
+
+    async def withdraw(self, session_id: str, ticket: str) -> bool:
+        """The caller of the admit with ``ticket`` left: if that call was admitted and is still
+        booked as running, it never reached an engine, and its reservation goes back whole.
+        Whether it was; idempotent (a later call of the session has another ticket)."""
+        self._ready()
+        record = self.controller.state.sessions.get(session_id)
+        if self._granted.get(session_id) != ticket or record is None or record.phase is not Phase.LLM:
+            return False
+        await self.call_failed(session_id, started=False)
+        return True
 
     async def tool_call_started(self, session_id: str) -> None:
         self._ready()

@@ -84,3 +84,52 @@ def test_a_gateway_caller_who_leaves_while_gated_leaks_nothing(local_ray):
     assert [t["used_tokens"] for t in snapshot["tiers"] if t["tier"] == "gpu"] == [250]  # s1's only
     ray.get(shell.call_finished.remote("s1", 60))
     assert ray.get(shell.admit.remote("s2", "t", 150, 50, 10)).replica_id == "r1"
+
+
+@ray.remote(num_cpus=0, max_concurrency=100)
+class SlowToAnswerShell(Controller):
+    """Its admit, once granted, takes 1 s to return, with no await left (no CancelledError can
+    land there): a cancel sent meanwhile finds the admission granted."""
+
+    def __init__(self) -> None:
+        live = LiveController(NoMoves())
+        live.add_replica("r1", "n1", 300, 300)
+        super().__init__(live)
+
+    async def admit(self, *args):
+        admitted = await Controller.admit(self, *args)
+        time.sleep(1.0)
+        return admitted
+
+
+def test_an_admission_granted_as_its_caller_left_is_handed_back(local_ray):
+    """Ray answers TaskCancelledError for an actor call cancelled while it ran, even one that
+    then ran to its end: here an admit that granted the call. The caller cannot tell from the
+    reply; its admission is handed back by ticket, else the session stays booked in a call
+    nobody runs and its next call waits for its turn until the gate timeout (found by `lull
+    chaos`'s `disconnect` fault under load)."""
+    import asyncio
+
+    from controller.gateway.controller_client import ControllerClient
+
+    shell = SlowToAnswerShell.remote()
+    client = ControllerClient(shell)
+    client._launch = {}
+
+    async def scenario() -> tuple[dict, str]:
+        leaving = asyncio.get_running_loop().create_task(client.admit("s1", "t", 200, 50, 10))
+        await asyncio.sleep(0.5)  # granted, not yet answered
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        while client._pending:
+            await asyncio.sleep(0.05)
+        snapshot = await shell.snapshot.remote()
+        again = await asyncio.wait_for(client.admit("s1", "t", 200, 50, 2), 5)
+        return snapshot, again.replica_id
+
+    snapshot, replica = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert [s for s in snapshot["sessions"] if s["phase"] == "llm"] == []  # no call booked as running
+    assert [t["used_tokens"] for t in snapshot["tiers"] if t["tier"] == "gpu"] == [0]  # the reservation is back
+    assert replica == "r1"  # its next call runs
+    assert ray.get(shell.withdraw.remote("s1", "not-its-ticket")) is False  # the running call is not another's
