@@ -5,9 +5,8 @@ node agent, a real Redis), its DRAM tier on a 16 MiB tmpfs of its own.
 Tiers small enough that sessions move all the time: a GPU tier of 1,024 tokens, a DRAM tier
 of about 1,500, so idle sessions go on to Redis. In turn: a node agent killed (mid-move
 when one is seen), Redis restarted empty under sessions booked in it, the DRAM tier's
-filesystem filled until ENOSPC (clients that hang up mid-stream and while gated: left out, see
-FAULTS). No session may be lost, and every answer must equal the same prompt answered from scratch
-after the faults.
+filesystem filled until ENOSPC, clients that hang up mid-stream and while gated. No session may
+be lost, and every answer must equal the same prompt answered from scratch after the faults.
 
 The tmpfs needs root (mount); without it `shm-full` is left out, said in the output.
 """
@@ -29,11 +28,7 @@ from workers.redis_server import free_port
 
 PORT = free_port()
 KEY = "sk-chaos-test"
-# `disconnect` is left out until its open bug is fixed: in 1 of 5 runs (a fresh-clone CI run of
-# f08f3b7), after a client hung up mid-call, the session's next call waited 60 s "for the
-# session's previous call to end" and failed (the hang-up left the session's turn held), and
-# no probe was answered for 69 s. `lull chaos --faults ...,disconnect` still injects it.
-FAULTS = ["agent", "redis-resident", "shm-full"]
+FAULTS = ["agent", "redis-resident", "shm-full", "disconnect"]
 
 
 @pytest.fixture(scope="module")
