@@ -30,6 +30,10 @@ class Overlay:
         self.memo: dict[Location, tuple[int, list[str]]] = {}
 
     @property
+    def now(self) -> float:
+        return self._now
+
+    @property
     def state(self) -> ClusterState:
         """The books under the view, as they were when the plan began (read only)."""
         return self._state

@@ -39,6 +39,9 @@ goes first, oldest first, and may displace any movable resident. If it still doe
 not fit, it holds one GPU tier (see ``_hold_for``) where nothing younger is admitted;
 there calls only end, so its room bound only grows, and it runs within its age plus
 the longest call running there plus one plan interval (``test_planner_starvation``).
+A session recomputed into HBM keeps it for a tenure, and KV is rebuilt one session
+at a time per GPU tier (``controller.policy.aging``): without that, aged requests
+thrashed where HBM and DRAM cannot hold every program's KV.
 
 Tenant shares (``controller.policy.shares``): a session whose tenant is at its share of
 the GPU tier makes room only by displacing its own tenant's sessions; otherwise it waits,
@@ -55,6 +58,7 @@ from collections.abc import Iterable
 from itertools import chain
 
 from proto.names import tenant_of
+from controller.policy.aging import lost, may_force, rebuilt
 from controller.policy.overlay import Overlay
 from controller.policy.planner_config import PlannerConfig
 from controller.policy.shares import GpuShares
@@ -162,9 +166,10 @@ class TierPlanner:
         # nothing has moved since, every later need at least as large fails too: skip it.
         futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
         held: set[Location] = set()  # GPU tiers held by aged requests: nothing younger goes there
+        forced: set[Location] = set()  # GPU tiers an aged request entered in this plan, recomputed
         for key, _, record in keyed:
-            if len(held) == len(bounds):
-                break  # every GPU tier held: nothing younger goes anywhere (the rest are in Plan.waiting)
+            if len(held) == len(bounds) and not rebuilt(view, record.session_id, self.config.starvation_age_s):
+                continue  # every GPU tier held: nothing younger goes anywhere but in its tenure (in Plan.waiting)
             aged = key[0] == -1
             scope = (key[0], self._scope(view, record))
             need = self._need(record)
@@ -173,13 +178,17 @@ class TierPlanner:
                 failed = None  # something moved since: that failure proves nothing now
             growing = scope[1].tier is Tier.GPU  # its need counts what it holds: not comparable
             capped = self.shares.over(view, record.session_id, need) > 0  # at its tenant's GPU share
-            replica = None
+            replica, rebuilds = None, lost(view, record)
             if not (failed and not growing and need >= failed[1]):
-                replica = self._place_on_gpu(state, view, record, held, aged)
+                replica = self._place_on_gpu(state, view, record, held, aged, forced)
                 if replica is None and not capped:  # a capped failure proves nothing for other tenants
                     futile[scope] = (view.changes, min(need, failed[1]) if failed else need)
             if aged and replica is None and not capped:
-                held.add(self._hold_for(state, view, record, bounds, held))
+                hold = self._hold_for(state, view, record, bounds, held)
+                if may_force(view, hold, forced, record.session_id, self.config.starvation_age_s):
+                    held.add(hold)
+            elif aged and rebuilds and replica is not None:
+                forced.add(Location(Tier.GPU, replica))
             if record.request is None:
                 continue
             if replica is None:
@@ -227,36 +236,41 @@ class TierPlanner:
         return here if here.tier is not Tier.SHARED else WAITING
 
     def _place_on_gpu(self, state: ClusterState, view: Overlay, record: SessionRecord,
-                      held: set[Location] = frozenset(), aged: bool = False) -> str | None:
-        """Reserve HBM for the session (not in ``held``); its replica, or None: it waits."""
-        session_id = record.session_id
+                      held: set[Location] = frozenset(), aged: bool = False,
+                      forced: set[Location] = frozenset()) -> str | None:
+        """Reserve HBM for the session (not in ``held``); its replica, or None: it waits.
+        An aged request forces room only where ``aging.may_force`` lets it (``forced``:
+        tiers an aged request whose KV was gone entered in this plan)."""
+        session_id, age = record.session_id, self.config.starvation_age_s
         need = self._need(record)
         here = view.location(session_id)
         if here.tier is Tier.GPU:
-            if here in held:
+            if here in held and not rebuilt(view, session_id, age):
                 return None
             growth = need - view.footprint(session_id)
-            return here.replica if self._room(view, here, growth, session_id, aged) else None
+            force = aged and may_force(view, here, forced, session_id, age)
+            return here.replica if self._room(view, here, growth, session_id, aged, force) else None
         if here.tier is Tier.DRAM:
             candidates = [Location(Tier.GPU, here.replica)]
         else:
-            candidates = self._best_fit(state, view, need, held)
+            candidates = self._best_fit(state, view, need, held, aged)
         for target in candidates:
-            if target not in held and self._room(view, target, need, session_id, aged):
+            force = aged and target not in held and may_force(view, target, forced, session_id, age)
+            if target not in held and self._room(view, target, need, session_id, aged, force):
                 view.move(session_id, target, need, MoveReason.PROMOTE)
                 return target.replica
         return None
 
     def _best_fit(self, state: ClusterState, view: Overlay, need: int,
-                  held: set[Location] = frozenset()) -> list[Location]:
-        """GPU tiers to try: those where the need fits, tightest first (best fit),
-        then the rest by most free room, where displacement has the best chance.
-        Tiers in ``held`` are not offered."""
+                  held: set[Location] = frozenset(), aged: bool = False) -> list[Location]:
+        """GPU tiers to try: those where the need fits, tightest first (best fit), then the
+        rest by most free room, where displacement has the best chance (for an aged request even
+        with ``displacement`` off: the tier it holds would wait for ever). ``held``: not offered."""
         gpus = [Location(Tier.GPU, r) for r in state.replicas if Location(Tier.GPU, r) not in held]
         fitting = sorted(
             (g for g in gpus if view.free(g) >= need), key=lambda g: (view.free(g), g.replica)
         )
-        if fitting or not self.config.displacement:
+        if fitting or not (self.config.displacement or aged):
             return fitting[:1]
         roomiest = sorted(
             (g for g in gpus if state.capacity[g] >= need),
@@ -265,22 +279,26 @@ class TierPlanner:
         # Looking for victims costs an idleness sort per replica; the roomiest few are where it is cheapest.
         return roomiest[: self.config.displacement_candidates]
 
-    def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: bool = False) -> bool:
+    def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: bool = False,
+              force: bool = True) -> bool:
         """Make ``amount`` tokens free in a GPU tier, displacing if allowed. An aged
-        request may displace every movable resident, those waiting for HBM too:
-        otherwise two requests could hold each other off for ever."""
+        request that may ``force`` (``aging.may_force``) displaces every movable resident
+        past its tenure, those waiting for HBM too: otherwise two requests could hold each
+        other off for ever. One that may not takes only free room."""
         over = self.shares.over(view, requester, self._need(view.record(requester)))
+        if aged and not force:
+            return over <= 0 and amount <= view.free(target)
         if over > 0:  # at its tenant's GPU share: room only from its own sessions, at least ``over``
             if not (aged or (self.config.displacement and view.record(requester).request is not None)):
                 return False
             return self._make_room(view, target, amount, -1.0, MoveReason.DISPLACED, keep=requester,
                                    wanting_more_idle_than=-1.0 if aged else view.idleness(requester),
-                                   tenant=tenant_of(requester), own=over)
+                                   tenant=tenant_of(requester), own=over, settled=aged)
         if amount <= view.free(target):
             return True
         if aged:
             return self._make_room(view, target, amount, -1.0, MoveReason.DISPLACED,
-                                   wanting_more_idle_than=-1.0, keep=requester)
+                                   wanting_more_idle_than=-1.0, keep=requester, settled=True)
         if not self.config.displacement:
             return False
         if view.record(requester).request is not None:
@@ -304,17 +322,20 @@ class TierPlanner:
         keep: str = "",
         tenant: str | None = None,
         own: int = 0,
+        settled: bool = False,
     ) -> bool:
         """Free ``amount`` tokens in ``target`` by pushing residents more idle than
         ``more_idle_than`` one tier down, most idle first. Residents that want HBM
         themselves (last in the order) go only when more idle than
         ``wanting_more_idle_than`` (None: never). All or nothing: if the room cannot
         be made in full, nothing moves. ``keep`` (the requester) never goes. ``tenant``: only
-        that tenant's sessions go, ``own`` tokens of them at least (a tenant at its GPU share)."""
+        that tenant's sessions go, ``own`` tokens of them at least (a tenant at its GPU share).
+        ``settled``: sessions in their tenure (``aging.rebuilt``) stay."""
         room = free = view.free(target)
         victims = []
         for session_id in self._demotion_order(view, target):
-            if session_id == keep or (tenant is not None and tenant_of(session_id) != tenant):
+            if session_id == keep or (tenant is not None and tenant_of(session_id) != tenant) \
+                    or (settled and rebuilt(view, session_id, self.config.starvation_age_s)):
                 continue
             iota = view.idleness(session_id)
             if (room >= amount and room - free >= own) or iota <= more_idle_than:
