@@ -7,24 +7,23 @@ programs at 128k: 45 M recomputed tokens, 192 output tok/s). So:
 
 - a session recomputed into HBM keeps it for a tenure of ``starvation_age_s``: no aged
   request displaces it, and in a tier an aged request holds it may still run;
-- KV is rebuilt one session at a time per GPU tier: an aged request whose KV is gone
-  displaces or holds only where no other rebuilt session is in its tenure; otherwise it
-  takes free room only.
+- KV is rebuilt one session at a time per GPU tier: an aged request whose KV is gone,
+  or whose displacements would drop KV (its replica's DRAM and the shared tier have
+  less room than it needs), displaces or holds only where no other rebuilt session is
+  in its tenure; otherwise it takes free room only.
 
-Aged requests whose KV exists are not limited, so where nothing is recomputed the rule
-is as before. The oldest aged request runs within its age, one tenure (the rebuild
-before it, or the rebuilt residents of the tier it holds), the longest call running
-there and a plan interval; one queued behind k rebuilds waits k tenures more
-(``test_planner_tenure``). Pure: reads the plan's view and its clock.
+Other aged requests are not limited, so where no KV is dropped the rule is as before.
+The oldest aged request runs within its age, one tenure (the rebuild before it, or the
+rebuilt residents of the tier it holds), the longest call running there and a plan
+interval; one queued behind k rebuilds waits k tenures more (``test_planner_tenure``).
+Pure: reads the plan's view and its clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Set
-
 from controller.policy.overlay import Overlay
 from controller.policy.state import SessionRecord
-from controller.policy.types import Location, Tier
+from controller.policy.types import SHARED, Location, Tier
 
 
 def rebuilt(view: Overlay, session_id: str, age: float | None) -> bool:
@@ -39,10 +38,35 @@ def lost(view: Overlay, record: SessionRecord) -> bool:
     return view.location(record.session_id).tier is Tier.WAITING and record.context_tokens > 0
 
 
-def may_force(view: Overlay, where: Location, forced: Set[Location], requester: str, age: float | None) -> bool:
-    """Whether an aged request may displace for room in (or hold) ``where``: one whose KV
-    is gone only while no other rebuilt session there is in its tenure, nor one entered
-    in this plan (``forced``)."""
-    if not lost(view, view.record(requester)):
-        return True
-    return where not in forced and not any(s != requester and rebuilt(view, s, age) for s in view.residents(where))
+def drops_kv(view: Overlay, record: SessionRecord, where: Location) -> bool:
+    """Admitting it to ``where`` by force costs a recompute: its KV is gone, or what it
+    displaces has less room below (its replica's DRAM and the shared tier) than it needs."""
+    need = record.request.need_tokens if record.request else record.context_tokens
+    below = view.free(Location(Tier.DRAM, where.replica)) + max(0, view.free(SHARED))
+    return lost(view, record) or below < need
+
+
+class Rebuilds:
+    """One plan's view of the rule: the GPU tiers a rebuild entered in this plan, and
+    each tier's rebuilt residents in their tenure (cached while the tier is unchanged)."""
+
+    def __init__(self, view: Overlay, age: float | None) -> None:
+        self.view, self.age = view, age
+        self.entered: set[Location] = set()
+        self._tenured: dict[Location, tuple[int, frozenset[str]]] = {}
+
+    def tenured(self, where: Location) -> frozenset[str]:
+        version = self.view.version(where)
+        cached = self._tenured.get(where)
+        if cached is None or cached[0] != version:
+            members = frozenset(s for s in self.view.residents(where) if rebuilt(self.view, s, self.age))
+            cached = self._tenured[where] = (version, members)
+        return cached[1]
+
+    def may_force(self, where: Location, requester: str) -> bool:
+        """Whether an aged request may displace for room in (or hold) ``where``: one that
+        ``drops_kv`` only while no other rebuilt session there is in its tenure, nor one
+        entered in this plan."""
+        if not drops_kv(self.view, self.view.record(requester), where):
+            return True
+        return where not in self.entered and not (self.tenured(where) - {requester})

@@ -39,9 +39,8 @@ goes first, oldest first, and may displace any movable resident. If it still doe
 not fit, it holds one GPU tier (see ``_hold_for``) where nothing younger is admitted;
 there calls only end, so its room bound only grows, and it runs within its age plus
 the longest call running there plus one plan interval (``test_planner_starvation``).
-A session recomputed into HBM keeps it for a tenure, and KV is rebuilt one session
-at a time per GPU tier (``controller.policy.aging``): without that, aged requests
-thrashed where HBM and DRAM cannot hold every program's KV.
+A session recomputed into HBM keeps it for a tenure, and KV is rebuilt one session at a
+time per GPU tier (``controller.policy.aging``): else aged requests thrash HBM.
 
 Tenant shares (``controller.policy.shares``): a session whose tenant is at its share of
 the GPU tier makes room only by displacing its own tenant's sessions; otherwise it waits,
@@ -58,7 +57,7 @@ from collections.abc import Iterable
 from itertools import chain
 
 from proto.names import tenant_of
-from controller.policy.aging import lost, may_force, rebuilt
+from controller.policy.aging import Rebuilds, lost, rebuilt
 from controller.policy.overlay import Overlay
 from controller.policy.planner_config import PlannerConfig
 from controller.policy.shares import GpuShares
@@ -166,10 +165,14 @@ class TierPlanner:
         # nothing has moved since, every later need at least as large fails too: skip it.
         futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
         held: set[Location] = set()  # GPU tiers held by aged requests: nothing younger goes there
-        forced: set[Location] = set()  # GPU tiers an aged request entered in this plan, recomputed
+        rebuilds, tenured = Rebuilds(view, self.config.starvation_age_s), None
         for key, _, record in keyed:
-            if len(held) == len(bounds) and not rebuilt(view, record.session_id, self.config.starvation_age_s):
-                continue  # every GPU tier held: nothing younger goes anywhere but in its tenure (in Plan.waiting)
+            if len(held) == len(bounds):  # every GPU tier held: only rebuilt sessions in their tenure go
+                tenured = tenured or frozenset().union(*(rebuilds.tenured(where) for where in held))
+                if not tenured:
+                    break  # (the rest are in Plan.waiting)
+                if record.session_id not in tenured:
+                    continue
             aged = key[0] == -1
             scope = (key[0], self._scope(view, record))
             need = self._need(record)
@@ -178,17 +181,17 @@ class TierPlanner:
                 failed = None  # something moved since: that failure proves nothing now
             growing = scope[1].tier is Tier.GPU  # its need counts what it holds: not comparable
             capped = self.shares.over(view, record.session_id, need) > 0  # at its tenant's GPU share
-            replica, rebuilds = None, lost(view, record)
+            replica, rebuilding = None, aged and lost(view, record)
             if not (failed and not growing and need >= failed[1]):
-                replica = self._place_on_gpu(state, view, record, held, aged, forced)
+                replica = self._place_on_gpu(state, view, record, held, aged, rebuilds)
                 if replica is None and not capped:  # a capped failure proves nothing for other tenants
                     futile[scope] = (view.changes, min(need, failed[1]) if failed else need)
             if aged and replica is None and not capped:
                 hold = self._hold_for(state, view, record, bounds, held)
-                if may_force(view, hold, forced, record.session_id, self.config.starvation_age_s):
+                if rebuilds.may_force(hold, record.session_id):
                     held.add(hold)
-            elif aged and rebuilds and replica is not None:
-                forced.add(Location(Tier.GPU, replica))
+            elif aged and rebuilding and replica is not None:
+                rebuilds.entered.add(Location(Tier.GPU, replica))
             if record.request is None:
                 continue
             if replica is None:
@@ -235,27 +238,25 @@ class TierPlanner:
         here = view.location(record.session_id)
         return here if here.tier is not Tier.SHARED else WAITING
 
-    def _place_on_gpu(self, state: ClusterState, view: Overlay, record: SessionRecord,
-                      held: set[Location] = frozenset(), aged: bool = False,
-                      forced: set[Location] = frozenset()) -> str | None:
+    def _place_on_gpu(self, state: ClusterState, view: Overlay, record: SessionRecord, held: set[Location],
+                      aged: bool, rebuilds: Rebuilds) -> str | None:
         """Reserve HBM for the session (not in ``held``); its replica, or None: it waits.
-        An aged request forces room only where ``aging.may_force`` lets it (``forced``:
-        tiers an aged request whose KV was gone entered in this plan)."""
-        session_id, age = record.session_id, self.config.starvation_age_s
+        An aged request forces room only where ``rebuilds.may_force`` lets it."""
+        session_id = record.session_id
         need = self._need(record)
         here = view.location(session_id)
         if here.tier is Tier.GPU:
-            if here in held and not rebuilt(view, session_id, age):
+            if here in held and session_id not in rebuilds.tenured(here):
                 return None
             growth = need - view.footprint(session_id)
-            force = aged and may_force(view, here, forced, session_id, age)
+            force = aged and rebuilds.may_force(here, session_id)
             return here.replica if self._room(view, here, growth, session_id, aged, force) else None
         if here.tier is Tier.DRAM:
             candidates = [Location(Tier.GPU, here.replica)]
         else:
             candidates = self._best_fit(state, view, need, held, aged)
         for target in candidates:
-            force = aged and target not in held and may_force(view, target, forced, session_id, age)
+            force = aged and target not in held and rebuilds.may_force(target, session_id)
             if target not in held and self._room(view, target, need, session_id, aged, force):
                 view.move(session_id, target, need, MoveReason.PROMOTE)
                 return target.replica
@@ -279,12 +280,11 @@ class TierPlanner:
         # Looking for victims costs an idleness sort per replica; the roomiest few are where it is cheapest.
         return roomiest[: self.config.displacement_candidates]
 
-    def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: bool = False,
-              force: bool = True) -> bool:
+    def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: bool, force: bool) -> bool:
         """Make ``amount`` tokens free in a GPU tier, displacing if allowed. An aged
-        request that may ``force`` (``aging.may_force``) displaces every movable resident
-        past its tenure, those waiting for HBM too: otherwise two requests could hold each
-        other off for ever. One that may not takes only free room."""
+        request that may ``force`` (``Rebuilds.may_force``) displaces every movable resident
+        past its tenure, those waiting for HBM too (else two requests could hold each other
+        off for ever); one that may not takes only free room."""
         over = self.shares.over(view, requester, self._need(view.record(requester)))
         if aged and not force:
             return over <= 0 and amount <= view.free(target)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import heapq
 import itertools
 
+import pytest
+
 from controller.policy import Location, PlannerConfig, Tier
 from controller.policy.types import WAITING, MoveReason
 from tests.support import PolicyDriver
@@ -82,7 +84,7 @@ def test_without_aging_programs_starve():
 def _resident_and_rebuilt(dram: int) -> PolicyDriver:
     """At 100 s: "old" (400 tokens) in a tool call, and a request of "aged" (KV of 600
     tokens in DRAM, or gone with no DRAM) that needs 700; at 105 s "fresh" is recomputed
-    into HBM (250 tokens after its call), so 350 are free."""
+    into HBM (250 tokens after its call), so 350 are free. DRAM has ``dram`` - 600 free."""
     driver = PolicyDriver.make({"r0": (1000, dram)}, config=PlannerConfig(starvation_age_s=30.0,
                                                                          displacement=False))
     driver.sessions_with_idleness({"old": 0.5}, tokens=400)
@@ -98,7 +100,7 @@ def _resident_and_rebuilt(dram: int) -> PolicyDriver:
 
 
 def test_an_aged_request_does_not_displace_a_session_in_its_tenure():
-    driver = _resident_and_rebuilt(dram=1000)
+    driver = _resident_and_rebuilt(dram=2000)
     plan = driver.step()
     assert [a.session_id for a in plan.admits] == ["aged"]
     # "fresh" is the more idle (in a tool call since 106 s): without the tenure it went first.
@@ -106,8 +108,10 @@ def test_an_aged_request_does_not_displace_a_session_in_its_tenure():
     assert driver.tier_of("fresh") == driver.tier_of("aged")
 
 
-def test_a_lost_kv_waits_for_the_rebuild_before_it():
-    driver = _resident_and_rebuilt(dram=0)
+@pytest.mark.parametrize("dram", [0, 600, 1000], ids=["kv-gone", "dram-full", "dram-short"])
+def test_a_request_that_costs_a_recompute_waits_for_the_rebuild_before_it(dram):
+    # Its KV is gone, or DRAM (no shared tier) has less room than its 700 tokens.
+    driver = _resident_and_rebuilt(dram=dram)
     assert not driver.step().admits  # displacing "old" would make room, but "fresh" was rebuilt at 105
     driver.clock.now = 135.0
     assert [a.session_id for a in driver.step().admits] == ["aged"]
