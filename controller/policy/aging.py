@@ -67,6 +67,6 @@ class Rebuilds:
         """Whether an aged request may displace for room in (or hold) ``where``: one that
         ``drops_kv`` only while no other rebuilt session there is in its tenure, nor one
         entered in this plan."""
-        if not drops_kv(self.view, self.view.record(requester), where):
+        if where not in self.entered and not (self.tenured(where) - {requester}):
             return True
-        return where not in self.entered and not (self.tenured(where) - {requester})
+        return not drops_kv(self.view, self.view.record(requester), where)
