@@ -48,20 +48,23 @@ def drops_kv(view: Overlay, record: SessionRecord, where: Location) -> bool:
 
 class Rebuilds:
     """One plan's view of the rule: the GPU tiers a rebuild entered in this plan, and
-    each tier's rebuilt residents in their tenure (cached while the tier is unchanged)."""
+    each tier's rebuilt residents in their tenure. A plan never brings a session in its
+    tenure into a tier (only the books set ``rebuilt_at``, and a plan moves nothing from
+    one GPU tier to another), so a tier's are those first found there that are still there."""
 
     def __init__(self, view: Overlay, age: float | None) -> None:
         self.view, self.age = view, age
         self.entered: set[Location] = set()
-        self._tenured: dict[Location, tuple[int, frozenset[str]]] = {}
+        self._tenured: dict[Location, frozenset[str]] = {}
 
     def tenured(self, where: Location) -> frozenset[str]:
-        version = self.view.version(where)
-        cached = self._tenured.get(where)
-        if cached is None or cached[0] != version:
+        members = self._tenured.get(where)
+        if members is None:
             members = frozenset(s for s in self.view.residents(where) if rebuilt(self.view, s, self.age))
-            cached = self._tenured[where] = (version, members)
-        return cached[1]
+            self._tenured[where] = members
+        if members and any(self.view.location(s) != where for s in members):
+            members = self._tenured[where] = frozenset(s for s in members if self.view.location(s) == where)
+        return members
 
     def may_force(self, where: Location, requester: str) -> bool:
         """Whether an aged request may displace for room in (or hold) ``where``: one that

@@ -175,6 +175,9 @@ class PlanDriver:
         for admit in plan.admits:
             record = self.state.sessions[admit.session_id]
             before[admit.session_id] = (record.location, record.context_tokens)
+        for move in plan.moves:  # KV this plan dropped before admitting the call: it recomputes
+            if move.dst.tier is Tier.WAITING and move.session_id in before:
+                before[move.session_id] = (WAITING, before[move.session_id][1])
         for release in plan.releases:
             await self._release(release, now)
         lost = False

@@ -64,17 +64,7 @@ from controller.policy.shares import GpuShares
 from controller.policy.state import ClusterState, SessionRecord
 from controller.policy.waiting import may_fit
 from controller.policy.types import (
-    WAITING,
-    Admit,
-    CAPPED_REASON,
-    HELD_REASON,
-    Gate,
-    Location,
-    MoveReason,
-    Phase,
-    Plan,
-    Release,
-    Tier,
+    WAITING, Admit, CAPPED_REASON, HELD_REASON, Gate, Location, MoveReason, Phase, Plan, Release, Tier,
 )
 
 
@@ -106,7 +96,7 @@ class TierPlanner:
     def _fix_overflow(self, state: ClusterState, view: Overlay) -> None:
         over = [where for where in state.capacity if view.free(where) < 0]
         for where in sorted(over, key=lambda loc: (loc.tier, loc.replica or "")):
-            for session_id in self._demotion_order(view, where):
+            for _, _, session_id in list(view.demotion_order(where)):  # (a copy: the order follows each move)
                 if view.free(where) >= 0:
                     break
                 self._push_down(view, session_id, Tier(where.tier + 1), MoveReason.OVERFLOW)
@@ -119,7 +109,7 @@ class TierPlanner:
         largest = state.largest_gpu()
         bounds = state.index.room_bounds(state)
         most = max(bounds.values(), default=0)
-        index, keyed, tried = state.index, [], set()
+        index, tried = state.index, set()
         moved = {move.session_id for move in view.moves}  # by overflow: the index has them elsewhere
         for need, _, session_id in index.needing_more_than(largest):
             # Accepted when a larger replica existed (gone): the caller fails it or waits.
@@ -130,13 +120,9 @@ class TierPlanner:
         def aged(record: SessionRecord) -> bool:
             return age is not None and record.request is not None and now - record.request.arrived_at >= age
 
-        for scope, bound in (*bounds.items(), (None, most)):
-            for _, seq, session_id in index.fitting(scope, bound):
-                record = state.sessions[session_id]
-                if session_id not in tried and session_id not in moved and not aged(record):
-                    tried.add(session_id)
-                    keyed.append((self._promotion_key(view, record), seq, record))
-        # Moved by overflow (the index has them where they were), closing, or prefetching:
+        # Moved by overflow (the index has them where they were), closing, or prefetching;
+        # read before any admit of this plan changes the view:
+        keyed = []
         others = [(s, state.attention.get(s)) for s in moved] + list(index.others.items())
         for session_id, seq in others:
             record = state.sessions[session_id]
@@ -147,25 +133,55 @@ class TierPlanner:
             if not aged(record) and need <= largest and may_fit(view, record, need, bounds, most):
                 tried.add(session_id)  # (a request held here is in the plan's waiting list)
                 keyed.append((self._promotion_key(view, record), seq, record))
-        keyed.sort(key=lambda item: item[:2])
-        # Aged requests go first, oldest first: their key (-1, arrival) sorts before every
-        # other, and the index keeps them in that order, so they are read only as far as
-        # they are used (once every GPU tier is held, the rest stay held).
-        oldest = () if age is None else (((-1, arrived_at), seq, state.sessions[session_id])
-                                         for arrived_at, seq, session_id in index.arrived_by(now - age + 1e-6)
-                                         if session_id not in tried and now - arrived_at >= age)
-        admits = self._admit_in_order(state, view, chain(oldest, keyed), bounds, gates)
+        held: set[Location] = set()  # GPU tiers held by aged requests: nothing younger goes there
+        rebuilds = Rebuilds(view, age)  # (but rebuilt sessions in their tenure there do)
+
+        def younger() -> Iterable:
+            """The rest in priority order, ranked only if some GPU tier is still unheld
+            once the aged requests are placed, or a held one has a session in its tenure."""
+            if len(held) == len(bounds) and not any(rebuilds.tenured(where) for where in held):
+                return
+            for scope, bound in (*bounds.items(), (None, most)):
+                for _, seq, session_id in index.fitting(scope, bound):
+                    record = state.sessions[session_id]
+                    if session_id not in tried and session_id not in moved and not aged(record):
+                        tried.add(session_id)
+                        keyed.append((self._promotion_key(view, record), seq, record))
+            keyed.sort(key=lambda item: item[:2])
+            yield from keyed
+
+        oldest = () if age is None else self._oldest(state, view, now, age, tried, held)
+        admits = self._admit_in_order(state, view, chain(oldest, younger()), bounds, gates, held, rebuilds)
         return admits, gates, index.gated()
 
+    def _oldest(self, state: ClusterState, view: Overlay, now: float, age: float, tried: set[str],
+                held: set[Location]) -> Iterable:
+        """Aged requests, oldest first: their key (-1, arrival) sorts before every other.
+        Read only as far as they are used (once every GPU tier is held, the rest stay
+        held). One whose GPU tier (where it is now, or its node's) an older one holds would
+        be held untried: it is left in the plan's waiting list instead (with tenant shares
+        it is tried, for its gate's reason), unless it is in its tenure there (``aging.rebuilt``:
+        it may run in a held tier). ``held`` grows as the caller reads."""
+        skip_held = not self.shares
+        for arrived_at, seq, session_id in state.index.arrived_by(now - age + 1e-6):
+            if session_id in tried or now - arrived_at < age:
+                continue
+            if skip_held and held:
+                here = view.location(session_id)
+                if here.tier is Tier.DRAM:
+                    here = Location(Tier.GPU, here.replica)
+                if here in held and not rebuilt(view, session_id, age):
+                    continue
+            yield (-1, arrived_at), seq, state.sessions[session_id]
+
     def _admit_in_order(self, state: ClusterState, view: Overlay, keyed: Iterable, bounds: dict[Location, int],
-                        gates: list[Gate]) -> list[Admit]:
+                        gates: list[Gate], held: set[Location], rebuilds: Rebuilds) -> list[Admit]:
         admits = []
         # Inside a group, requests come in ascending idleness (new sessions: ascending size),
         # so each may displace at most what an earlier one could. Once a need failed and
         # nothing has moved since, every later need at least as large fails too: skip it.
         futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
-        held: set[Location] = set()  # GPU tiers held by aged requests: nothing younger goes there
-        rebuilds, tenured = Rebuilds(view, self.config.starvation_age_s), None
+        tenured, by_bound = None, None
         for key, _, record in keyed:
             if len(held) == len(bounds):  # every GPU tier held: only rebuilt sessions in their tenure go
                 tenured = tenured or frozenset().union(*(rebuilds.tenured(where) for where in held))
@@ -187,7 +203,9 @@ class TierPlanner:
                 if replica is None and not capped:  # a capped failure proves nothing for other tenants
                     futile[scope] = (view.changes, min(need, failed[1]) if failed else need)
             if aged and replica is None and not capped:
-                hold = self._hold_for(state, view, record, bounds, held)
+                if by_bound is None:  # the GPU tiers, most room displacement could free first
+                    by_bound = sorted(bounds, key=lambda g: (bounds[g], g.replica or ""), reverse=True)
+                hold = self._hold_for(state, view, record, by_bound, held)
                 if rebuilds.may_force(hold, record.session_id):
                     held.add(hold)
             elif aged and rebuilding and replica is not None:
@@ -202,7 +220,7 @@ class TierPlanner:
         return admits
 
     def _hold_for(self, state: ClusterState, view: Overlay, record: SessionRecord,
-                  bounds: dict[Location, int], held: set[Location]) -> Location:
+                  by_bound: list[Location], held: set[Location]) -> Location:
         """The GPU tier an aged request that did not fit holds: where it is, its node's
         (from DRAM), or the one with the most room displacement could free, preferring
         tiers no older request holds, so that aged requests spread over the cluster."""
@@ -211,9 +229,12 @@ class TierPlanner:
             return here
         if here.tier is Tier.DRAM:
             return Location(Tier.GPU, here.replica)
-        need = self._need(record)
-        gpus = [g for g in bounds if state.capacity[g] >= need]
-        return max(gpus, key=lambda g: (g not in held, bounds[g], g.replica or ""))
+        need, first = self._need(record), None
+        for gpu in (g for g in by_bound if state.capacity[g] >= need):
+            if gpu not in held:
+                return gpu
+            first = first or gpu
+        return first
 
     # -- promotion -------------------------------------------------------------
 
@@ -258,6 +279,8 @@ class TierPlanner:
         for target in candidates:
             force = aged and target not in held and rebuilds.may_force(target, session_id)
             if target not in held and self._room(view, target, need, session_id, aged, force):
+                if here.tier is Tier.SHARED and record.request is not None and view.recompute_sooner(session_id):
+                    view.move(session_id, WAITING, 0, MoveReason.RECOMPUTE)  # its call prefills it
                 view.move(session_id, target, need, MoveReason.PROMOTE)
                 return target.replica
         return None
@@ -310,20 +333,9 @@ class TierPlanner:
         threshold = view.idleness(requester) + self.config.displace_margin
         return self._make_room(view, target, amount, threshold, MoveReason.DISPLACED, wanting_more_idle_than=None)
 
-    def _make_room(
-        self,
-        view: Overlay,
-        target: Location,
-        amount: int,
-        more_idle_than: float,
-        reason: MoveReason,
-        *,
-        wanting_more_idle_than: float | None = -1.0,
-        keep: str = "",
-        tenant: str | None = None,
-        own: int = 0,
-        settled: bool = False,
-    ) -> bool:
+    def _make_room(self, view: Overlay, target: Location, amount: int, more_idle_than: float, reason: MoveReason, *,
+                   wanting_more_idle_than: float | None = -1.0, keep: str = "", tenant: str | None = None,
+                   own: int = 0, settled: bool = False) -> bool:
         """Free ``amount`` tokens in ``target`` by pushing residents more idle than
         ``more_idle_than`` one tier down, most idle first. Residents that want HBM
         themselves (last in the order) go only when more idle than
@@ -331,13 +343,15 @@ class TierPlanner:
         be made in full, nothing moves. ``keep`` (the requester) never goes. ``tenant``: only
         that tenant's sessions go, ``own`` tokens of them at least (a tenant at its GPU share).
         ``settled``: sessions in their tenure (``aging.rebuilt``) stay."""
+        if view.room_bound(target) < amount:
+            return False  # (every resident that may go would not be enough: skip the walk)
         room = free = view.free(target)
         victims = []
-        for session_id in self._demotion_order(view, target):
+        for _, negative_iota, session_id in view.demotion_order(target):
             if session_id == keep or (tenant is not None and tenant_of(session_id) != tenant) \
                     or (settled and rebuilt(view, session_id, self.config.starvation_age_s)):
                 continue
-            iota = view.idleness(session_id)
+            iota = -negative_iota
             if (room >= amount and room - free >= own) or iota <= more_idle_than:
                 break
             if view.record(session_id).waiting_for_gpu and (
@@ -352,22 +366,6 @@ class TierPlanner:
         return True
 
     # -- demotion --------------------------------------------------------------
-
-    def _demotion_order(self, view: Overlay, where: Location) -> list[str]:
-        """Movable residents, in the order they should leave: sessions in a tool
-        call first, then those waiting for HBM; most idle first inside each."""
-        cached = view.memo.get(where)
-        if cached is None or cached[0] != view.version(where):
-            order = []
-            for session_id in view.residents(where):
-                if view.pinned(session_id):
-                    continue
-                wanting = view.record(session_id).waiting_for_gpu
-                order.append((wanting, -view.idleness(session_id), session_id))
-            order.sort()
-            cached = (view.version(where), [session_id for _, _, session_id in order])
-            view.memo[where] = cached
-        return cached[1]
 
     def _push_down(self, view: Overlay, session_id: str, tier: Tier, reason: MoveReason) -> None:
         """Put the session in the highest tier from ``tier`` down that can take it,

@@ -11,23 +11,13 @@ are tokens times the model's KV bytes per token.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from controller.policy.idleness import DEFAULT_CYCLES, IdlenessHistory
 from controller.policy.waiting import AttentionIndex
 from controller.policy.types import (
-    SHARED,
-    WAITING,
-    Admit,
-    Location,
-    Move,
-    Phase,
-    Plan,
-    Release,
-    StaleDecision,
-    Tier,
-    UnknownSession,
+    SHARED, WAITING, Admit, Location, Move, Phase, Plan, Release, StaleDecision, Tier, UnknownSession,
 )
 
 
@@ -98,9 +88,11 @@ class ClusterState:
         self.attention: dict[str, int] = {}
         self.index = AttentionIndex()
         # The shared tier's link, as its owner reports it: when it has carried every copy
-        # booked on it, and its speed. None: not modelled (the planner ignores link time).
+        # booked on it, and its speed; and how long a replica takes to recompute (prefill)
+        # so many tokens of KV. None: not modelled (the planner ignores link time).
         self.shared_link_free_at = 0.0
         self.shared_link_tokens_per_s: float | None = None
+        self.recompute_s: Callable[[int], float] | None = None
         self._seq = 0
         for spec in replicas:
             self.set_replica(spec)
@@ -143,11 +135,14 @@ class ClusterState:
             raise ValueError(f"shared capacity must be >= 0, got {tokens}")
         self.capacity[SHARED] = tokens
 
-    def report_shared_link(self, free_at: float, tokens_per_s: float) -> None:
-        """The shared tier's link is busy until ``free_at`` and carries ``tokens_per_s``."""
+    def report_shared_link(self, free_at: float, tokens_per_s: float,
+                           recompute_s: Callable[[int], float] | None = None) -> None:
+        """The shared tier's link is busy until ``free_at`` and carries ``tokens_per_s``;
+        ``recompute_s(tokens)``: a replica's time to prefill that much KV (None: not weighed)."""
         if not tokens_per_s > 0:
             raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s}")
         self.shared_link_free_at, self.shared_link_tokens_per_s = free_at, tokens_per_s
+        self.recompute_s = recompute_s
 
     def capacity_of(self, where: Location) -> int | None:
         """None for the unbounded waiting set."""
@@ -279,6 +274,7 @@ class ClusterState:
         for release in plan.releases:
             self._apply_release(release)
         was = {admit.session_id: self.get(admit.session_id).location for admit in plan.admits}  # before moves
+        was.update((m.session_id, WAITING) for m in plan.moves if m.dst == WAITING and m.session_id in was)  # (dropped)
         for move in plan.moves:
             self.apply_move(move)
         for admit in plan.admits:

@@ -52,6 +52,7 @@ class MoveReason(enum.Enum):
     CASCADE = "cascade"  # pushed down by a less idle session demoted into its tier
     PROMOTE = "promote"  # capacity allows a request (or an expected one) to run from HBM
     LOST = "lost"  # the off-GPU copy the books point at is gone (a restart, a bad block): recomputed
+    RECOMPUTE = "recompute"  # the shared tier's link would deliver the copy later than a prefill rebuilds it
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ by ``loadgen.sim.lru``, and the driver decides only admission and placement.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from controller.policy import (
     POLICY_DEFINITIONS, Admit, Location, Mechanism, Move, PlanDriver, PolicyDefinition, Release, Tier,
@@ -52,6 +53,7 @@ class CorePolicy(SimPolicy):
         self._now = 0.0  # the time of the event being planned on: moves book links then
         self._ready: dict[str, float] = {}  # session -> when its promotion's copy is in HBM
         self._link_tokens_per_s = cluster.network.bandwidth / cluster.cost.kv_bytes(1)
+        self._recompute_s = lru_cache(maxsize=None)(cluster.cost.recompute_time)  # a pure function of tokens
 
     @property
     def state(self) -> ClusterState:
@@ -59,8 +61,8 @@ class CorePolicy(SimPolicy):
 
     def _step_if(self, plan_now: bool, now: float) -> None:
         self._now = now
-        if plan_now:  # the planner weighs the shared link's queue (``Overlay.link_in_time``)
-            self.state.report_shared_link(self.cluster.network.free_at, self._link_tokens_per_s)
+        if plan_now:  # the planner weighs the shared link's queue against gaps and recomputes
+            self.state.report_shared_link(self.cluster.network.free_at, self._link_tokens_per_s, self._recompute_s)
         _step_if(self.driver, plan_now, now)
 
     def open(self, sid: str, now: float) -> None:

@@ -77,4 +77,5 @@ def test_a_stalled_platform_ends_the_run_at_its_time_limit_with_the_cut_off_sess
     assert report.timed_out and report.calls_completed == 0
     assert report.sessions_lost == 2 and all("time limit" in e for e in report.errors)  # one call in flight each
     assert len(report.faults) >= 2 and not any(f.injected for f in report.faults)  # no DRAM folder known here
+    assert [f.fault for f in report.faults].count("shm-full") == len(report.faults) < 10  # no spin past the limit
     assert "unchecked (time limit)" in summary(report)

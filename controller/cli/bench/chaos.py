@@ -139,10 +139,11 @@ async def run_chaos(target: Target, faults: list[str], duration_s: float, interv
             fault = faults[i % len(faults)]
             i += 1
             at = time.monotonic()
-            if left() <= 0:
-                report.faults.append(FaultRecord(fault, round(at - ledger.began, 3), injected=False,
-                                                 note="not injected: the run's time limit had passed"))
-                continue
+            if left() <= 0:  # this fault and those never tried yet are booked, not injected
+                for name in [fault] + faults[i:]:
+                    report.faults.append(FaultRecord(name, round(at - ledger.began, 3), injected=False,
+                                                     note="not injected: the run's time limit had passed"))
+                break
             print(f"  {ledger.now_s():7.1f}s {fault} ...", file=sys.stderr, flush=True)
             try:
                 record = await asyncio.wait_for(injector.inject(fault), max(1.0, left()))
