@@ -59,8 +59,12 @@ class Rebuilds:
 
     def tenured(self, where: Location) -> frozenset[str]:
         members = self._tenured.get(where)
-        if members is None:
-            members = frozenset(s for s in self.view.residents(where) if rebuilt(self.view, s, self.age))
+        if members is None:  # (from the index: a walk over each tier's residents was most of a plan)
+            age = self.age
+            early = () if age is None else self.view.state.index.rebuilt_after(where, self.view.now - age - 1.0)
+            members = frozenset(s for _, s in early  # (a second early: ``rebuilt`` decides, to the last bit)
+                                if self.view.location(s) == where and not self.view.released(s)
+                                and rebuilt(self.view, s, age))
             self._tenured[where] = members
         if members and any(self.view.location(s) != where for s in members):
             members = self._tenured[where] = frozenset(s for s in members if self.view.location(s) == where)
@@ -70,6 +74,6 @@ class Rebuilds:
         """Whether an aged request may displace for room in (or hold) ``where``: one that
         ``drops_kv`` only while no other rebuilt session there is in its tenure, nor one
         entered in this plan."""
-        if where not in self.entered and not (self.tenured(where) - {requester}):
+        if where not in self.entered and self.tenured(where) <= {requester}:
             return True
         return not drops_kv(self.view, self.view.record(requester), where)

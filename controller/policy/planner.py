@@ -137,14 +137,18 @@ class TierPlanner:
         rebuilds = Rebuilds(view, age)  # (but rebuilt sessions in their tenure there do)
 
         def younger() -> Iterable:
-            """The rest in priority order, ranked only if some GPU tier is still unheld
-            once the aged requests are placed, or a held one has a session in its tenure."""
-            if len(held) == len(bounds) and not any(rebuilds.tenured(where) for where in held):
-                return
-            for scope, bound in (*bounds.items(), (None, most)):
+            """The rest in priority order, after the aged ones (``held`` is final here); with every
+            GPU tier held, only sessions in their tenure there: the rest could not go (ranking them was dear)."""
+            only, scopes = None, (*bounds.items(), (None, most))
+            if len(held) == len(bounds):
+                only, scopes = frozenset().union(*(rebuilds.tenured(where) for where in held)), bounds.items()
+                if not only:
+                    return
+            for scope, bound in scopes:  # (a session in its tenure is filed under its GPU tier)
                 for _, seq, session_id in index.fitting(scope, bound):
                     record = state.sessions[session_id]
-                    if session_id not in tried and session_id not in moved and not aged(record):
+                    if (only is None or session_id in only) and session_id not in tried \
+                            and session_id not in moved and not aged(record):
                         tried.add(session_id)
                         keyed.append((self._promotion_key(view, record), seq, record))
             keyed.sort(key=lambda item: item[:2])
@@ -270,15 +274,13 @@ class TierPlanner:
             if here in held and session_id not in rebuilds.tenured(here):
                 return None
             growth = need - view.footprint(session_id)
-            force = aged and rebuilds.may_force(here, session_id)
-            return here.replica if self._room(view, here, growth, session_id, aged, force) else None
+            return here.replica if self._room(view, here, growth, session_id, rebuilds if aged else None) else None
         if here.tier is Tier.DRAM:
             candidates = [Location(Tier.GPU, here.replica)]
         else:
             candidates = self._best_fit(state, view, need, held, aged)
         for target in candidates:
-            force = aged and target not in held and rebuilds.may_force(target, session_id)
-            if target not in held and self._room(view, target, need, session_id, aged, force):
+            if target not in held and self._room(view, target, need, session_id, rebuilds if aged else None):
                 if here.tier is Tier.SHARED and record.request is not None and view.recompute_sooner(session_id):
                     view.move(session_id, WAITING, 0, MoveReason.RECOMPUTE)  # its call prefills it
                 view.move(session_id, target, need, MoveReason.PROMOTE)
@@ -303,23 +305,23 @@ class TierPlanner:
         # Looking for victims costs an idleness sort per replica; the roomiest few are where it is cheapest.
         return roomiest[: self.config.displacement_candidates]
 
-    def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: bool, force: bool) -> bool:
-        """Make ``amount`` tokens free in a GPU tier, displacing if allowed. An aged
-        request that may ``force`` (``Rebuilds.may_force``) displaces every movable resident
-        past its tenure, those waiting for HBM too (else two requests could hold each other
-        off for ever); one that may not takes only free room."""
+    def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: Rebuilds | None) -> bool:
+        """Make ``amount`` tokens free in a GPU tier, displacing if allowed. An aged request (``aged``:
+        the plan's rebuilds; None for others) that may force there (``Rebuilds.may_force``, asked last:
+        the dearest test) displaces every movable resident past its tenure, those waiting for HBM too
+        (else two requests could hold each other off for ever); one that may not takes only free room."""
         over = self.shares.over(view, requester, self._need(view.record(requester)))
-        if aged and not force:
-            return over <= 0 and amount <= view.free(target)
+        if over <= 0 and amount <= view.free(target):
+            return True
+        if aged is not None and (view.room_bound(target) < amount or not aged.may_force(target, requester)):
+            return False  # (displacement could not make the room, or may not)
         if over > 0:  # at its tenant's GPU share: room only from its own sessions, at least ``over``
-            if not (aged or (self.config.displacement and view.record(requester).request is not None)):
+            if not (aged is not None or (self.config.displacement and view.record(requester).request is not None)):
                 return False
             return self._make_room(view, target, amount, -1.0, MoveReason.DISPLACED, keep=requester,
-                                   wanting_more_idle_than=-1.0 if aged else view.idleness(requester),
-                                   tenant=tenant_of(requester), own=over, settled=aged)
-        if amount <= view.free(target):
-            return True
-        if aged:
+                                   wanting_more_idle_than=-1.0 if aged is not None else view.idleness(requester),
+                                   tenant=tenant_of(requester), own=over, settled=aged is not None)
+        if aged is not None:
             return self._make_room(view, target, amount, -1.0, MoveReason.DISPLACED,
                                    wanting_more_idle_than=-1.0, keep=requester, settled=True)
         if not self.config.displacement:

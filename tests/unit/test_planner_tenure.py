@@ -16,7 +16,7 @@ import itertools
 import pytest
 
 from controller.policy import Location, PlannerConfig, Tier
-from controller.policy.types import WAITING, MoveReason
+from controller.policy.types import WAITING, Move, MoveReason
 from tests.support import PolicyDriver
 
 CALL_S, GAP_S, TICK_S = 5.0, 1.0, 1.0
@@ -115,3 +115,17 @@ def test_a_request_that_costs_a_recompute_waits_for_the_rebuild_before_it(dram):
     assert not driver.step().admits  # displacing "old" would make room, but "fresh" was rebuilt at 105
     driver.clock.now = 135.0
     assert [a.session_id for a in driver.step().admits] == ["aged"]
+
+
+def test_the_index_finds_a_tiers_rebuilt_sessions_until_they_leave_it():
+    # ``Rebuilds.tenured`` reads a tier's rebuilt sessions from the index, not its residents:
+    # one filed stale (still there after it left, or missing) would change who may force.
+    driver = _resident_and_rebuilt(dram=2000)
+    state, gpu, dram = driver.state, Location(Tier.GPU, "r0"), Location(Tier.DRAM, "r0")
+    state.index.refresh(state)
+    assert [s for _, s in state.index.rebuilt_after(gpu, 100.0)] == ["fresh"]
+    assert not state.index.rebuilt_after(gpu, 106.0)  # rebuilt at 105 s
+    state.apply_move(Move("fresh", gpu, dram, 250, MoveReason.DISPLACED))
+    state.index.refresh(state)
+    assert not state.index.rebuilt_after(gpu, 100.0)
+    state.index.check(state)
