@@ -77,3 +77,21 @@ class Rebuilds:
         if where not in self.entered and self.tenured(where) <= {requester}:
             return True
         return not drops_kv(self.view, self.view.record(requester), where)
+
+
+class HoldOrder:
+    """The GPU tiers an aged request that did not fit may hold (``TierPlanner._hold_for``), most
+    room displacement could free first, and of them those no older request holds: kept until
+    ``held`` grows (it only grows in a plan), not filtered again for each request (at 64
+    replicas, aged requests that fail in every plan asked thousands of times a plan)."""
+
+    def __init__(self, bounds: dict[Location, int], held: set[Location]) -> None:
+        self.tiers = sorted(bounds, key=lambda g: (bounds[g], g.replica or ""), reverse=True)
+        self._held, self._unheld, self._seen = held, self.tiers, 0
+
+    def first(self, capacity: dict[Location, int], need: int) -> Location | None:
+        """The first unheld tier that could hold ``need`` at all, else the first held one."""
+        if self._seen != len(self._held):
+            self._unheld, self._seen = [g for g in self.tiers if g not in self._held], len(self._held)
+        return next((g for g in self._unheld if capacity[g] >= need), None) \
+            or next((g for g in self.tiers if capacity[g] >= need), None)

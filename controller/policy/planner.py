@@ -53,11 +53,12 @@ over capacity; idleness is computed on demand for the residents of the tiers it 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
-from itertools import chain
+from itertools import chain, islice
 
 from proto.names import tenant_of
-from controller.policy.aging import Rebuilds, lost, rebuilt
+from controller.policy.aging import HoldOrder, Rebuilds, lost, rebuilt
 from controller.policy.overlay import Overlay
 from controller.policy.planner_config import PlannerConfig
 from controller.policy.shares import GpuShares
@@ -185,7 +186,7 @@ class TierPlanner:
         # so each may displace at most what an earlier one could. Once a need failed and
         # nothing has moved since, every later need at least as large fails too: skip it.
         futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
-        tenured, by_bound = None, None
+        tenured, hold_order = None, None
         for key, _, record in keyed:
             if len(held) == len(bounds):  # every GPU tier held: only rebuilt sessions in their tenure go
                 tenured = tenured or frozenset().union(*(rebuilds.tenured(where) for where in held))
@@ -207,9 +208,8 @@ class TierPlanner:
                 if replica is None and not capped:  # a capped failure proves nothing for other tenants
                     futile[scope] = (view.changes, min(need, failed[1]) if failed else need)
             if aged and replica is None and not capped:
-                if by_bound is None:  # the GPU tiers, most room displacement could free first
-                    by_bound = sorted(bounds, key=lambda g: (bounds[g], g.replica or ""), reverse=True)
-                hold = self._hold_for(state, view, record, by_bound, held)
+                hold_order = hold_order or HoldOrder(bounds, held)
+                hold = self._hold_for(state, view, record, hold_order)
                 if rebuilds.may_force(hold, record.session_id):
                     held.add(hold)
             elif aged and rebuilding and replica is not None:
@@ -223,8 +223,7 @@ class TierPlanner:
                 admits.append(Admit(record.session_id, replica, record.request.need_tokens))
         return admits
 
-    def _hold_for(self, state: ClusterState, view: Overlay, record: SessionRecord,
-                  by_bound: list[Location], held: set[Location]) -> Location:
+    def _hold_for(self, state: ClusterState, view: Overlay, record: SessionRecord, order: HoldOrder) -> Location:
         """The GPU tier an aged request that did not fit holds: where it is, its node's
         (from DRAM), or the one with the most room displacement could free, preferring
         tiers no older request holds, so that aged requests spread over the cluster."""
@@ -233,12 +232,7 @@ class TierPlanner:
             return here
         if here.tier is Tier.DRAM:
             return Location(Tier.GPU, here.replica)
-        need, first = self._need(record), None
-        for gpu in (g for g in by_bound if state.capacity[g] >= need):
-            if gpu not in held:
-                return gpu
-            first = first or gpu
-        return first
+        return order.first(state.capacity, self._need(record))
 
     # -- promotion -------------------------------------------------------------
 
@@ -292,18 +286,13 @@ class TierPlanner:
         """GPU tiers to try: those where the need fits, tightest first (best fit), then the
         rest by most free room, where displacement has the best chance (for an aged request even
         with ``displacement`` off: the tier it holds would wait for ever). ``held``: not offered."""
-        gpus = [Location(Tier.GPU, r) for r in state.replicas if Location(Tier.GPU, r) not in held]
-        fitting = sorted(
-            (g for g in gpus if view.free(g) >= need), key=lambda g: (view.free(g), g.replica)
-        )
-        if fitting or not (self.config.displacement or aged):
-            return fitting[:1]
-        roomiest = sorted(
-            (g for g in gpus if state.capacity[g] >= need),
-            key=lambda g: (-view.free(g), g.replica),
-        )
+        ascending, frees, descending = view.gpus_by_free(held)
+        tightest = bisect_left(frees, need)  # (the first of those where it fits)
+        if tightest < len(frees) or not (self.config.displacement or aged):
+            return ascending[tightest:tightest + 1]
         # Looking for victims costs an idleness sort per replica; the roomiest few are where it is cheapest.
-        return roomiest[: self.config.displacement_candidates]
+        roomiest = (g for g in descending if state.capacity[g] >= need)
+        return list(islice(roomiest, self.config.displacement_candidates))
 
     def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: Rebuilds | None) -> bool:
         """Make ``amount`` tokens free in a GPU tier, displacing if allowed. An aged request (``aged``:
