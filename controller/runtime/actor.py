@@ -71,7 +71,7 @@ class Controller:
         if membership is not None:
             membership.on_change = self._gauge_replicas
         self._started = started
-        self._granted: dict[str, str] = {}  # session -> the ticket of its admitted call (`withdraw`)
+        self._granted: dict[str, str | None] = {}  # session -> the ticket of its admitted call (`withdraw`)
 
     def _ready(self) -> None:
         if not self._started:
@@ -127,8 +127,7 @@ class Controller:
                 live.metrics["lull:session_idleness"].labels(tier=tier).observe(idleness)
 
         admission = await live.admit(session_id, tenant, prompt_tokens, max_tokens, timeout_s, on_turn)
-        if ticket is not None:
-            self._granted[session_id] = ticket
+        self._granted[session_id] = ticket  # (None: this call has no ticket to withdraw it by)
         tier, context_tokens, _ = arrival["at"]
         return Admitted(admission.replica_id, admission.tier_label, admission.waited_s, tier, context_tokens)
 
@@ -160,7 +159,7 @@ class Controller:
         Whether it was; idempotent (a later call of the session has another ticket)."""
         self._ready()
         record = self.controller.state.sessions.get(session_id)
-        if self._granted.get(session_id) != ticket or record is None or record.phase is not Phase.LLM:
+        if not ticket or self._granted.get(session_id) != ticket or record is None or record.phase is not Phase.LLM:
             return False
         await self.call_failed(session_id, started=False)
         return True
