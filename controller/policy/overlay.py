@@ -30,11 +30,6 @@ class Overlay:
         # every later decision of the plan (a plan makes hundreds at scale: re-sorting a
         # replica's residents after each was a third of the planner's time).
         self._leaving: dict[Location, list[tuple[bool, float, str]]] = {}
-        self._by_free: tuple | None = None  # (key, ascending, their free room, descending): `gpus_by_free`
-
-    @property
-    def now(self) -> float:
-        return self._now
 
     @property
     def state(self) -> ClusterState:
@@ -56,21 +51,6 @@ class Overlay:
         if where.tier is Tier.WAITING:
             return 10**18
         return self._state.capacity[where] - self._used[where]
-
-    def gpus_by_free(self, excluded: set[Location]) -> tuple[list[Location], list[int], list[Location]]:
-        """The replicas' GPU tiers not in ``excluded``: by (free room, replica), their free room in
-        that order, and by (most free room, replica). Sorted again only after a decision or once
-        ``excluded`` grew (a plan's held tiers: it only grows), not for every request that asks
-        (at 64 replicas, aged requests that fail again in every plan asked thousands of times)."""
-        key = (self.changes, len(excluded))
-        if self._by_free is None or self._by_free[0] != key:
-            self._by_free = (key, excluded, *self._sorted_by_free(excluded))
-        return self._by_free[2:]
-
-    def _sorted_by_free(self, excluded: set[Location]) -> tuple[list[Location], list[int], list[Location]]:
-        gpus = [g for g in (Location(Tier.GPU, r) for r in self._state.replicas) if g not in excluded]
-        ascending = sorted(gpus, key=lambda g: (self.free(g), g.replica))
-        return ascending, [self.free(g) for g in ascending], sorted(gpus, key=lambda g: (-self.free(g), g.replica))
 
     def idleness(self, session_id: str) -> float:
         iota = self._idleness.get(session_id)
@@ -142,18 +122,14 @@ class Overlay:
         return order
 
     def check(self) -> None:
-        """Raise AssertionError unless every kept demotion order equals one sorted afresh,
-        every room bound is its capacity less what its pinned residents hold, and the GPU
-        tiers by free room, when still current, equal them sorted afresh."""
+        """Raise AssertionError unless every kept demotion order equals one sorted afresh
+        and every room bound is its capacity less what its pinned residents hold."""
         for where, order in self._leaving.items():
             fresh = sorted(self._leaving_key(s) for s in self.residents(where) if not self.pinned(s))
             assert order == fresh, f"{where}: demotion order kept wrongly"
         for where, capacity in self._state.capacity.items():
             pinned = sum(self.footprint(s) for s in self.residents(where) if self.pinned(s))
             assert self.room_bound(where) == capacity - pinned, f"{where}: room bound wrong"
-        if self._by_free is not None and self._by_free[0] == (self.changes, len(self._by_free[1])):
-            fresh = self._sorted_by_free(self._by_free[1])
-            assert list(self._by_free[2:]) == list(fresh), "GPU tiers by free room kept wrongly"
 
     def _leaving_key(self, session_id: str) -> tuple[bool, float, str]:
         return self._state.sessions[session_id].waiting_for_gpu, -self.idleness(session_id), session_id

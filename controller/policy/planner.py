@@ -39,8 +39,6 @@ goes first, oldest first, and may displace any movable resident. If it still doe
 not fit, it holds one GPU tier (see ``_hold_for``) where nothing younger is admitted;
 there calls only end, so its room bound only grows, and it runs within its age plus
 the longest call running there plus one plan interval (``test_planner_starvation``).
-A session recomputed into HBM keeps it for a tenure, and KV is rebuilt one session at a
-time per GPU tier (``controller.policy.aging``): else aged requests thrash HBM.
 
 Tenant shares (``controller.policy.shares``): a session whose tenant is at its share of
 the GPU tier makes room only by displacing its own tenant's sessions; otherwise it waits,
@@ -53,19 +51,27 @@ over capacity; idleness is computed on demand for the residents of the tiers it 
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterable
-from itertools import chain, islice
+from itertools import chain
 
 from proto.names import tenant_of
-from controller.policy.aging import HoldOrder, Rebuilds, lost, rebuilt
 from controller.policy.overlay import Overlay
 from controller.policy.planner_config import PlannerConfig
 from controller.policy.shares import GpuShares
 from controller.policy.state import ClusterState, SessionRecord
 from controller.policy.waiting import may_fit
 from controller.policy.types import (
-    WAITING, Admit, CAPPED_REASON, HELD_REASON, Gate, Location, MoveReason, Phase, Plan, Release, Tier,
+    WAITING,
+    Admit,
+    CAPPED_REASON,
+    HELD_REASON,
+    Gate,
+    Location,
+    MoveReason,
+    Phase,
+    Plan,
+    Release,
+    Tier,
 )
 
 
@@ -135,28 +141,23 @@ class TierPlanner:
                 tried.add(session_id)  # (a request held here is in the plan's waiting list)
                 keyed.append((self._promotion_key(view, record), seq, record))
         held: set[Location] = set()  # GPU tiers held by aged requests: nothing younger goes there
-        rebuilds = Rebuilds(view, age)  # (but rebuilt sessions in their tenure there do)
 
         def younger() -> Iterable:
-            """The rest in priority order, after the aged ones (``held`` is final here); with every
-            GPU tier held, only sessions in their tenure there: the rest could not go (ranking them was dear)."""
-            only, scopes = None, (*bounds.items(), (None, most))
+            """The rest in priority order, ranked only if some GPU tier is still unheld
+            once the aged requests are placed."""
             if len(held) == len(bounds):
-                only, scopes = frozenset().union(*(rebuilds.tenured(where) for where in held)), bounds.items()
-                if not only:
-                    return
-            for scope, bound in scopes:  # (a session in its tenure is filed under its GPU tier)
+                return
+            for scope, bound in (*bounds.items(), (None, most)):
                 for _, seq, session_id in index.fitting(scope, bound):
                     record = state.sessions[session_id]
-                    if (only is None or session_id in only) and session_id not in tried \
-                            and session_id not in moved and not aged(record):
+                    if session_id not in tried and session_id not in moved and not aged(record):
                         tried.add(session_id)
                         keyed.append((self._promotion_key(view, record), seq, record))
             keyed.sort(key=lambda item: item[:2])
             yield from keyed
 
         oldest = () if age is None else self._oldest(state, view, now, age, tried, held)
-        admits = self._admit_in_order(state, view, chain(oldest, younger()), bounds, gates, held, rebuilds)
+        admits = self._admit_in_order(state, view, chain(oldest, younger()), bounds, gates, held)
         return admits, gates, index.gated()
 
     def _oldest(self, state: ClusterState, view: Overlay, now: float, age: float, tried: set[str],
@@ -165,8 +166,7 @@ class TierPlanner:
         Read only as far as they are used (once every GPU tier is held, the rest stay
         held). One whose GPU tier (where it is now, or its node's) an older one holds would
         be held untried: it is left in the plan's waiting list instead (with tenant shares
-        it is tried, for its gate's reason), unless it is in its tenure there (``aging.rebuilt``:
-        it may run in a held tier). ``held`` grows as the caller reads."""
+        it is tried, for its gate's reason). ``held`` grows as the caller reads."""
         skip_held = not self.shares
         for arrived_at, seq, session_id in state.index.arrived_by(now - age + 1e-6):
             if session_id in tried or now - arrived_at < age:
@@ -175,25 +175,21 @@ class TierPlanner:
                 here = view.location(session_id)
                 if here.tier is Tier.DRAM:
                     here = Location(Tier.GPU, here.replica)
-                if here in held and not rebuilt(view, session_id, age):
+                if here in held:
                     continue
             yield (-1, arrived_at), seq, state.sessions[session_id]
 
     def _admit_in_order(self, state: ClusterState, view: Overlay, keyed: Iterable, bounds: dict[Location, int],
-                        gates: list[Gate], held: set[Location], rebuilds: Rebuilds) -> list[Admit]:
+                        gates: list[Gate], held: set[Location]) -> list[Admit]:
         admits = []
         # Inside a group, requests come in ascending idleness (new sessions: ascending size),
         # so each may displace at most what an earlier one could. Once a need failed and
         # nothing has moved since, every later need at least as large fails too: skip it.
         futile: dict[tuple, tuple[int, int]] = {}  # (group, scope) -> (changes, need)
-        tenured, hold_order = None, None
+        by_bound = None
         for key, _, record in keyed:
-            if len(held) == len(bounds):  # every GPU tier held: only rebuilt sessions in their tenure go
-                tenured = tenured or frozenset().union(*(rebuilds.tenured(where) for where in held))
-                if not tenured:
-                    break  # (the rest are in Plan.waiting)
-                if record.session_id not in tenured:
-                    continue
+            if len(held) == len(bounds):
+                break  # every GPU tier held: nothing younger goes anywhere (the rest are in Plan.waiting)
             aged = key[0] == -1
             scope = (key[0], self._scope(view, record))
             need = self._need(record)
@@ -202,18 +198,15 @@ class TierPlanner:
                 failed = None  # something moved since: that failure proves nothing now
             growing = scope[1].tier is Tier.GPU  # its need counts what it holds: not comparable
             capped = self.shares.over(view, record.session_id, need) > 0  # at its tenant's GPU share
-            replica, rebuilding = None, aged and lost(view, record)
+            replica = None
             if not (failed and not growing and need >= failed[1]):
-                replica = self._place_on_gpu(state, view, record, held, aged, rebuilds)
+                replica = self._place_on_gpu(state, view, record, held, aged)
                 if replica is None and not capped:  # a capped failure proves nothing for other tenants
                     futile[scope] = (view.changes, min(need, failed[1]) if failed else need)
             if aged and replica is None and not capped:
-                hold_order = hold_order or HoldOrder(bounds, held)
-                hold = self._hold_for(state, view, record, hold_order)
-                if rebuilds.may_force(hold, record.session_id):
-                    held.add(hold)
-            elif aged and rebuilding and replica is not None:
-                rebuilds.entered.add(Location(Tier.GPU, replica))
+                if by_bound is None:  # the GPU tiers, most room displacement could free first
+                    by_bound = sorted(bounds, key=lambda g: (bounds[g], g.replica or ""), reverse=True)
+                held.add(self._hold_for(state, view, record, by_bound, held))
             if record.request is None:
                 continue
             if replica is None:
@@ -223,7 +216,8 @@ class TierPlanner:
                 admits.append(Admit(record.session_id, replica, record.request.need_tokens))
         return admits
 
-    def _hold_for(self, state: ClusterState, view: Overlay, record: SessionRecord, order: HoldOrder) -> Location:
+    def _hold_for(self, state: ClusterState, view: Overlay, record: SessionRecord,
+                  by_bound: list[Location], held: set[Location]) -> Location:
         """The GPU tier an aged request that did not fit holds: where it is, its node's
         (from DRAM), or the one with the most room displacement could free, preferring
         tiers no older request holds, so that aged requests spread over the cluster."""
@@ -232,7 +226,12 @@ class TierPlanner:
             return here
         if here.tier is Tier.DRAM:
             return Location(Tier.GPU, here.replica)
-        return order.first(state.capacity, self._need(record))
+        need, first = self._need(record), None
+        for gpu in (g for g in by_bound if state.capacity[g] >= need):
+            if gpu not in held:
+                return gpu
+            first = first or gpu
+        return first
 
     # -- promotion -------------------------------------------------------------
 
@@ -257,24 +256,23 @@ class TierPlanner:
         here = view.location(record.session_id)
         return here if here.tier is not Tier.SHARED else WAITING
 
-    def _place_on_gpu(self, state: ClusterState, view: Overlay, record: SessionRecord, held: set[Location],
-                      aged: bool, rebuilds: Rebuilds) -> str | None:
-        """Reserve HBM for the session (not in ``held``); its replica, or None: it waits.
-        An aged request forces room only where ``rebuilds.may_force`` lets it."""
+    def _place_on_gpu(self, state: ClusterState, view: Overlay, record: SessionRecord,
+                      held: set[Location] = frozenset(), aged: bool = False) -> str | None:
+        """Reserve HBM for the session (not in ``held``); its replica, or None: it waits."""
         session_id = record.session_id
         need = self._need(record)
         here = view.location(session_id)
         if here.tier is Tier.GPU:
-            if here in held and session_id not in rebuilds.tenured(here):
+            if here in held:
                 return None
             growth = need - view.footprint(session_id)
-            return here.replica if self._room(view, here, growth, session_id, rebuilds if aged else None) else None
+            return here.replica if self._room(view, here, growth, session_id, aged) else None
         if here.tier is Tier.DRAM:
             candidates = [Location(Tier.GPU, here.replica)]
         else:
-            candidates = self._best_fit(state, view, need, held, aged)
+            candidates = self._best_fit(state, view, need, held)
         for target in candidates:
-            if target not in held and self._room(view, target, need, session_id, rebuilds if aged else None):
+            if target not in held and self._room(view, target, need, session_id, aged):
                 if here.tier is Tier.SHARED and record.request is not None and view.recompute_sooner(session_id):
                     view.move(session_id, WAITING, 0, MoveReason.RECOMPUTE)  # its call prefills it
                 view.move(session_id, target, need, MoveReason.PROMOTE)
@@ -282,37 +280,39 @@ class TierPlanner:
         return None
 
     def _best_fit(self, state: ClusterState, view: Overlay, need: int,
-                  held: set[Location] = frozenset(), aged: bool = False) -> list[Location]:
-        """GPU tiers to try: those where the need fits, tightest first (best fit), then the
-        rest by most free room, where displacement has the best chance (for an aged request even
-        with ``displacement`` off: the tier it holds would wait for ever). ``held``: not offered."""
-        ascending, frees, descending = view.gpus_by_free(held)
-        tightest = bisect_left(frees, need)  # (the first of those where it fits)
-        if tightest < len(frees) or not (self.config.displacement or aged):
-            return ascending[tightest:tightest + 1]
+                  held: set[Location] = frozenset()) -> list[Location]:
+        """GPU tiers to try: those where the need fits, tightest first (best fit),
+        then the rest by most free room, where displacement has the best chance.
+        Tiers in ``held`` are not offered."""
+        gpus = [Location(Tier.GPU, r) for r in state.replicas if Location(Tier.GPU, r) not in held]
+        fitting = sorted(
+            (g for g in gpus if view.free(g) >= need), key=lambda g: (view.free(g), g.replica)
+        )
+        if fitting or not self.config.displacement:
+            return fitting[:1]
+        roomiest = sorted(
+            (g for g in gpus if state.capacity[g] >= need),
+            key=lambda g: (-view.free(g), g.replica),
+        )
         # Looking for victims costs an idleness sort per replica; the roomiest few are where it is cheapest.
-        roomiest = (g for g in descending if state.capacity[g] >= need)
-        return list(islice(roomiest, self.config.displacement_candidates))
+        return roomiest[: self.config.displacement_candidates]
 
-    def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: Rebuilds | None) -> bool:
-        """Make ``amount`` tokens free in a GPU tier, displacing if allowed. An aged request (``aged``:
-        the plan's rebuilds; None for others) that may force there (``Rebuilds.may_force``, asked last:
-        the dearest test) displaces every movable resident past its tenure, those waiting for HBM too
-        (else two requests could hold each other off for ever); one that may not takes only free room."""
+    def _room(self, view: Overlay, target: Location, amount: int, requester: str, aged: bool = False) -> bool:
+        """Make ``amount`` tokens free in a GPU tier, displacing if allowed. An aged
+        request may displace every movable resident, those waiting for HBM too:
+        otherwise two requests could hold each other off for ever."""
         over = self.shares.over(view, requester, self._need(view.record(requester)))
-        if over <= 0 and amount <= view.free(target):
-            return True
-        if aged is not None and (view.room_bound(target) < amount or not aged.may_force(target, requester)):
-            return False  # (displacement could not make the room, or may not)
         if over > 0:  # at its tenant's GPU share: room only from its own sessions, at least ``over``
-            if not (aged is not None or (self.config.displacement and view.record(requester).request is not None)):
+            if not (aged or (self.config.displacement and view.record(requester).request is not None)):
                 return False
             return self._make_room(view, target, amount, -1.0, MoveReason.DISPLACED, keep=requester,
-                                   wanting_more_idle_than=-1.0 if aged is not None else view.idleness(requester),
-                                   tenant=tenant_of(requester), own=over, settled=aged is not None)
-        if aged is not None:
+                                   wanting_more_idle_than=-1.0 if aged else view.idleness(requester),
+                                   tenant=tenant_of(requester), own=over)
+        if amount <= view.free(target):
+            return True
+        if aged:
             return self._make_room(view, target, amount, -1.0, MoveReason.DISPLACED,
-                                   wanting_more_idle_than=-1.0, keep=requester, settled=True)
+                                   wanting_more_idle_than=-1.0, keep=requester)
         if not self.config.displacement:
             return False
         if view.record(requester).request is not None:
@@ -326,21 +326,19 @@ class TierPlanner:
 
     def _make_room(self, view: Overlay, target: Location, amount: int, more_idle_than: float, reason: MoveReason, *,
                    wanting_more_idle_than: float | None = -1.0, keep: str = "", tenant: str | None = None,
-                   own: int = 0, settled: bool = False) -> bool:
+                   own: int = 0) -> bool:
         """Free ``amount`` tokens in ``target`` by pushing residents more idle than
         ``more_idle_than`` one tier down, most idle first. Residents that want HBM
         themselves (last in the order) go only when more idle than
         ``wanting_more_idle_than`` (None: never). All or nothing: if the room cannot
         be made in full, nothing moves. ``keep`` (the requester) never goes. ``tenant``: only
-        that tenant's sessions go, ``own`` tokens of them at least (a tenant at its GPU share).
-        ``settled``: sessions in their tenure (``aging.rebuilt``) stay."""
+        that tenant's sessions go, ``own`` tokens of them at least (a tenant at its GPU share)."""
         if view.room_bound(target) < amount:
             return False  # (every resident that may go would not be enough: skip the walk)
         room = free = view.free(target)
         victims = []
         for _, negative_iota, session_id in view.demotion_order(target):
-            if session_id == keep or (tenant is not None and tenant_of(session_id) != tenant) \
-                    or (settled and rebuilt(view, session_id, self.config.starvation_age_s)):
+            if session_id == keep or (tenant is not None and tenant_of(session_id) != tenant):
                 continue
             iota = -negative_iota
             if (room >= amount and room - free >= own) or iota <= more_idle_than:

@@ -21,8 +21,7 @@ class PlannerConfig:
     shared_tier: bool = True
     """Use the cluster-wide shared tier; without it, DRAM overflow drops KV."""
     starvation_age_s: float | None = 30.0
-    """A request waiting this long goes first and holds a GPU tier; a session recomputed into HBM
-    less than this long ago is not displaced by one (see the module doc); None: off."""
+    """A request waiting this long goes first and holds a GPU tier (see the module doc); None: off."""
     gpu_shares: tuple[tuple[str, float], ...] = ()
     """Tenants' shares of the GPU tier (``controller.policy.shares``; "*": every tenant not named); (): none."""
 

@@ -17,7 +17,17 @@ from dataclasses import dataclass
 from controller.policy.idleness import DEFAULT_CYCLES, IdlenessHistory
 from controller.policy.waiting import AttentionIndex
 from controller.policy.types import (
-    SHARED, WAITING, Admit, Location, Move, Phase, Plan, Release, StaleDecision, Tier, UnknownSession,
+    SHARED,
+    WAITING,
+    Admit,
+    Location,
+    Move,
+    Phase,
+    Plan,
+    Release,
+    StaleDecision,
+    Tier,
+    UnknownSession,
 )
 
 
@@ -56,7 +66,6 @@ class SessionRecord:
     expecting: bool = False  # the client said its tool call finished: prefetch
     closing: bool = False
     active_at: float = 0.0  # the last event of its client (a request, a call's end, a tool hint)
-    rebuilt_at: float | None = None  # when its lost KV was last recomputed into HBM, while there (``aging``)
 
     @property
     def phase(self) -> Phase:
@@ -273,12 +282,10 @@ class ClusterState:
         the state raises ``StaleDecision`` before anything of it is recorded."""
         for release in plan.releases:
             self._apply_release(release)
-        was = {admit.session_id: self.get(admit.session_id).location for admit in plan.admits}  # before moves
-        was.update((m.session_id, WAITING) for m in plan.moves if m.dst == WAITING and m.session_id in was)  # (dropped)
         for move in plan.moves:
             self.apply_move(move)
         for admit in plan.admits:
-            self.apply_admit(admit, now, was.get(admit.session_id))
+            self.apply_admit(admit, now)
 
     def apply_move(self, move: Move) -> None:
         record = self.get(move.session_id)
@@ -310,7 +317,6 @@ class ClusterState:
         record.request.kept_kv = record.context_tokens > 0 and (was or record.location).tier is not Tier.WAITING
         record.active_at = now
         self._relocate(record, where, admit.tokens)
-        record.rebuilt_at = now if record.request.kept_context > 0 and not record.request.kept_kv else record.rebuilt_at
         # The engine's KV is now the prompt: longer than the last context as the
         # conversation grows, shorter when the client compacted it.
         record.context_tokens = record.request.prompt_tokens
@@ -335,7 +341,6 @@ class ClusterState:
 
     def _relocate(self, record: SessionRecord, where: Location, footprint: int) -> None:
         footprint = 0 if where.tier is Tier.WAITING else footprint
-        record.rebuilt_at = record.rebuilt_at if where.tier is Tier.GPU else None
         self.used[record.location] -= record.footprint
         self.residents[record.location].discard(record.session_id)
         self.used[where] += footprint
@@ -373,7 +378,6 @@ class ClusterState:
                 record = self.sessions[session_id]
                 assert record.location == where, f"{session_id} filed under {where}"
                 assert record.footprint >= 0
-                assert record.rebuilt_at is None or where.tier is Tier.GPU
                 total += record.footprint
                 if record.phase is Phase.LLM:
                     assert where.tier is Tier.GPU, f"{session_id} runs outside the GPU tier"

@@ -14,7 +14,6 @@ reads) re-files only the dirty ones. The index answers, in the planner's own ter
 - which have waited since a time (the aged ones), in arrival order;
 - which need more than a size (too large for every replica, after a capacity cut);
 - the tokens pinned in each GPU tier by running calls, and so each tier's room bound;
-- which sessions each GPU tier holds that were rebuilt there since a time (``aging``);
 - the rest of the attention set (closing sessions, prefetches), which is small.
 
 Who calls: ``ClusterState`` calls ``touch`` on every change to a session; the planner
@@ -23,7 +22,7 @@ calls ``refresh`` and then the queries. ``check`` rebuilds it from the books and
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_right, insort
 from typing import TYPE_CHECKING
 
 from controller.policy.types import Location, Phase, Tier
@@ -46,8 +45,6 @@ class AttentionIndex:
         self.others: dict[str, int] = {}  # attention members that are not gated requests -> seq
         self._pins: dict[str, tuple[Location, int]] = {}
         self.pinned: dict[Location, int] = {}  # GPU tier -> tokens held by running calls
-        self._rebuilds: dict[str, tuple[Location, float]] = {}
-        self._rebuilt: dict[Location, list[tuple[float, str]]] = {}  # GPU tier -> sorted (rebuilt_at, sid)
 
     def touch(self, session_id: str) -> None:
         self._dirty.add(session_id)
@@ -61,9 +58,6 @@ class AttentionIndex:
             if record.phase is Phase.LLM and record.footprint:
                 self._pins[session_id] = (record.location, record.footprint)
                 self.pinned[record.location] = self.pinned.get(record.location, 0) + record.footprint
-            if record.rebuilt_at is not None:
-                self._rebuilds[session_id] = (record.location, record.rebuilt_at)
-                insort(self._rebuilt.setdefault(record.location, []), (record.rebuilt_at, session_id))
             seq = state.attention.get(session_id)
             if seq is None:
                 continue
@@ -91,10 +85,6 @@ class AttentionIndex:
         pin = self._pins.pop(session_id, None)
         if pin is not None:
             self.pinned[pin[0]] -= pin[1]
-        rebuild = self._rebuilds.pop(session_id, None)
-        if rebuild is not None:
-            entries = self._rebuilt[rebuild[0]]
-            del entries[bisect_left(entries, (rebuild[1], session_id))]
         filed = self._filed.pop(session_id, None)
         if filed is None:
             return
@@ -133,12 +123,6 @@ class AttentionIndex:
     def needing_more_than(self, tokens: int) -> list[tuple[int, int, str]]:
         return self._needs[bisect_right(self._needs, (tokens, _AFTER)):]
 
-    def rebuilt_after(self, where: Location, at: float) -> list[tuple[float, str]]:
-        """Sessions the books hold in GPU tier ``where`` whose KV was recomputed there
-        after ``at`` (``SessionRecord.rebuilt_at``)."""
-        entries = self._rebuilt.get(where, ())
-        return entries[bisect_right(entries, at, key=lambda entry: entry[0]):]
-
     def check(self, state: ClusterState) -> None:
         """Raise AssertionError unless the index equals one rebuilt from the books."""
         self.refresh(state)
@@ -150,8 +134,6 @@ class AttentionIndex:
         assert self.others == fresh.others, "attention set indexed wrongly"
         pinned = {where: tokens for where, tokens in self.pinned.items() if tokens}
         assert pinned == {w: t for w, t in fresh.pinned.items() if t}, "pinned tokens wrong"
-        rebuilt = {where: entries for where, entries in self._rebuilt.items() if entries}
-        assert rebuilt == fresh._rebuilt, "rebuilt sessions indexed wrongly"
         for scope, entries in self._scopes.items():
             assert entries == sorted(fresh._scopes.get(scope, [])), f"{scope} bucket wrong"
 

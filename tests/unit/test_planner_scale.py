@@ -1,9 +1,8 @@
 """What keeps a plan's cost down at scale without changing its decisions: the view keeps
 each tier's demotion order in step with every decision instead of re-sorting it
-(``Overlay.demotion_order``) and its GPU tiers by free room (``Overlay.gpus_by_free``), and an
-aged request whose GPU tier an older one already holds is left in the plan's waiting list
-untried (``TierPlanner._oldest``). Driven on a seeded, overloaded workload where requests
-age, displace and hold tiers."""
+(``Overlay.demotion_order``), and an aged request whose GPU tier an older one already
+holds is left in the plan's waiting list untried (``TierPlanner._oldest``). Driven on a
+seeded, overloaded workload where requests age, displace and hold tiers."""
 
 from __future__ import annotations
 
