@@ -69,8 +69,8 @@ class Overlay:
         rate = self._state.shared_link_tokens_per_s
         if rate is None:
             return True
-        lands = max(self._now, self.link_free_at) + tokens / rate - self._now
-        return lands <= self._state.sessions[session_id].history.expected_gap(self._now)
+        gap = self._state.sessions[session_id].history.expected_gap(self._now)
+        return self._link_done_at(tokens, rate) - self._now <= gap
 
     def recompute_sooner(self, session_id: str) -> bool:
         """Whether a prefill would rebuild the session's KV before its copy from the shared
@@ -83,8 +83,11 @@ class Overlay:
         if rate is None or recompute_s is None:
             return False
         tokens = self._state.sessions[session_id].context_tokens
-        lands = max(self._now, self.link_free_at) + tokens / rate - self._now
-        return recompute_s(tokens) < lands
+        return recompute_s(tokens) < self._link_done_at(tokens, rate) - self._now
+
+    def _link_done_at(self, tokens: int, rate: float) -> float:
+        """When a copy of ``tokens`` over the shared tier's link, behind what it already carries, ends."""
+        return max(self._now, self.link_free_at) + tokens / rate
 
     def pinned(self, session_id: str) -> bool:
         """Running an LLM call, or admitted to run one in this plan."""
@@ -155,7 +158,7 @@ class Overlay:
             insort(self._leaving[dst], self._leaving_key(session_id))
         rate = self._state.shared_link_tokens_per_s
         if rate is not None and Tier.SHARED in (src.tier, dst.tier) and WAITING not in (src, dst):
-            self.link_free_at = max(self._now, self.link_free_at) + tokens / rate
+            self.link_free_at = self._link_done_at(tokens, rate)
         self.moves.append(Move(session_id, src, dst, tokens, reason))
 
     def admit(self, session_id: str, replica: str, tokens: int) -> None:
