@@ -146,9 +146,10 @@ class _Api:
 
 
 class _Answer(StreamingResponse):
-    """A streamed answer that reports its call however the response ends: a client that leaves
-    before the body's first read (the send of the response's start fails, or the sender is
-    cancelled) leaves the body's generator unstarted, and its own `finally` never runs."""
+    """A streamed answer that reports its call however the response ends (`Forwarded.dropped`):
+    a client that leaves before the body's first read leaves the body's generator unstarted,
+    and one that leaves while a piece is sent leaves it suspended at its yield; either way
+    its own `finally` would not run now."""
 
     def __init__(self, forwarded, *args, **kwargs):
         super().__init__(*args, **kwargs)
